@@ -1,0 +1,145 @@
+"""The one abstraction: a symmetric linear operator on flat vectors.
+
+Every algorithm in :mod:`hessianflow` (power iteration, Lanczos, SLQ, Hutchinson) takes either a
+:class:`LinearOperator` or a plain dense symmetric ``torch.Tensor``; :func:`as_operator` turns the
+latter into the former. This is what lets the algorithms be tested against
+``torch.linalg.eigvalsh`` on matrices with known spectra, independently of any model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LinearOperator", "DenseOperator", "NonFiniteError", "as_operator", "check_vector"]
+
+
+class NonFiniteError(ValueError):
+    """A product (or a loss) came out NaN or infinite: a result built on it would be meaningless."""
+
+
+class LinearOperator:
+    """A symmetric linear map :math:`A: \\mathbb{R}^n \\to \\mathbb{R}^n`.
+
+    Subclasses implement :meth:`_matvec` (and optionally :meth:`_matmat` where a batched product is
+    faster than a loop). The public :meth:`matvec` / :meth:`matmat` validate shapes, count products in
+    :attr:`num_matvecs` and refuse non-finite results, so every solver fails loudly instead of
+    returning a NaN eigenvalue.
+
+    Attributes:
+        size: the dimension ``n``.
+        dtype: the dtype of vectors the operator accepts and returns.
+        device: the device of those vectors.
+        num_matvecs: the number of matrix-vector products computed so far (a ``matmat`` with ``k``
+            columns counts ``k``).
+    """
+
+    size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
+        self.size = int(size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_matvecs = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    # -- to be implemented by subclasses -------------------------------------------------------
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        # [n, k] -> [n, k]; a loop is the fallback where no batched product exists.
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
+
+    # -- public, validated ---------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Return :math:`A v` for a flat vector ``v`` of length :attr:`size`."""
+        v = check_vector(v, self.size, self.dtype, self.device)
+        out = self._matvec(v)
+        self.num_matvecs += 1
+        _check_finite(out, "matrix-vector product")
+        return out
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Return :math:`A V` for ``V`` of shape ``[n, k]``."""
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.size:
+            shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"matmat expects a tensor of shape [{self.size}, k], got {shape}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        if V.shape[1] == 0:
+            return V.clone()
+        out = self._matmat(V)
+        self.num_matvecs += V.shape[1]
+        _check_finite(out, "matrix-matrix product")
+        return out
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            return self.matmat(x)
+        return self.matvec(x)
+
+    def to_dense(self) -> torch.Tensor:
+        """Materialise the operator as an ``[n, n]`` matrix (``n`` products: small operators only)."""
+        return self.matmat(torch.eye(self.size, dtype=self.dtype, device=self.device))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
+
+
+class DenseOperator(LinearOperator):
+    """A dense symmetric matrix viewed as a :class:`LinearOperator`."""
+
+    def __init__(self, matrix: torch.Tensor, check_symmetric: bool = True):
+        if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+            raise ValueError(f"expected a square matrix, got shape {shape}")
+        if not matrix.is_floating_point():
+            matrix = matrix.to(torch.get_default_dtype())
+        if check_symmetric and matrix.numel():
+            scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
+            asym = (matrix - matrix.T).abs().max() / scale
+            # A few hundred ulps allows for matrices assembled in floating point (Q diag Q^T).
+            if asym > 1e3 * torch.finfo(matrix.dtype).eps:
+                raise ValueError(f"the matrix is not symmetric (relative asymmetry {asym.item():.2e})")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matvec(self, v):
+        return self.matrix @ v
+
+    def _matmat(self, V):
+        return self.matrix @ V
+
+    def to_dense(self):
+        return self.matrix.clone()
+
+
+def as_operator(A) -> LinearOperator:
+    """Return ``A`` as a :class:`LinearOperator` (a dense tensor is wrapped, an operator passes)."""
+    if isinstance(A, LinearOperator):
+        return A
+    if isinstance(A, torch.Tensor):
+        return DenseOperator(A)
+    raise TypeError(
+        f"expected a hessianflow LinearOperator or a dense symmetric torch.Tensor, got {type(A).__name__}"
+    )
+
+
+def check_vector(v, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Validate a flat vector of length ``size`` and move it to ``dtype``/``device``."""
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"expected a flat torch.Tensor of length {size}, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != size:
+        raise ValueError(f"expected a flat vector of length {size}, got shape {tuple(v.shape)}")
+    return v.to(device=device, dtype=dtype)
+
+
+def _check_finite(out: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(
+            f"the {what} returned non-finite values (NaN or Inf); check the model, the loss and the data"
+        )
