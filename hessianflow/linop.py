@@ -124,9 +124,7 @@ def as_operator(A) -> LinearOperator:
         return A
     if isinstance(A, torch.Tensor):
         return DenseOperator(A)
-    raise TypeError(
-        f"expected a hessianflow LinearOperator or a dense symmetric torch.Tensor, got {type(A).__name__}"
-    )
+    raise TypeError(f"expected a hessianflow LinearOperator or a dense symmetric torch.Tensor, got {type(A).__name__}")
 
 
 def check_vector(v, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

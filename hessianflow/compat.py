@@ -1,0 +1,109 @@
+"""The historical HessianFlow API (Yao et al. 2018), kept working on top of the new core.
+
+Old notebooks call these names with these arguments. Known bugs of the original are fixed: the models'
+``.grad`` and train/eval mode are left as they were, the last (smaller) batch of a data loader is
+weighted correctly, ``cuda=True`` on a machine without a GPU falls back to the CPU with a warning, and a
+run that did not converge warns instead of returning a silent guess.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = [
+    "group_product",
+    "group_add",
+    "normalization",
+    "get_params_grad",
+    "hessian_vector_product",
+    "get_eigen",
+    "get_eigen_full_dataset",
+]
+
+
+def group_product(xs, ys) -> torch.Tensor:
+    """The inner product of two lists of tensors, :math:`\\sum_i \\langle x_i, y_i \\rangle`."""
+    xs, ys = list(xs), list(ys)
+    if len(xs) != len(ys):
+        raise ValueError(f"group_product got lists of {len(xs)} and {len(ys)} tensors")
+    return sum(torch.sum(x * y) for x, y in zip(xs, ys))
+
+
+def group_add(params, update, alpha: float = 1.0) -> list[torch.Tensor]:
+    """``params[i] + alpha * update[i]`` for every ``i``, as a new list (the inputs are not modified)."""
+    params, update = list(params), list(update)
+    if len(params) != len(update):
+        raise ValueError(f"group_add got lists of {len(params)} and {len(update)} tensors")
+    return [p + alpha * u for p, u in zip(params, update)]
+
+
+def normalization(v) -> list[torch.Tensor]:
+    """The list of tensors scaled to unit total Euclidean norm (a zero vector is returned unchanged)."""
+    v = list(v)
+    norm = torch.sqrt(group_product(v, v))
+    if norm == 0:
+        return [vi.clone() for vi in v]
+    return [vi / norm for vi in v]
+
+
+def get_params_grad(model):
+    """The parameters with ``requires_grad`` and their current gradients (zeros where ``.grad`` is None)."""
+    params, grads = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        params.append(p)
+        grads.append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+    return params, grads
+
+
+def hessian_vector_product(gradsH, params, v) -> list[torch.Tensor]:
+    """:math:`Hv` from gradients built with ``create_graph=True`` (the graph is retained for reuse)."""
+    from .hvp import double_backprop_hvp
+
+    gradsH, params, v = list(gradsH), list(params), list(v)
+    if not (len(gradsH) == len(params) == len(v)):
+        raise ValueError(f"got {len(gradsH)} gradients, {len(params)} parameters and {len(v)} vector pieces")
+    for p, vi in zip(params, v):
+        if vi.shape != p.shape:
+            raise ValueError(f"a vector piece of shape {tuple(vi.shape)} does not match a parameter {tuple(p.shape)}")
+    return double_backprop_hvp(gradsH, params, v, retain_graph=True)
+
+
+def _check_cuda(cuda: bool) -> None:
+    if cuda and not torch.cuda.is_available():
+        warnings.warn("cuda=True but no GPU is available: computing on the CPU", RuntimeWarning, stacklevel=3)
+
+
+def _eigen(op, maxIter, tol):
+    from .eigen import power_iteration
+    from .hvp import unflatten
+
+    res = power_iteration(op, k=1, max_iter=maxIter, tol=tol)
+    vec = unflatten(res.eigenvectors[:, 0], op.params)
+    return float(res.eigenvalues[0]), [t.clone() for t in vec]
+
+
+def get_eigen(model, inputs, targets, criterion, cuda: bool = True, maxIter: int = 50, tol: float = 1e-3):
+    """The dominant Hessian eigenvalue on one batch, by power iteration (HessianFlow's signature).
+
+    Returns:
+        ``(eigenvalue, eigenvector)``: a float and a list of tensors shaped like the parameters.
+    """
+    from .operators import HessianOperator
+
+    _check_cuda(cuda)
+    return _eigen(HessianOperator(model, criterion, data=(inputs, targets)), maxIter, tol)
+
+
+def get_eigen_full_dataset(model, dataloader, criterion, cuda: bool = True, maxIter: int = 50, tol: float = 1e-3):
+    """The dominant Hessian eigenvalue of the loss over a whole data loader (HessianFlow's signature).
+
+    Unlike the original, the last, smaller batch is kept and weighted by its size.
+    """
+    from .operators import HessianOperator
+
+    _check_cuda(cuda)
+    return _eigen(HessianOperator(model, criterion, dataloader=dataloader), maxIter, tol)

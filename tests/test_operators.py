@@ -1,0 +1,308 @@
+"""Curvature operators against dense float64 references: torch.func.hessian and closed forms."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hessianflow.hvp import flatten, unflatten
+from hessianflow.linop import NonFiniteError
+from hessianflow.operators import GGNOperator, HessianOperator, exact_hessian, resolve_params
+
+DT = torch.float64
+RTOL = 1e-10
+
+
+def func_hessian(model, criterion, x, y, names=None):
+    """Dense Hessian by torch.func.hessian over a flat parameter vector (an independent implementation)."""
+    named = dict(model.named_parameters())
+    names = names or list(named)
+    base = [named[n].detach() for n in names]
+    buffers = dict(model.named_buffers())
+
+    def f(flat):
+        pieces = unflatten(flat, base)
+        out = torch.func.functional_call(model, {**named, **buffers, **dict(zip(names, pieces))}, (x,))
+        return criterion(out, y)
+
+    return torch.func.hessian(f)(flatten(base))
+
+
+def assert_close(a, b, rtol=RTOL):
+    scale = b.abs().max().clamp_min(1e-300)
+    err = (a - b).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Softplus(), nn.Linear(5, 4)).to(DT)
+
+
+def small_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 4),
+    ).to(DT)
+
+
+def classification_batch(n=24, d=6, c=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.fixture
+def cnn_and_batch():
+    model = small_cnn()
+    # non-trivial running statistics, so eval mode differs from train mode
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 2, 6, 6, dtype=DT) * 2 + 0.5)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    return model, torch.randn(10, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 4, (10,), generator=g)
+
+
+@pytest.mark.parametrize("backend", ["double_backprop", "forward_over_reverse"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_mlp_hessian_matches_torch_func(backend, reuse):
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    ref = func_hessian(model, crit, x, y)
+    H = HessianOperator(model, crit, data=(x, y), backend=backend, reuse_graph=reuse)
+    assert H.size == ref.shape[0] and H.dtype == DT
+    V = torch.randn(H.size, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
+    assert_close(torch.stack([H @ V[:, j] for j in range(5)], 1), ref @ V)
+    assert_close(H.matmat(V), ref @ V)
+    assert H.num_matvecs == 10
+    assert_close(exact_hessian(model, crit, data=(x, y)), ref)
+
+
+def test_cnn_with_batchnorm_eval_mode(cnn_and_batch):
+    model, x, y = cnn_and_batch
+    crit = nn.CrossEntropyLoss()
+    ref = func_hessian(model, crit, x, y)  # model is in eval mode: running statistics
+    model.train()  # the operator must switch to eval by default, and switch back
+    running = model[1].running_mean.clone()
+    H = HessianOperator(model, crit, data=(x, y))
+    dense = H.to_dense()
+    assert_close(dense, ref)
+    assert model.training and model[1].training
+    assert torch.equal(model[1].running_mean, running)
+    # train mode is a different function (batch statistics): the option must really change it
+    Ht = HessianOperator(model, crit, data=(x, y), train_mode=True).to_dense()
+    assert (Ht - ref).abs().max() > 1e-6 * ref.abs().max()
+    # Reference for train mode: central differences of the autograd gradient on a copy. (torch.func.hessian
+    # is no reference here: on torch 2.14 its jacfwd(jacrev) of a train-mode BatchNorm is 26% off the
+    # finite differences, while both of our backends agree with them to 1e-8.)
+    twin = copy.deepcopy(model).train()
+    ps = list(twin.parameters())
+
+    def grad_at(flat):
+        with torch.no_grad():
+            for p, q in zip(ps, unflatten(flat, ps)):
+                p.copy_(q)
+        return flatten(torch.autograd.grad(crit(twin(x), y), ps))
+
+    base = flatten([p.detach().clone() for p in ps])
+    V = torch.randn(len(base), 3, dtype=DT, generator=torch.Generator().manual_seed(4))
+    h = 1e-5
+    fd = torch.stack([(grad_at(base + h * V[:, j]) - grad_at(base - h * V[:, j])) / (2 * h) for j in range(3)], 1)
+    assert_close(Ht @ V, fd, 1e-7)  # central differences: O(h^2) truncation, O(eps/h) rounding
+    assert model.training and torch.equal(model[1].running_mean, running)  # statistics not updated
+    Hf = HessianOperator(model, crit, data=(x, y), train_mode=True, backend="forward_over_reverse")
+    assert_close(Hf.matmat(V), Ht @ V)
+
+
+def test_least_squares_closed_form():
+    # L = mean_i (w.x_i + b - y_i)^2: H = 2/n [X 1]^T [X 1]
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 4, generator=g, dtype=DT)
+    y = torch.randn(30, 1, generator=g, dtype=DT)
+    model = nn.Linear(4, 1).to(DT)
+    Xa = torch.cat([X, torch.ones(30, 1, dtype=DT)], 1)
+    expected = 2 * Xa.T @ Xa / 30
+    assert_close(HessianOperator(model, nn.MSELoss(), data=(X, y)).to_dense(), expected, 1e-12)
+
+
+def test_logistic_regression_closed_form():
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(40, 3, generator=g, dtype=DT)
+    y = (torch.rand(40, 1, generator=g, dtype=DT) > 0.5).to(DT)
+    model = nn.Linear(3, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.7, -1.2, 0.4]], dtype=DT))
+    p = torch.sigmoid(X @ model.weight.T).squeeze(1)
+    expected = X.T @ torch.diag(p * (1 - p)) @ X / 40
+    assert_close(HessianOperator(model, nn.BCEWithLogitsLoss(), data=(X, y)).to_dense(), expected, 1e-12)
+
+
+def test_softmax_regression_closed_form():
+    # H = 1/n sum_i (diag(p_i) - p_i p_i^T) kron x_i x_i^T, for W flattened row-major ([c, d])
+    g = torch.Generator().manual_seed(7)
+    n, d, c = 25, 3, 4
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randint(0, c, (n,), generator=g)
+    model = nn.Linear(d, c, bias=False).to(DT)
+    P = torch.softmax(model(X), 1).detach()
+    expected = (
+        sum(torch.kron(torch.diag(P[i]) - torch.outer(P[i], P[i]), torch.outer(X[i], X[i])) for i in range(n)) / n
+    )
+    assert_close(HessianOperator(model, nn.CrossEntropyLoss(), data=(X, y)).to_dense(), expected, 1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dataloader_unequal_batches_equals_whole_data(reduction):
+    model = mlp()
+    crit = nn.CrossEntropyLoss(reduction=reduction)
+    x, y = classification_batch(n=23)
+    ref = func_hessian(model, crit, x, y)  # the loss over all 23 samples at once
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)  # 5,5,5,5,3
+    H = HessianOperator(model, crit, dataloader=loader)
+    assert_close(H.to_dense(), ref)
+    assert H.num_samples == 23
+    # equal-weight averaging of batch Hessians (hessian-eigenthings) is measurably different here
+    batch_mean = sum(func_hessian(model, crit, xb, yb) for xb, yb in loader) / len(loader)
+    if reduction == "mean":
+        assert (batch_mean - ref).abs().max() > 1e-4 * ref.abs().max()
+    # the first N batches only
+    H2 = HessianOperator(model, crit, dataloader=loader, num_batches=2)
+    assert_close(H2.to_dense(), func_hessian(model, crit, x[:10], y[:10]))
+
+
+def test_parameter_subset_is_the_dense_block():
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    ref = func_hessian(model, crit, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    # by names, by module and by tensors: layer "2" (weight, bias) and the last bias
+    for spec in (["2", "4.bias"], [model[2], model[4].bias], ["2.weight", "2.bias", "4.bias"]):
+        H = HessianOperator(model, crit, data=(x, y), params=spec)
+        assert H.param_names == ["2.weight", "2.bias", "4.bias"]
+        idx = torch.cat([torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in H.param_names])
+        assert_close(H.to_dense(), ref[idx][:, idx])
+
+
+def test_ggn_equals_dense_jt_h_j():
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    base = [p.detach() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+
+    def outputs(flat):
+        return torch.func.functional_call(model, dict(zip(names, unflatten(flat, base))), (x,))
+
+    flat = flatten(base)
+    out = outputs(flat).detach()
+    J = torch.func.jacrev(outputs)(flat).reshape(out.numel(), -1)
+    H_out = torch.func.hessian(lambda o: crit(o.view_as(out), y))(out.reshape(-1))
+    expected = J.T @ H_out @ J
+    G = GGNOperator(model, crit, data=(x, y))
+    assert_close(G.to_dense(), expected)
+    V = torch.randn(G.size, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    assert_close(G.matmat(V), expected @ V)
+    assert torch.linalg.eigvalsh(expected).min() > -1e-12  # PSD, as the GGN of a convex loss must be
+    # and it is not the Hessian
+    assert (expected - func_hessian(model, crit, x, y)).abs().max() > 1e-3
+
+
+def test_library_leaves_model_state_alone():
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    model[0].weight.requires_grad_(False)
+    sentinel = torch.full_like(model[2].weight, 7.0)
+    model[2].weight.grad = sentinel.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    H = HessianOperator(model, crit, data=(x, y), params=["0.weight", "2.weight"])
+    H @ torch.ones(H.size, dtype=DT)
+    H.matmat(torch.ones(H.size, 2, dtype=DT))
+    assert model.training
+    assert model[0].weight.requires_grad is False  # restored after being switched on for the product
+    assert torch.equal(model[2].weight.grad, sentinel)  # .grad untouched
+    assert model[4].weight.grad is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_parameters_without_gradient_give_zeros():
+    class Partly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(3, 2)
+            self.unused = nn.Linear(3, 2)
+            self.linear_only = nn.Parameter(torch.zeros(2))  # a bias on the logits
+
+        def forward(self, x):
+            return torch.tanh(self.used(x)) + self.linear_only
+
+    model = Partly().to(DT)
+    x, y = classification_batch(n=8, d=3, c=2)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
+    dense = H.to_dense()
+    ref = func_hessian(model, nn.CrossEntropyLoss(), x, y)
+    assert_close(dense, ref)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    names = list(sizes)
+    start = sum(sizes[n] for n in names[: names.index("unused.weight")])
+    assert torch.count_nonzero(dense[start : start + 8]) == 0  # the unused layer's rows: zeros
+    lin = sum(sizes[n] for n in names[: names.index("linear_only")])
+    # the logit bias still has curvature through the softmax: zeros must be confined to the unused layer
+    assert dense[lin : lin + 2].abs().sum() > 0
+
+
+def test_bad_inputs_are_clear_errors():
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    with pytest.raises(ValueError, match="exactly one"):
+        HessianOperator(model, crit)
+    with pytest.raises(ValueError, match="exactly one"):
+        HessianOperator(model, crit, data=(x, y), dataloader=[(x, y)])
+    H = HessianOperator(model, crit, data=(x, y))
+    with pytest.raises(ValueError, match=f"length {H.size}"):
+        H @ torch.ones(H.size + 1, dtype=DT)
+    with pytest.raises(ValueError, match="shape"):
+        H.matmat(torch.ones(3, 2, dtype=DT))
+    with pytest.raises(ValueError, match="neither a parameter nor a module"):
+        HessianOperator(model, crit, data=(x, y), params=["nope"])
+    with pytest.raises(ValueError, match="backend"):
+        HessianOperator(model, crit, data=(x, y), backend="magic")
+    with pytest.raises(ValueError, match="reduction"):
+        HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), data=(x, y))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        HessianOperator(model, crit, data=(bad, y)) @ torch.ones(H.size, dtype=DT)
+    with pytest.raises(ValueError, match="no samples"):
+        HessianOperator(model, crit, dataloader=[]) @ torch.ones(H.size, dtype=DT)
+
+
+def test_float32_model_and_inputs_cast():
+    model = mlp().float()
+    x, y = classification_batch()
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))  # float64 inputs into a float32 model
+    assert H.dtype == torch.float32
+    ref = func_hessian(mlp(), nn.CrossEntropyLoss(), x, y)
+    assert_close(H.to_dense().double(), ref, 1e-5)
+
+
+def test_resolve_params_default_skips_frozen():
+    model = mlp()
+    model[4].bias.requires_grad_(False)
+    params, names = resolve_params(model)
+    assert "4.bias" not in names and len(params) == 5
+
+
+def test_ddp_style_wrapper_is_looked_through():
+    model, crit = mlp(), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    wrapped = nn.DataParallel(model)  # on the CPU DataParallel just holds the module
+    assert_close(HessianOperator(wrapped, crit, data=(x, y)).to_dense(), func_hessian(model, crit, x, y))
