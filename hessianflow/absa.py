@@ -18,7 +18,8 @@ The module has two independent parts:
   :meth:`ABSAController.end_of_epoch`.
 - :func:`train_epoch` / :func:`evaluate` are the training and test loops: gradient accumulation over
   ``large_ratio`` mini-batches with a weighted mean, FGSM examples mixed into each mini-batch, a
-  refusal to step on a NaN/Inf loss.
+  refusal to step on a NaN/Inf loss. (HessianFlow's loop dropped every mini-batch smaller than the
+  batch size, divided each loss by ``large_ratio`` and stepped with a hand-written copy of SGD.)
 
 Typical use::
 
@@ -28,7 +29,10 @@ Typical use::
         set_lr(optimizer, ctl.lr(epoch))
         train_epoch(model, train_loader, optimizer, criterion, ctl.large_ratio,
                     adv_ratio=ctl.current_adv_ratio(epoch), eps=eps, clamp=clamp, epoch=epoch)
-        eig = top_eigenvalue(model, hessian_batch) if ctl.needs_eigenvalue(epoch) else None
+        eig = None
+        if ctl.needs_eigenvalue(epoch):
+            H = HessianOperator(model, criterion, data=hessian_batch)   # hessianflow.operators
+            eig = power_iteration(H, k=1, seed=epoch).eigenvalues[0].item()  # hessianflow.eigen
         decision = ctl.end_of_epoch(epoch, eig)
 """
 
@@ -223,9 +227,7 @@ class ABSAController:
         """
         epoch = _check_int(epoch, "epoch", 0)
         if self.last_epoch is not None and epoch <= self.last_epoch:
-            raise ValueError(
-                f"end_of_epoch({epoch}) after end_of_epoch({self.last_epoch}): epochs must increase"
-            )
+            raise ValueError(f"end_of_epoch({epoch}) after end_of_epoch({self.last_epoch}): epochs must increase")
         ev = None
         if eigenvalue is not None:
             ev = float(eigenvalue)
@@ -472,9 +474,10 @@ def train_epoch(
     ``large_ratio``.) The caller's optimizer (e.g. ``torch.optim.SGD`` with momentum and weight decay)
     makes the step, after which the gradients are cleared with ``zero_grad(set_to_none=True)``.
 
-    Adversarial training: the first ``round(adv_ratio * B)`` samples of each mini-batch are replaced by
-    :func:`~hessianflow.adversarial.fgsm` examples made in eval mode (so BatchNorm statistics are not
-    polluted, as in HessianFlow); the model is back in train mode for the forward/backward.
+    Adversarial training: the first ``round(adv_ratio * B)`` samples (Python's ``round``; HessianFlow
+    truncated with ``int``) of each mini-batch are replaced by :func:`~hessianflow.adversarial.fgsm`
+    examples made in eval mode (so BatchNorm statistics are not polluted, as in HessianFlow); the
+    model is back in train mode for the forward/backward.
 
     With a ``DistributedDataParallel`` model, micro-batches that do not end a step run under
     ``model.no_sync()`` so the gradients are all-reduced once per step; the FGSM gradient is taken
@@ -549,9 +552,7 @@ def train_epoch(
                 b = int(targets.shape[0])
                 k_adv = round(adv_ratio * b) if use_adv else 0
                 if k_adv > 0:
-                    adv = fgsm(
-                        attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp
-                    )
+                    adv = fgsm(attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp)
                     inputs = torch.cat([adv, inputs[k_adv:]])
                 ends_step = is_last or group_batches + 1 >= large_ratio
                 sync = contextlib.nullcontext()
@@ -625,9 +626,7 @@ def train_epoch(
     }
 
 
-def evaluate(
-    model: nn.Module, loader: Iterable, criterion, device=None, max_batches: int | None = None
-) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, criterion, device=None, max_batches: int | None = None) -> dict:
     """Mean loss and accuracy over ``loader`` in eval mode without gradients; the mode is restored.
 
     Returns:

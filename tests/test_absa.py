@@ -402,9 +402,7 @@ def test_progress_bar_gives_the_same_result(capsys):
     X, y = _data()
     loader = DataLoader(TensorDataset(X, y), batch_size=4)
     m1, m2 = _mlp(), _mlp()
-    a = train_epoch(
-        m1, loader, torch.optim.SGD(m1.parameters(), lr=0.1), nn.CrossEntropyLoss(), 2, progress=True
-    )
+    a = train_epoch(m1, loader, torch.optim.SGD(m1.parameters(), lr=0.1), nn.CrossEntropyLoss(), 2, progress=True)
     b = train_epoch(m2, loader, torch.optim.SGD(m2.parameters(), lr=0.1), nn.CrossEntropyLoss(), 2)
     assert a == b
     torch.testing.assert_close(_flat(m1), _flat(m2), rtol=0, atol=0)
@@ -413,9 +411,7 @@ def test_progress_bar_gives_the_same_result(capsys):
 
 def test_set_lr_and_loop_argument_errors():
     model = _mlp()
-    opt = torch.optim.SGD(
-        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1.0}], lr=0.5
-    )
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1.0}], lr=0.5)
     set_lr(opt, 0.01)
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
     X, y = _data()
@@ -427,3 +423,30 @@ def test_set_lr_and_loop_argument_errors():
     ):
         with pytest.raises(ValueError):
             train_epoch(model, loader, opt, nn.CrossEntropyLoss(), **kw)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_real_ddp_single_process_matches_plain_model(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+        ref = copy.deepcopy(net)
+        ddp = nn.parallel.DistributedDataParallel(net)
+        X, y = _data(n=20)
+        loader = DataLoader(TensorDataset(X, y), batch_size=4)
+        kw = dict(adv_ratio=0.5, eps=0.1)
+        a = train_epoch(
+            ddp, loader, torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(), 2, **kw
+        )
+        b = train_epoch(
+            ref, loader, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(), 2, **kw
+        )
+    finally:
+        dist.destroy_process_group()
+    assert a == b and a["optimizer_steps"] == 3 and a["adversarial_samples"] == 10
+    torch.testing.assert_close(_flat(net), _flat(ref), rtol=1e-12, atol=0)
+    for k, v in ref.state_dict().items():  # BatchNorm running statistics too
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=1e-12, atol=0)
