@@ -1,0 +1,152 @@
+"""The small CNNs C1 and C2 used by HessianFlow (Yao et al., 2018).
+
+Both come from the experiments of Yao, Gholami, Lei, Keutzer and Mahoney, "Hessian-based Analysis of
+Large Batch Training and Robustness to Adversaries" (NeurIPS 2018, arXiv:1806.05320) and its follow-up
+on adaptive batch sizes (arXiv:1810.01021). The layer order (convolution, ReLU, *then* batch norm) is
+HessianFlow's and is kept on purpose: it changes the loss landscape whose Hessian is studied.
+
+For CIFAR-10 (3x32x32 inputs, 10 classes) C1 has 1,756,682 parameters and C2 has 1,148,746. The input
+width of the first fully connected layer is computed from ``in_channels`` and ``input_size`` so that
+both nets also run on MNIST-shaped (1x28x28) data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["C1", "C2", "pair"]
+
+
+def pair(input_size) -> tuple[int, int]:
+    """Return ``(height, width)`` from an int or a 2-sequence, validating that both are positive ints."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        hw = (input_size, input_size)
+    else:
+        try:
+            hw = tuple(int(s) for s in input_size)
+        except TypeError:
+            raise ValueError(f"input_size must be an int or a (height, width) pair, got {input_size!r}") from None
+        if len(hw) != 2 or any(s != t for s, t in zip(hw, input_size)):
+            raise ValueError(f"input_size must be an int or a (height, width) pair, got {input_size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"input_size must be positive, got {input_size!r}")
+    return hw
+
+
+def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    # The output-size formula of nn.Conv2d and nn.MaxPool2d (dilation 1, floor mode).
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class C1(nn.Module):
+    """HessianFlow's C1: two 5x5 convolutions and three fully connected layers.
+
+    ``conv5x5(in, 64, pad 2) -> ReLU -> BN -> maxpool(3, 2, pad 1)``, the same again with 64 -> 64
+    channels, then ``FC(64 * h * w -> 384) -> ReLU -> FC(384 -> 192) -> ReLU -> FC(192 -> num_classes)``.
+    For 32x32 inputs ``h = w = 8`` and the first FC has 4096 inputs.
+
+    Args:
+        num_classes: number of output logits.
+        in_channels: channels of the input images (3 for CIFAR/SVHN, 1 for MNIST).
+        input_size: spatial size of the inputs, an int or ``(height, width)``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size=32):
+        super().__init__()
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        h, w = pair(input_size)
+        self.config = {
+            "arch": "c1",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+        }
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.BatchNorm2d(64),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(64, 64, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.BatchNorm2d(64),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+        for _ in range(2):  # the 5x5 convolutions keep the size; each pool halves it (rounding up)
+            h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
+        self.flat_features = 64 * h * w
+        self.classifier = nn.Sequential(
+            nn.Linear(self.flat_features, 384),
+            nn.ReLU(),
+            nn.Linear(384, 192),
+            nn.ReLU(),
+            nn.Linear(192, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class C2(nn.Module):
+    """HessianFlow's C2: four unpadded 3x3 convolutions and three fully connected layers.
+
+    ``[conv3x3 -> ReLU -> BN] x 2 (64, 64 channels) -> maxpool 2 -> [conv3x3 -> ReLU -> BN] x 2 (128, 128)
+    -> maxpool 2 -> FC(128 * h * w -> 256) -> ReLU -> FC(256 -> 256) -> ReLU -> FC(256 -> num_classes)``.
+    For 32x32 inputs ``h = w = 5`` and the first FC has 3200 inputs. HessianFlow's C2 defines dropout
+    layers but never applies them; they are left out here.
+
+    Args:
+        num_classes: number of output logits.
+        in_channels: channels of the input images.
+        input_size: spatial size of the inputs, an int or ``(height, width)``; at least 16 so that the
+            feature map is not empty.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size=32):
+        super().__init__()
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        h, w = pair(input_size)
+        self.config = {
+            "arch": "c2",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "input_size": input_size,
+        }
+
+        def unit(cin, cout):
+            return [nn.Conv2d(cin, cout, kernel_size=3), nn.ReLU(), nn.BatchNorm2d(cout)]
+
+        self.features = nn.Sequential(
+            *unit(in_channels, 64),
+            *unit(64, 64),
+            nn.MaxPool2d(2),
+            *unit(64, 128),
+            *unit(128, 128),
+            nn.MaxPool2d(2),
+        )
+        for _ in range(2):  # two unpadded 3x3 convolutions (-4), then a 2x2 pool (halve, rounding down)
+            h, w = (h - 4) // 2, (w - 4) // 2
+            if min(h, w) < 1:
+                raise ValueError(
+                    f"input_size {input_size!r} is too small for C2 (four unpadded 3x3 convolutions and "
+                    "two 2x2 pools need at least 16x16 inputs)"
+                )
+        self.flat_features = 128 * h * w
+        self.classifier = nn.Sequential(
+            nn.Linear(self.flat_features, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
