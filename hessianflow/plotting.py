@@ -210,18 +210,16 @@ def plot_density(
     ax.set_xlim(grid[0], grid[-1])
     ax.set_xlabel("Hessian eigenvalue λ")
     if support is not None:
-        for x, name in ((support[0], "λ_min"), (support[1], "λ_max")):
-            ax.axvline(x, color="tab:red", ls=":", lw=1)
-            ax.annotate(
-                f"{name} ≈ {x:.3g}",
-                xy=(x, 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, -12),
-                textcoords="offset points",
-                fontsize=8,
+        # One legend entry for both lines: text beside them would sit on the outlier peaks.
+        for i, x in enumerate(support):
+            ax.axvline(
+                x,
                 color="tab:red",
-                ha="left" if name == "λ_min" else "right",
+                ls=":",
+                lw=1,
+                label=f"extreme Ritz values: λ_min ≈ {support[0]:.3g}, λ_max ≈ {support[1]:.3g}" if i == 0 else None,
             )
+        ax.legend(loc="best", fontsize=8)
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.12)
     _titles(fig, ax, title, subtitle, "Hessian eigenvalue density (stochastic Lanczos quadrature)")
@@ -535,7 +533,12 @@ def plot_landscape_2d(
         lv = MaxNLocator(int(levels)).tick_values(lo, hi)
         cs = ax.contourf(a, b, Zt, levels=lv, cmap="viridis")
     ax.contour(a, b, Zt, levels=lv[:: max(1, len(lv) // 8)], colors="white", linewidths=0.6, alpha=0.7)
-    cb = fig.colorbar(cs, ax=ax)
+    if log:
+        from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+
+        cb = fig.colorbar(cs, ax=ax, ticks=LogLocator(), format=LogFormatterSciNotation())
+    else:
+        cb = fig.colorbar(cs, ax=ax)
     cb.set_label("loss" + (" (log colour scale)" if log else ""))
     if a[0] <= 0 <= a[-1] and b[0] <= 0 <= b[-1]:
         ax.plot([0.0], [0.0], marker="*", color="tab:red", ms=13, mec="white", ls="none", label="trained parameters")
