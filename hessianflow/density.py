@@ -1,0 +1,168 @@
+"""Spectral density by stochastic Lanczos quadrature (SLQ).
+
+The spectral density of a symmetric :math:`A \\in \\mathbb{R}^{n \\times n}` with eigenvalues
+:math:`\\lambda_i` is :math:`\\phi(t) = \\frac1n \\sum_i \\delta(t - \\lambda_i)`. For a random vector
+:math:`v` with :math:`\\mathbb{E}[v v^\\top] = I/n` (a normalised Rademacher vector),
+:math:`\\mathbb{E}[v^\\top f(A) v] = \\frac1n \\operatorname{tr} f(A) = \\int f\\,d\\phi`, and ``m`` Lanczos
+steps from ``v`` give the ``m``-point Gauss quadrature rule of the measure
+:math:`\\sum_i (v^\\top u_i)^2 \\delta_{\\lambda_i}`: nodes = eigenvalues :math:`\\theta_j` of the
+tridiagonal matrix :math:`T_m`, weights = squared first components :math:`\\tau_j^2` of its
+eigenvectors (Golub & Meurant 2010). Averaging the rules over independent runs estimates
+:math:`\\phi` (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019 used it for neural network
+Hessians; PyHessian's ``density``).
+
+The Lanczos process is the one of :mod:`hessianflow.eigen` (full reorthogonalisation, so no ghost
+nodes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ._random import make_generator, rademacher
+from .eigen import _check_int, _lanczos_quadrature
+from .linop import as_operator
+
+__all__ = ["DensityResult", "spectral_density"]
+
+
+@dataclass
+class DensityResult:
+    """Gauss quadrature rules from :func:`spectral_density`, one per run.
+
+    Attributes:
+        nodes: ``[num_runs, m]`` float64 quadrature nodes (Ritz values). A run that stopped early at
+            breakdown (its rule is then exact) is padded by repeating its last node with weight 0.
+        weights: ``[num_runs, m]`` float64, each row non-negative and summing to 1.
+        num_matvecs: products with the operator spent.
+        size: the dimension ``n`` of the operator (needed for traces).
+    """
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
+    num_matvecs: int
+    size: int
+
+    @property
+    def num_runs(self) -> int:
+        return self.nodes.shape[0]
+
+    def default_sigma(self) -> float:
+        """The default kernel width of :meth:`density`: 1% of the node range.
+
+        With the default 90 nodes per run, the bulk nodes are spaced about 1/90 of the range apart,
+        so a Gaussian this wide merges neighbouring nodes into a smooth curve while isolated outlier
+        eigenvalues stay visible as separate bumps. (PyHessian's :math:`\\sigma^2 = 10^{-5}` times the
+        range is far narrower: a comb of spikes that is only readable on a log scale.) If all nodes
+        coincide, 1% of their magnitude (or 0.01 when they are 0).
+        """
+        lo, hi = self.support()
+        spread = hi - lo
+        if spread > 0:
+            return 0.01 * spread
+        return 0.01 * max(abs(hi), 1.0) if hi != 0 else 0.01
+
+    def density(self, grid, sigma: float | None = None) -> torch.Tensor:
+        """Gaussian-smoothed density on ``grid``, averaged over runs.
+
+        .. math::
+            \\hat\\phi_\\sigma(t) = \\frac{1}{R} \\sum_{r=1}^{R} \\sum_j w_{rj}\\,
+            \\frac{1}{\\sigma\\sqrt{2\\pi}} e^{-(t - \\theta_{rj})^2 / (2\\sigma^2)}
+
+        integrates to 1 over a grid that extends a few ``sigma`` beyond :meth:`support`.
+
+        Args:
+            grid: points (a 1-D tensor or sequence) at which to evaluate the density.
+            sigma: kernel width, default :meth:`default_sigma`.
+
+        Returns:
+            A float64 tensor shaped like ``grid``.
+        """
+        grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
+        if sigma is None:
+            sigma = self.default_sigma()
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        flat = grid.reshape(-1, 1, 1)  # [g, 1, 1] against [R, m]
+        kernel = torch.exp(-0.5 * ((flat - self.nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return (kernel * self.weights).sum(dim=2).mean(dim=1).reshape(grid.shape)
+
+    def _per_run_moments(self, p: int) -> torch.Tensor:
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise ValueError(f"p must be a non-negative integer, got {p!r}")
+        return (self.weights * self.nodes**p).sum(dim=1)  # [R]
+
+    def moments(self, p: int) -> float:
+        """Quadrature estimate of :math:`\\operatorname{tr}(A^p)/n`: the mean over runs of
+        :math:`\\sum_j w_j \\theta_j^p`. Each run's value is an unbiased estimate of
+        :math:`\\frac1n\\operatorname{tr}(A^p)` for ``p <= 2m - 1`` (Gauss quadrature is exact for
+        polynomials of that degree)."""
+        return float(self._per_run_moments(p).mean())
+
+    def moment_stderr(self, p: int) -> float:
+        """Standard error of :meth:`moments` from the spread over runs (``nan`` for one run)."""
+        vals = self._per_run_moments(p)
+        if vals.numel() < 2:
+            return float("nan")
+        return float(vals.std(unbiased=True) / math.sqrt(vals.numel()))
+
+    def trace_estimate(self) -> float:
+        """:math:`n` times the first moment: a Hutchinson-type estimate of :math:`\\operatorname{tr}A`."""
+        return self.size * self.moments(1)
+
+    def support(self) -> tuple[float, float]:
+        """Smallest and largest node (estimates of the extreme eigenvalues, from inside)."""
+        return float(self.nodes.min()), float(self.nodes.max())
+
+    def to_dict(self) -> dict:
+        """JSON-ready plain Python values."""
+        return {
+            "nodes": self.nodes.tolist(),
+            "weights": self.weights.tolist(),
+            "num_matvecs": int(self.num_matvecs),
+            "size": int(self.size),
+        }
+
+
+def spectral_density(A, num_runs: int = 10, num_steps: int = 90, seed=None, progress: bool = False):
+    """Estimate the spectral density of ``A`` by stochastic Lanczos quadrature.
+
+    Each run draws a Rademacher vector, normalises it, and runs ``m = min(num_steps, n)`` Lanczos
+    steps with full reorthogonalisation (stopping early at breakdown, where the rule is exact); the
+    nodes are the eigenvalues of the tridiagonal matrix and the weights the squared first components
+    of its eigenvectors. Defaults follow Ghorbani et al. (2019) (``m = 90``) and PyHessian
+    (``iter=100``, ``n_v=1``), with 10 runs so that :meth:`DensityResult.moment_stderr` is meaningful.
+
+    Args:
+        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        num_runs: independent start vectors (>= 1).
+        num_steps: Lanczos steps per run (>= 1); capped at ``n``.
+        seed: ``None``, an int or a ``torch.Generator``.
+        progress: show a tqdm progress bar over runs.
+
+    Returns:
+        A :class:`DensityResult`; ``num_matvecs`` is at most ``num_runs * min(num_steps, n)``.
+
+    Raises:
+        ValueError: for ``num_runs < 1`` or ``num_steps < 1``.
+    """
+    op = as_operator(A)
+    num_runs = _check_int("num_runs", num_runs, 1)
+    num_steps = _check_int("num_steps", num_steps, 1)
+    gen = make_generator(seed)
+    start = op.num_matvecs
+    m = min(num_steps, op.size)
+    nodes = torch.zeros(num_runs, m, dtype=torch.float64)
+    weights = torch.zeros(num_runs, m, dtype=torch.float64)
+    for r in tqdm(range(num_runs), disable=not progress, desc="SLQ", leave=False):
+        v = rademacher((op.size,), gen, dtype=op.dtype, device=op.device)
+        theta, w, _ = _lanczos_quadrature(op, v, m)
+        j = theta.numel()
+        nodes[r, :j] = theta
+        nodes[r, j:] = theta[-1]
+        weights[r, :j] = w
+    return DensityResult(nodes=nodes, weights=weights, num_matvecs=op.num_matvecs - start, size=op.size)

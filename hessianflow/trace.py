@@ -1,0 +1,453 @@
+"""Stochastic trace estimation from matrix-vector products.
+
+* :func:`hutchinson_trace`: Girard (1989) / Hutchinson (1989) with Rademacher vectors.
+* :func:`hutchpp_trace`: Hutch++ (Meyer, Musco, Musco & Woodruff 2021): exact trace of a low-rank
+  part plus Hutchinson on the rest.
+* :func:`xtrace`: XTrace (Epperly, Tropp & Webber 2024): the exchangeable, leave-one-out version of
+  Hutch++, with an error estimate.
+* :func:`trace`: picks one (see its docstring for the rule and the measurements behind it).
+
+All take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor, use batched
+products (:meth:`~hessianflow.linop.LinearOperator.matmat`), and report a standard error next to the
+estimate. The samples and products are accumulated in float64 whatever the operator's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ._random import make_generator, rademacher, randn
+from .eigen import _check_int, _check_positive
+from .linop import LinearOperator, as_operator
+
+__all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
+
+_METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
+
+
+@dataclass
+class TraceResult:
+    """A trace estimate with its standard error.
+
+    Attributes:
+        estimate: the estimate of :math:`\\operatorname{tr} A`.
+        stderr: its standard error, estimated from the samples (0 when the trace was computed
+            exactly); the exact trace lies within 2 standard errors in about 95% of runs.
+        num_matvecs: products with the operator spent.
+        method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"``, ``"exact"`` (the budget allowed ``n``
+            products of the identity), or ``"auto(...)"`` naming the method :func:`trace` chose.
+        samples: the per-sample values the standard error comes from (Hutchinson: the
+            :math:`z^\\top A z`; Hutch++: those of its Hutchinson part; XTrace: the leave-one-out
+            estimates), or ``None``.
+    """
+
+    estimate: float
+    stderr: float
+    num_matvecs: int
+    method: str
+    samples: list[float] | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready plain Python values."""
+        return {
+            "estimate": float(self.estimate),
+            "stderr": float(self.stderr),
+            "num_matvecs": int(self.num_matvecs),
+            "method": self.method,
+            "samples": None if self.samples is None else [float(x) for x in self.samples],
+        }
+
+
+def _mean_stderr(samples: torch.Tensor) -> tuple[float, float]:
+    m = samples.numel()
+    return float(samples.mean()), float(samples.std(unbiased=True) / math.sqrt(m))
+
+
+def _products(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
+    """``A V`` in float64 (the operator works in its own dtype)."""
+    return op.matmat(V.to(dtype=op.dtype, device=op.device)).to(torch.float64)
+
+
+def _exact(op: LinearOperator, start: int) -> TraceResult:
+    """The trace from ``n`` products with the identity, when the budget allows it."""
+    eye = torch.eye(op.size, dtype=op.dtype, device=op.device)
+    value = float(op.matmat(eye).diagonal().double().sum())
+    return TraceResult(value, 0.0, op.num_matvecs - start, "exact", None)
+
+
+def _hutchinson_samples(op, count, gen, batch_size, bar) -> torch.Tensor:
+    out = []
+    done = 0
+    while done < count:
+        b = min(batch_size, count - done)
+        # Drawn vector by vector ([b, n] transposed), so the samples do not depend on batch_size.
+        Z = rademacher((b, op.size), gen, dtype=torch.float64, device=op.device).T
+        out.append((Z * _products(op, Z)).sum(dim=0).cpu())
+        done += b
+        if bar is not None:
+            bar.update(b)
+    return torch.cat(out)
+
+
+def hutchinson_trace(
+    A,
+    num_matvecs: int = 100,
+    seed=None,
+    rtol: float | None = None,
+    min_samples: int = 10,
+    batch_size: int | None = None,
+    progress: bool = False,
+):
+    """Hutchinson's estimator with Rademacher vectors (Hutchinson 1989; Girard 1989).
+
+    .. math::
+        \\widehat{\\operatorname{tr}}(A) = \\frac1m \\sum_{i=1}^m z_i^\\top A z_i, \\qquad
+        \\mathrm{stderr} = \\frac{s_z}{\\sqrt m},
+
+    with :math:`z_i` independent Rademacher vectors and :math:`s_z` the sample standard deviation of
+    the :math:`z_i^\\top A z_i`. The variance of one sample is
+    :math:`2(\\|A\\|_F^2 - \\sum_i a_{ii}^2)`.
+
+    Optional early stop: after each block of products, stop once
+    :math:`\\mathrm{stderr} \\le \\mathrm{rtol} \\cdot |\\widehat{\\operatorname{tr}}|`, but never
+    before ``min_samples`` samples. The floor matters: PyHessian's ``trace`` stops when the running
+    mean changes by less than ``tol`` relative, which on a ResNet-20 fired after 3 samples, 80x off.
+    A standard error from a handful of samples is itself too noisy to trust.
+
+    Args:
+        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        num_matvecs: the number of samples (= products) at most; >= 2. Default 100, as PyHessian's
+            ``maxIter``.
+        seed: ``None``, an int or a ``torch.Generator``.
+        rtol: relative standard error at which to stop early; ``None`` (default) spends the budget.
+        min_samples: no early stop before this many samples; >= 2, default 10.
+        batch_size: vectors per :meth:`~hessianflow.linop.LinearOperator.matmat` call (also the
+            granularity of the early stop); default ``min(num_matvecs, 10)``, which bounds memory at
+            ten ``n``-vectors.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A :class:`TraceResult` with ``samples`` the :math:`z_i^\\top A z_i`.
+
+    Raises:
+        ValueError: for ``num_matvecs < 2``, ``min_samples < 2``, a non-positive ``rtol`` or
+            ``batch_size < 1``.
+    """
+    op = as_operator(A)
+    num_matvecs = _check_int("num_matvecs", num_matvecs, 2)
+    min_samples = _check_int("min_samples", min_samples, 2)
+    if rtol is not None:
+        rtol = _check_positive("rtol", rtol)
+    batch_size = min(num_matvecs, 10) if batch_size is None else _check_int("batch_size", batch_size, 1)
+    gen = make_generator(seed)
+    start = op.num_matvecs
+    samples = torch.zeros(0, dtype=torch.float64)
+    with tqdm(total=num_matvecs, disable=not progress, desc="hutchinson", leave=False) as bar:
+        while samples.numel() < num_matvecs:
+            b = min(batch_size, num_matvecs - samples.numel())
+            samples = torch.cat([samples, _hutchinson_samples(op, b, gen, b, bar)])
+            if rtol is not None and samples.numel() >= min_samples:
+                est, se = _mean_stderr(samples)
+                if se <= rtol * abs(est):
+                    break
+    est, se = _mean_stderr(samples)
+    return TraceResult(est, se, op.num_matvecs - start, "hutchinson", samples.tolist())
+
+
+def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
+
+    The ``m`` products are split in thirds: a Rademacher sketch ``S`` (``m//3`` columns), an
+    orthonormal basis ``Q`` of ``A S``, and the remaining products for Hutchinson on the deflated
+    matrix:
+
+    .. math::
+        \\widehat{\\operatorname{tr}}(A) = \\operatorname{tr}(Q^\\top A Q) + \\frac1{m_g}
+        \\sum_{i=1}^{m_g} g_i^\\top (I - QQ^\\top) A (I - QQ^\\top) g_i .
+
+    The first term is computed exactly; for matrices whose spectrum decays it carries most of the
+    trace, and the Hutchinson part only has to estimate the small remainder, so the error falls like
+    :math:`1/m` instead of :math:`1/\\sqrt m`.
+
+    Standard error: that of the Hutchinson part, :math:`s_g/\\sqrt{m_g}`. Conditionally on ``Q`` the
+    estimator is unbiased and this is the usual standard error of a mean, so the coverage of
+    ``estimate ± 2 stderr`` holds whatever ``Q`` came out of the sketch.
+
+    If ``m//3 >= n`` the budget covers the exact trace, which is then computed with ``n`` products
+    (``method="exact"``).
+
+    Args:
+        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        num_matvecs: total products ``m`` (>= 4: the Hutchinson part needs 2 samples).
+        seed: ``None``, an int or a ``torch.Generator``.
+
+    Returns:
+        A :class:`TraceResult`; ``samples`` are the Hutchinson part's :math:`g^\\top(\\cdot)g`.
+
+    Raises:
+        ValueError: for ``num_matvecs < 4``.
+    """
+    op = as_operator(A)
+    m = _check_int("num_matvecs", num_matvecs, 4)
+    gen = make_generator(seed)
+    start, n = op.num_matvecs, op.size
+    k = m // 3
+    if k >= n:
+        return _exact(op, start)
+    S = rademacher((n, k), gen, dtype=torch.float64, device=op.device)
+    Q = torch.linalg.qr(_products(op, S)).Q  # [n, k]
+    low_rank = float((Q * _products(op, Q)).sum())
+    G = rademacher((n, m - 2 * k), gen, dtype=torch.float64, device=op.device)
+    for _ in range(2):  # projecting twice keeps G exactly outside span(Q) in floating point
+        G = G - Q @ (Q.T @ G)
+    samples = (G * _products(op, G)).sum(dim=0).cpu()
+    mean, se = _mean_stderr(samples)
+    return TraceResult(low_rank + mean, se, op.num_matvecs - start, "hutch++", samples.tolist())
+
+
+def _xtrace_from_sketch(op, Om, Y, improved: bool):
+    """XTrace from test vectors ``Om`` ``[n, s]`` and ``Y = A Om``; spends ``s`` more products.
+
+    Returns the ``s`` leave-one-out estimates ``t_i`` (their mean is the XTrace estimate) and the
+    jackknife standard error of that mean.
+
+    For each ``i``, ``Q_(i)`` is an orthonormal basis of ``A Om`` without column ``i``, and
+
+    .. math::
+        t_i = \\operatorname{tr}(Q_{(i)}^\\top A Q_{(i)}) + \\omega_i^\\top (I - Q_{(i)} Q_{(i)}^\\top)
+        A (I - Q_{(i)} Q_{(i)}^\\top) \\omega_i ,
+
+    an unbiased Hutch++-type estimate (``ω_i`` is independent of ``Q_(i)``). All of them come from one
+    QR ``Y = QR`` and ``Z = AQ``: in the coordinates of ``Q``, the columns of ``R`` other than the
+    ``i``-th span the orthogonal complement of ``a_i = R^{-T} e_i``. Writing ``M`` for the matrix of
+    the left-out ``a``'s, ``Π = M(MᵀM)^{-1}Mᵀ``, ``H = QᵀAQ``, ``w_i = Qᵀω_i`` and
+    ``c_i = (I - Π) w_i``,
+
+    .. math::
+        t_i = \\operatorname{tr} H - \\operatorname{tr}(\\Pi H) + \\omega_i^\\top y_i
+        - (Z^\\top\\omega_i)^\\top c_i - c_i^\\top r_i + c_i^\\top H c_i
+
+    (the last four terms are :math:`u^\\top A u` for :math:`u = \\omega_i - Q c_i`). Every quantity is a
+    bilinear form in the ``a``'s, so it is read off ``s × s`` matrices. With ``improved``
+    (uniform-on-the-sphere ``ω``) the Hutchinson term is rescaled so that the part of ``ω_i`` outside
+    ``Q_(i)`` has squared norm ``n - rank Q_(i)``: Epperly et al.'s improved estimator.
+
+    Standard error: the leave-one-out ``t_i`` share most of their sketch, so they are positively
+    correlated and ``std(t)/sqrt(s)`` (the paper's error estimate) under-covers on decaying spectra
+    (measured: 84-88% at 2 standard errors instead of 95%). Instead, the jackknife over test vectors:
+    ``X_(j)`` is XTrace computed without ``ω_j`` (its leave-one-out estimates deflate with ``s - 2``
+    sketch vectors: ``M = [a_i, a_j]`` above, same ``s × s`` matrices, no products), and
+    ``stderr² = (s-1)/s Σ_j (X_(j) - mean X)²``, conservative in expectation by the Efron-Stein
+    inequality (Efron & Stein 1981).
+    """
+    n, s = Om.shape
+    f64 = torch.float64
+    Q, R = torch.linalg.qr(Y)
+    Z = _products(op, Q)  # [n, s]
+    # n-length reductions on the device, then everything is s x s on the CPU.
+    om2 = (Om * Om).sum(dim=0).cpu()
+    omy = (Om * Y).sum(dim=0).cpu()
+    W = (Q.T @ Om).cpu()
+    T = (Z.T @ Om).cpu()
+    H = (Q.T @ Z).cpu()
+    H = 0.5 * (H + H.T)
+    R = R.cpu()
+    d = R.diagonal()
+    dmax = float(d.abs().max())
+    floor = 1e3 * torch.finfo(f64).eps * dmax if dmax > 0 else 1.0
+    Rreg = R.clone()
+    # A rank-deficient sketch (A of rank < s) has R_ii ~ 0: lifting those to the rounding floor keeps
+    # the a_i in the junk directions of Q, where the estimate is exact anyway.
+    small = d.abs() < floor
+    if bool(small.any()):
+        idx = torch.nonzero(small).flatten()
+        Rreg[idx, idx] = torch.where(d[idx] < 0, -floor, floor).to(f64)
+    Rinv = torch.linalg.solve_triangular(Rreg, torch.eye(s, dtype=f64), upper=True)
+    Amat = Rinv.T / torch.linalg.vector_norm(Rinv.T, dim=0, keepdim=True)  # columns a_i, normalised
+    Gm = Amat.T @ Amat
+    AW, AT, AR = Amat.T @ W, Amat.T @ T, Amat.T @ R
+    AHW, AHA = Amat.T @ H @ W, Amat.T @ H @ Amat
+    trH = H.trace()
+    tw, wr, ww = (T * W).sum(dim=0), (W * R).sum(dim=0), (W * W).sum(dim=0)
+    wHw = (W * (H @ W)).sum(dim=0)
+
+    def estimate(col, proj_w, proj_t, proj_r, proj_hw, whw_proj, tr_proj, rank):
+        # proj_x = (Π w_i) . x_i; col reshapes the per-i vectors to broadcast along i.
+        hutch = col(omy) - (col(tw) - proj_t) - (col(wr) - proj_r) + (col(wHw) - 2 * proj_hw + whw_proj)
+        if improved:
+            outside = (col(om2) - col(ww) + proj_w).clamp_min(torch.finfo(f64).tiny)
+            hutch = hutch * (n - (s - rank)) / outside
+        return trH - tr_proj + hutch
+
+    # Leave one out: Π = a_i a_i^T.
+    b = AW.diagonal()  # coefficient of w_i on a_i
+    ests = estimate(
+        lambda v: v,
+        b * AW.diagonal(),
+        b * AT.diagonal(),
+        b * AR.diagonal(),
+        b * AHW.diagonal(),
+        b**2 * AHA.diagonal(),
+        AHA.diagonal(),
+        1,
+    )
+    if s < 3:
+        return ests, float(ests.std(unbiased=True) / math.sqrt(s))
+
+    # Leave two out, for all pairs as [s, s] arrays indexed [i, j] (i != j): Π = M (MᵀM)⁻¹ Mᵀ with
+    # M = [a_i, a_j], MᵀM = [[1, g], [g, 1]].
+    g = Gm
+    det = (1 - g**2).clamp_min(torch.finfo(f64).eps)
+    m1, m2 = AW.diagonal()[:, None], AW.T  # a_i . w_i, a_j . w_i
+    b1 = (m1 - g * m2) / det
+    b2 = (m2 - g * m1) / det
+
+    def pair(X):  # (Π w_i) . x_i = b1 (a_i . x_i) + b2 (a_j . x_i), X[l, i] = a_l . x_i
+        return b1 * X.diagonal()[:, None] + b2 * X.T
+
+    e11, e22, e12 = AHA.diagonal()[:, None], AHA.diagonal()[None, :], AHA
+    pairs = estimate(
+        lambda v: v[:, None],
+        pair(AW),
+        pair(AT),
+        pair(AR),
+        pair(AHW),
+        b1**2 * e11 + 2 * b1 * b2 * e12 + b2**2 * e22,
+        (e11 - 2 * g * e12 + e22) / det,
+        2,
+    )
+    off = ~torch.eye(s, dtype=torch.bool)
+    X = torch.where(off, pairs, 0.0).sum(dim=0) / (s - 1)  # X_(j): XTrace without w_j, the mean over i != j
+    jack = math.sqrt((s - 1) / s * float(((X - X.mean()) ** 2).sum()))
+    return ests, jack
+
+
+def xtrace(A, num_matvecs: int = 100, seed=None):
+    """XTrace (Epperly, Tropp & Webber 2024, "XTrace: making the most of every sample in stochastic
+    trace estimation", SIAM J. Matrix Anal. Appl. 45(1)).
+
+    Hutch++ spends a third of its products on a sketch that the Hutchinson part cannot reuse. XTrace
+    uses ``s = m//2`` test vectors ``ω_i`` and ``s`` further products, and *every* test vector plays
+    both roles: the ``i``-th leave-one-out estimate deflates with the sketch of the other ``s - 1``
+    vectors and runs Hutchinson with ``ω_i`` (formulas in :func:`_xtrace_from_sketch`). The estimate
+    is the mean of the ``s`` leave-one-out estimates ``t_i``.
+
+    Standard error: *not* the paper's :math:`\\operatorname{std}(t_1,\\dots,t_s)/\\sqrt s`. The
+    ``t_i`` share most of their sketch and their errors are positively correlated, so that formula
+    under-covers on decaying spectra (measured on ``n = 300``, ``m = 60``, 100 seeds: it averaged
+    0.65-0.8 of the actual RMS error on decaying spectra, and ``estimate ± 2 stderr`` held in 80-87%
+    of runs there, 94% on a flat one).
+    Instead the jackknife over test vectors (:func:`_xtrace_from_sketch`, no extra products), which
+    is conservative in expectation (Efron-Stein). Measured on the same problems: coverage at
+    2 standard errors 0.97-1.00, mean reported stderr 1.2x the actual RMS error on a flat spectrum
+    and 2-3x on decaying ones. So the error bar is honest but can be loose; the ``t_i`` are returned
+    in ``samples`` for other error estimates.
+
+    Test vectors are uniform on the sphere of radius :math:`\\sqrt n` with the paper's "improved"
+    normalisation (its default).
+
+    If ``m//2 >= n`` the budget covers the exact trace, which is then computed with ``n`` products
+    (``method="exact"``).
+
+    Args:
+        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        num_matvecs: total products ``m`` (>= 4).
+        seed: ``None``, an int or a ``torch.Generator``.
+
+    Returns:
+        A :class:`TraceResult` with ``samples`` the leave-one-out estimates.
+
+    Raises:
+        ValueError: for ``num_matvecs < 4``.
+    """
+    op = as_operator(A)
+    m = _check_int("num_matvecs", num_matvecs, 4)
+    gen = make_generator(seed)
+    start, n = op.num_matvecs, op.size
+    s = m // 2
+    if s >= n:
+        return _exact(op, start)
+    Om = randn((n, s), gen, dtype=torch.float64, device=op.device)
+    Om = Om * (math.sqrt(n) / torch.linalg.vector_norm(Om, dim=0, keepdim=True))
+    ests, se = _xtrace_from_sketch(op, Om, _products(op, Om), improved=True)
+    return TraceResult(float(ests.mean()), se, op.num_matvecs - start, "xtrace", ests.tolist())
+
+
+def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
+    """Estimate :math:`\\operatorname{tr} A` with ``num_matvecs`` products.
+
+    ``method`` is ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"auto"``.
+
+    ``"auto"`` decides from the products it has to compute anyway. It first computes
+    ``Y = A Ω`` for ``s = m//2`` Rademacher vectors and measures how much of ``A`` a leave-one-out
+    sketch captures,
+
+    .. math::
+        \\rho = \\frac{\\sum_i \\|(I - P_{(i)}) A\\omega_i\\|^2}{\\sum_i \\|A\\omega_i\\|^2}
+        \\approx \\frac{\\|(I-P)A\\|_F^2}{\\|A\\|_F^2},
+
+    (``P_(i)`` the projector on the other columns of ``Y``; free from the QR of ``Y``). Deflation
+    pays when the variance it leaves, at most :math:`\\rho` times Hutchinson's, survives being
+    estimated with half the samples: if :math:`\\rho < 1/2` it finishes as XTrace (the ``s`` further
+    products go to ``A Q``), otherwise as Hutchinson (``m - s`` further Rademacher samples; the first
+    ``s`` samples :math:`\\omega_i^\\top A\\omega_i` are kept). On a flat spectrum it is therefore
+    Hutchinson with the same samples, not the roughly :math:`\\sqrt 2` larger error of XTrace there
+    (which only has ``m/2`` Hutchinson samples); on a decaying spectrum it is XTrace. Both claims
+    are measured in ``tests/test_trace.py``. The XTrace branch uses the Rademacher vectors of the
+    first half, without the sphere normalisation (which needs rotation-invariant vectors).
+
+    Raises:
+        ValueError: for an unknown ``method`` or ``num_matvecs`` below the chosen method's minimum.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "hutchinson":
+        return hutchinson_trace(A, num_matvecs=num_matvecs, seed=seed)
+    if method == "hutch++":
+        return hutchpp_trace(A, num_matvecs=num_matvecs, seed=seed)
+    if method == "xtrace":
+        return xtrace(A, num_matvecs=num_matvecs, seed=seed)
+    op = as_operator(A)
+    m = _check_int("num_matvecs", num_matvecs, 4)
+    gen = make_generator(seed)
+    start, n = op.num_matvecs, op.size
+    s = m // 2
+    if s >= n:
+        result = _exact(op, start)
+        result.method = "auto(exact)"
+        return result
+    # [s, n] transposed: the same vectors hutchinson_trace draws first for this seed.
+    Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T
+    Y = _products(op, Om)
+    rho = _captured_fraction(Y)
+    if rho < 0.5:
+        ests, se = _xtrace_from_sketch(op, Om, Y, improved=False)
+        return TraceResult(float(ests.mean()), se, op.num_matvecs - start, "auto(xtrace)", ests.tolist())
+    first = (Om * Y).sum(dim=0).cpu()
+    rest = _hutchinson_samples(op, m - s, gen, min(m - s, 10), None)
+    samples = torch.cat([first, rest])
+    mean, se = _mean_stderr(samples)
+    return TraceResult(mean, se, op.num_matvecs - start, "auto(hutchinson)", samples.tolist())
+
+
+def _captured_fraction(Y: torch.Tensor) -> float:
+    """:math:`\\sum_i \\|(I - P_{(i)}) y_i\\|^2 / \\sum_i \\|y_i\\|^2` for the columns ``y_i`` of ``Y``.
+
+    With ``Y = QR``, the part of ``y_i`` outside the span of the other columns has norm
+    ``1 / ||row i of R^{-1}||``.
+    """
+    total = float((Y * Y).sum())
+    if total == 0.0:
+        return 0.0  # A Ω = 0: the sketch says A is (numerically) zero, deflation is exact
+    R = torch.linalg.qr(Y).R
+    d = R.diagonal().abs()
+    if float(d.min()) <= 1e3 * torch.finfo(torch.float64).eps * float(d.max()):
+        return 0.0  # rank-deficient sketch: A has rank < s and the sketch captures all of it
+    s = R.shape[0]
+    Rinv = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True)
+    outside = 1.0 / (Rinv * Rinv).sum(dim=1)
+    return float(outside.sum()) / total
