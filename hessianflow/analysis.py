@@ -1,0 +1,453 @@
+"""Analyses built on the curvature operators: per-layer curvature and the loss landscape.
+
+* :func:`layer_blocks` splits a model's parameters by the module that owns them.
+* :func:`per_layer` gives, for each layer, the top eigenvalue(s) and the trace of its own diagonal
+  block of the Hessian (or GGN), the block :math:`H_{\\ell\\ell} = \\nabla^2_{\\theta_\\ell} L`; small
+  blocks exactly, large ones with Lanczos and a trace estimator. The traces of the blocks add up to
+  the trace of the whole Hessian (the off-diagonal blocks have no diagonal entries). PyHessian and
+  HessianFlow only analyse the whole network.
+* :func:`loss_landscape` evaluates the loss on a line or a plane through the parameters, e.g. along
+  the top eigenvectors (the 1-D and 2-D figures of Yao et al. 2018, §4, and Li et al. 2018 for the
+  plane), without ever touching the model's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._random import make_generator
+from .eigen import lanczos
+from .operators import GGNOperator, HessianOperator, _split_batch, resolve_params, unwrap_model
+from .trace import trace as _trace
+
+__all__ = ["LayerResult", "layer_blocks", "per_layer", "loss_landscape"]
+
+_OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
+
+
+# ------------------------------------------------------------------------------------------------
+# layers
+# ------------------------------------------------------------------------------------------------
+def layer_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """The model's trainable parameters grouped by the module that owns them directly.
+
+    One entry per module with at least one parameter of its own (``recurse=False``) that has
+    ``requires_grad``, in the order of ``model.named_modules()`` (the definition order), e.g.
+    ``[("conv1", [weight]), ("bn1", [weight, bias]), ..., ("fc", [weight, bias])]``. A parameter
+    shared by several modules (tied weights) belongs to the first one. Parameters owned by the root
+    module itself are named ``"(root)"``. A ``DataParallel``/``DDP`` wrapper is looked through.
+
+    Raises:
+        ValueError: the model has no trainable parameter.
+    """
+    model = unwrap_model(model)
+    seen: set[int] = set()
+    blocks = []
+    for name, module in model.named_modules():
+        own = []
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                own.append(p)
+        if own:
+            blocks.append((name or "(root)", own))
+    if not blocks:
+        raise ValueError("the model has no parameter with requires_grad=True")
+    return blocks
+
+
+@dataclass
+class LayerResult:
+    """The curvature of one layer's diagonal block (see :func:`per_layer`).
+
+    Attributes:
+        name: the module's name (``"layer1.0.conv1"``).
+        size: the number of parameters of the block.
+        eigenvalues: ``[top_k]`` float64, the block's largest eigenvalues, descending.
+        trace: the block's trace (exact, or the estimate).
+        trace_stderr: the standard error of an estimated trace; ``0.0`` when exact.
+        exact: whether the block was formed densely (eigenvalues and trace exact up to rounding).
+        num_matvecs: products with the block spent.
+        converged: ``[top_k]`` booleans, Lanczos's convergence flags (all ``True`` when exact).
+        residuals: ``[top_k]`` Ritz residual norms (zeros when exact).
+        param_names: the full names of the block's parameters.
+    """
+
+    name: str
+    size: int
+    eigenvalues: torch.Tensor
+    trace: float
+    trace_stderr: float
+    exact: bool
+    num_matvecs: int
+    converged: torch.Tensor
+    residuals: torch.Tensor
+    param_names: list[str] = field(default_factory=list)
+
+    @property
+    def eigenvalue(self) -> float:
+        """The block's top eigenvalue."""
+        return float(self.eigenvalues[0])
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def to_dict(self) -> dict:
+        """JSON-ready plain Python values."""
+        return {
+            "name": self.name,
+            "size": int(self.size),
+            "eigenvalue": self.eigenvalue,
+            "eigenvalues": [float(x) for x in self.eigenvalues.tolist()],
+            "residuals": [float(x) for x in self.residuals.tolist()],
+            "converged": [bool(x) for x in self.converged.tolist()],
+            "trace": float(self.trace),
+            "trace_stderr": float(self.trace_stderr),
+            "exact": bool(self.exact),
+            "num_matvecs": int(self.num_matvecs),
+            "param_names": list(self.param_names),
+        }
+
+
+@contextlib.contextmanager
+def _only_grad(model: nn.Module, keep: list[nn.Parameter]):
+    """Switch ``requires_grad`` off for every parameter outside ``keep`` (and restore it).
+
+    The first-order graph of a block's products then holds only what leads to that block, so a
+    layer near the output does not pay for double backprop through the whole network.
+    """
+    ids = {id(p) for p in keep}
+    changed = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    try:
+        for p in changed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+
+
+def _dense(op, chunk: int) -> torch.Tensor:
+    """The operator as a dense float64 matrix, ``chunk`` columns at a time (a batched product holds
+    ``chunk`` copies of the backward graph's activations)."""
+    n = op.size
+    cols = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
+        E[torch.arange(start, stop, device=op.device), torch.arange(stop - start, device=op.device)] = 1
+        cols.append(op.matmat(E).to(device="cpu", dtype=torch.float64))
+    M = torch.cat(cols, dim=1)
+    return (M + M.T) / 2
+
+
+def per_layer(
+    model: nn.Module,
+    criterion,
+    data=None,
+    dataloader: Iterable | None = None,
+    *,
+    top_k: int = 1,
+    trace_matvecs: int = 100,
+    exact_threshold: int = 1500,
+    seed=0,
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    operator: str = "hessian",
+    trace_method: str = "auto",
+    blocks: list[tuple[str, list[nn.Parameter]]] | None = None,
+    dense_chunk: int = 64,
+    progress: bool = False,
+    **operator_kwargs,
+) -> list[LayerResult]:
+    """Top eigenvalue(s) and trace of each layer's diagonal Hessian block.
+
+    For each block :math:`\\theta_\\ell` of :func:`layer_blocks` the operator is restricted to
+    :math:`\\theta_\\ell` (``params=`` of :class:`~hessianflow.operators.HessianOperator`), i.e. the
+    block :math:`H_{\\ell\\ell}` with the other parameters held fixed. Since the diagonal of :math:`H`
+    is the concatenation of the blocks' diagonals,
+
+    .. math:: \\operatorname{tr} H = \\sum_\\ell \\operatorname{tr} H_{\\ell\\ell},
+
+    while the blocks' top eigenvalues only bound the whole Hessian's from below
+    (:math:`\\lambda_{\\max}(H) \\ge \\max_\\ell \\lambda_{\\max}(H_{\\ell\\ell})`, Cauchy interlacing).
+
+    Blocks with at most ``exact_threshold`` parameters are formed densely (``size`` products, in
+    chunks of ``dense_chunk`` columns) and diagonalised with ``torch.linalg.eigvalsh`` in float64: exact
+    eigenvalues and trace. Larger blocks use :func:`~hessianflow.eigen.lanczos` (``which="LA"``) and
+    a stochastic trace estimator (:func:`~hessianflow.trace.trace`; ``"auto"`` picks Hutchinson 1989
+    or XTrace, Epperly et al. 2024, from the products themselves) with ``trace_matvecs`` products.
+    The default threshold 1500 keeps a dense block at 18 MB in float64; forming it costs ``size``
+    products (batched, so cheaper per column than Lanczos's), against roughly 100-200 for Lanczos plus
+    the trace estimate: worth paying for exact values on the small blocks (biases, BatchNorm, the last
+    layer of a CIFAR model).
+
+    Args:
+        model: the network.
+        criterion: the loss, as for the operators.
+        data: one batch ``(inputs, targets)``.
+        dataloader: or an iterable of batches (exactly one of the two).
+        top_k: eigenvalues per block (capped at each block's size).
+        trace_matvecs: products for each estimated trace (at least 4).
+        exact_threshold: largest block size computed densely (0: none).
+        seed: ``None``, an int or a ``torch.Generator``; one generator serves all blocks in order.
+        tol: Lanczos's relative residual tolerance. ``1e-4`` (looser than :func:`lanczos`'s ``1e-6``)
+            is enough for a table and a bar plot; the eigenvalue error is about ``tol**2`` relative
+            for a separated eigenvalue.
+        max_iter: Lanczos's product budget per block (its default when ``None``).
+        operator: ``"hessian"`` or ``"ggn"`` (the generalised Gauss-Newton blocks).
+        trace_method: the ``method`` of :func:`~hessianflow.trace.trace` for estimated traces.
+        blocks: the blocks to analyse (default :func:`layer_blocks`), e.g. a subset of them.
+        dense_chunk: columns per batched product when a block is formed densely.
+        progress: show a tqdm bar over the blocks.
+        **operator_kwargs: passed to the operator (``train_mode``, ``num_batches``, ``backend``...).
+
+    Returns:
+        One :class:`LayerResult` per block, in model order.
+
+    Raises:
+        ValueError: for an unknown operator, ``top_k < 1``, ``trace_matvecs < 4`` (when a trace must
+            be estimated), a negative ``exact_threshold`` or ``dense_chunk < 1``.
+    """
+    if operator not in _OPERATORS:
+        raise ValueError(f"operator must be one of {tuple(_OPERATORS)}, got {operator!r}")
+    checks = (("top_k", top_k, 1), ("exact_threshold", exact_threshold, 0), ("dense_chunk", dense_chunk, 1))
+    for name, value, lo in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if isinstance(trace_matvecs, bool) or not isinstance(trace_matvecs, int) or trace_matvecs < 1:
+        raise ValueError(f"trace_matvecs must be a positive integer, got {trace_matvecs!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if "params" in operator_kwargs:
+        raise ValueError("per_layer chooses the parameters of each block itself; pass blocks= instead of params=")
+    model_u = unwrap_model(model)
+    blocks = layer_blocks(model_u) if blocks is None else list(blocks)
+    if not blocks:
+        raise ValueError("no blocks to analyse")
+    if trace_matvecs < 4 and any(sum(p.numel() for p in ps) > exact_threshold for _, ps in blocks):
+        raise ValueError(f"trace_matvecs must be >= 4 to estimate a trace, got {trace_matvecs}")
+    gen = make_generator(seed)
+    cls = _OPERATORS[operator]
+    name_of = {id(p): n for n, p in model_u.named_parameters()}
+    results = []
+    iterator = blocks
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(blocks, desc="per-layer", leave=False)
+    for name, params in iterator:
+        params = list(params)
+        if not params or any(id(p) not in name_of for p in params):
+            raise ValueError(f"block {name!r}: its parameters must be parameters of the model")
+        with _only_grad(model_u, params):
+            op = cls(model_u, criterion, data=data, dataloader=dataloader, params=params, **operator_kwargs)
+            n = op.size
+            k = min(top_k, n)
+            if n <= exact_threshold:
+                M = _dense(op, dense_chunk)
+                evals = torch.linalg.eigvalsh(M).flip(0)[:k]  # descending
+                res = dict(
+                    eigenvalues=evals,
+                    trace=float(M.diagonal().sum()),
+                    trace_stderr=0.0,
+                    exact=True,
+                    converged=torch.ones(k, dtype=torch.bool),
+                    residuals=torch.zeros(k, dtype=torch.float64),
+                )
+            else:
+                eig = lanczos(op, k=k, which="LA", tol=tol, max_iter=max_iter, seed=gen)
+                tr = _trace(op, num_matvecs=trace_matvecs, seed=gen, method=trace_method)
+                res = dict(
+                    eigenvalues=eig.eigenvalues.detach().to(device="cpu", dtype=torch.float64),
+                    trace=float(tr.estimate),
+                    trace_stderr=float(tr.stderr),
+                    exact=False,
+                    converged=eig.converged.detach().cpu(),
+                    residuals=eig.residuals.detach().to(device="cpu", dtype=torch.float64),
+                )
+            num = op.num_matvecs
+            op.release()
+        results.append(
+            LayerResult(name=name, size=n, num_matvecs=num, param_names=[name_of[id(p)] for p in params], **res)
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# loss landscape
+# ------------------------------------------------------------------------------------------------
+def _directions(directions, count: int, n: int, dtype, device) -> list[torch.Tensor]:
+    if isinstance(directions, torch.Tensor):
+        if directions.dim() == 1:
+            dirs = [directions]
+        elif directions.dim() == 2:
+            dirs = list(directions.unbind(dim=1))  # [n, k] columns, as EigenResult.eigenvectors
+        else:
+            raise ValueError(f"directions must be [n] or [n, k], got shape {tuple(directions.shape)}")
+    elif isinstance(directions, (list, tuple)):
+        dirs = list(directions)
+    else:
+        raise ValueError(f"directions must be a tensor or a list of flat tensors, got {type(directions).__name__}")
+    if len(dirs) != count:
+        what = "a 1-D curve (betas=None) takes one direction" if count == 1 else "a 2-D grid takes two directions"
+        raise ValueError(f"{what}, got {len(dirs)}; slice the eigenvectors, e.g. result.eigenvectors[:, :{count}]")
+    out = []
+    for d in dirs:
+        if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.shape[0] != n:
+            shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+            raise ValueError(f"each direction must be a flat vector of length {n} (the parameters), got {shape}")
+        if not torch.isfinite(d).all():
+            raise ValueError("a direction contains NaN or Inf")
+        out.append(d.detach().to(device=device, dtype=dtype))
+    return out
+
+
+def _steps(values, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def loss_landscape(
+    model: nn.Module,
+    criterion,
+    data=None,
+    directions=None,
+    alphas=None,
+    betas=None,
+    *,
+    dataloader: Iterable | None = None,
+    params=None,
+    num_batches: int | None = None,
+) -> torch.Tensor:
+    """The loss on a line or a plane through the parameters.
+
+    .. math::
+        L(\\alpha) = L(\\theta + \\alpha d_1), \\qquad L(\\alpha, \\beta) = L(\\theta + \\alpha d_1 + \\beta d_2)
+
+    with flat directions over the same parameters, in the same order, as the operators use (e.g. the
+    columns of :attr:`EigenResult.eigenvectors`; they are used as given, not normalised). Along a unit
+    eigenvector :math:`v` with eigenvalue :math:`\\lambda`,
+    :math:`L(\\alpha) = L(0) + \\alpha\\, g^\\top v + \\tfrac12 \\lambda \\alpha^2 + O(\\alpha^3)`.
+
+    The model is evaluated in eval mode under ``torch.no_grad`` with
+    ``torch.func.functional_call`` on perturbed copies of the parameters, so its parameters are never
+    modified (not even temporarily) and its modes are restored afterwards. Inputs are cast to the
+    parameters' dtype and device, as the operators do.
+
+    Args:
+        model: the network (a ``DataParallel``/``DDP`` wrapper is looked through).
+        criterion: the loss; with ``reduction="mean"`` the loss over a loader is the sample-weighted
+            mean of the batch losses, with ``"sum"`` their sum.
+        data: one batch ``(inputs, targets)``.
+        directions: one flat ``[n]`` vector (or ``[n, 1]``) for a curve; two (``[n, 2]`` or a pair of
+            ``[n]`` vectors) for a surface.
+        alphas: the steps along ``d1`` (1-D).
+        betas: the steps along ``d2``; ``None`` for a curve.
+        dataloader: instead of ``data``, an iterable of batches.
+        params: the parameters the directions live on (see :func:`~hessianflow.operators.resolve_params`;
+            default: every parameter with ``requires_grad``).
+        num_batches: use only the first ``num_batches`` batches of the loader.
+
+    Returns:
+        float64 CPU tensor of losses, ``[len(alphas)]`` or ``[len(alphas), len(betas)]``.
+
+    Raises:
+        ValueError: for both or neither of ``data``/``dataloader``, a direction of the wrong length or
+            count, empty or non-finite steps, or an empty loader.
+    """
+    if (data is None) == (dataloader is None):
+        raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
+    if directions is None or alphas is None:
+        raise ValueError("loss_landscape needs directions and alphas")
+    bad_nb = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    if num_batches is not None and bad_nb:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    model = unwrap_model(model)
+    chosen, names = resolve_params(model, params)
+    dtype, device = chosen[0].dtype, chosen[0].device
+    n = sum(p.numel() for p in chosen)
+    dirs = _directions(directions, 1 if betas is None else 2, n, dtype, device)
+    a = _steps(alphas, "alphas")
+    b = None if betas is None else _steps(betas, "betas")
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {reduction!r}")
+
+    def to_device(batch):
+        x, y = _split_batch(batch)
+        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
+        return x, y
+
+    if data is not None:
+        batches = [to_device(data)]
+    else:
+        batches = None  # streamed, so a large loader is never held in memory
+
+    base = [p.detach() for p in chosen]
+    shapes = [p.shape for p in chosen]
+    fixed = {k: v for k, v in model.named_parameters() if k not in set(names)}
+    fixed.update(dict(model.named_buffers()))
+
+    def pieces(vec):
+        out, off = [], 0
+        for s, p in zip(shapes, base):
+            out.append(vec[off : off + p.numel()].view(s))
+            off += p.numel()
+        return out
+
+    d_pieces = [pieces(d) for d in dirs]
+
+    def loss_at(coefs) -> float:
+        perturbed = {}
+        for i, (name, p) in enumerate(zip(names, base)):
+            q = p
+            for c, dp in zip(coefs, d_pieces):
+                if c != 0.0:
+                    q = q + c * dp[i]
+            perturbed[name] = q
+        state = {**fixed, **perturbed}
+        total, count = 0.0, 0
+        source = batches if batches is not None else dataloader
+        for j, batch in enumerate(source):
+            if batches is None:
+                if num_batches is not None and j >= num_batches:
+                    break
+                batch = to_device(batch)
+            x, y = batch
+            nb = int(x.shape[0])
+            if nb == 0:
+                continue
+            loss = criterion(torch.func.functional_call(model, state, (x,)), y)
+            if loss.dim() != 0:
+                raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
+            total += float(loss) * (nb if reduction == "mean" else 1.0)
+            count += nb
+        if count == 0:
+            raise ValueError("the data loader yielded no samples")
+        return total / count if reduction == "mean" else total
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if b is None:
+                out = torch.tensor([loss_at((float(x),)) for x in a], dtype=torch.float64)
+            else:
+                out = torch.tensor([[loss_at((float(x), float(y))) for y in b] for x in a], dtype=torch.float64)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return out
