@@ -1,0 +1,564 @@
+"""Tracking the top Hessian eigenvalue (and the trace) during training.
+
+HessianFlow (Yao et al. 2018, "Hessian-based analysis of large batch training and robustness to
+adversaries") measured the top eigenvalue of the loss Hessian after every epoch: the adaptive batch size
+schedule (ABSA) reacts to it, and the eigenvalue history is the figure that shows large-batch training
+ending in sharper regions. This module keeps that measurement and its log:
+
+- :func:`top_eigenvalue`: the top eigenpair(s) of a model's Hessian over a batch or a data loader, a thin
+  convenience over :class:`~hessianflow.operators.HessianOperator` and :mod:`hessianflow.eigen`.
+- :class:`EigenTracker`: measures (or is told) the eigenvalue once per epoch, together with the training
+  metrics of that epoch, and keeps the history: CSV and JSON files written atomically, a figure, and a
+  ``state_dict`` of plain Python types so that a resumed run keeps its history.
+
+Example::
+
+    tracker = EigenTracker(nn.CrossEntropyLoss(), data=(x_fixed, y_fixed), out_dir="runs/c1")
+    for epoch in range(epochs):
+        stats = train_epoch(model, ...)
+        tracker.step(model, epoch, lr=lr, batch_size=bs, train_loss=stats["loss"])
+    tracker.plot("runs/c1/eigen.png", lr_decay_epochs=[30, 60])
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+
+from .eigen import EigenResult, lanczos, power_iteration
+from .linop import NonFiniteError
+from .operators import HessianOperator
+from .trace import _METHODS as _TRACE_METHODS
+from .trace import trace as _estimate_trace
+
+__all__ = ["top_eigenvalue", "EigenTracker", "load_history"]
+
+_METHODS = ("power", "lanczos")
+# The columns every record has, in this order; metrics follow in order of first appearance.
+_FIELDS = (
+    "epoch",
+    "eigenvalue",
+    "top_k",
+    "residual",
+    "converged",
+    "trace",
+    "trace_stderr",
+    "num_matvecs",
+    "seconds",
+)
+
+
+def _solve(op, method: str, k: int, max_iter: int, tol: float, seed) -> EigenResult:
+    if method == "power":
+        res = power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=seed)
+    elif method == "lanczos":
+        res = lanczos(op, k=k, which="LA", max_iter=max_iter, tol=tol, seed=seed)
+    else:  # pragma: no cover - validated by the callers
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    values = res.eigenvalues.detach().cpu().tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteError(f"the eigensolver returned non-finite eigenvalues {values}")
+    return res
+
+
+def _check_method(method: str) -> str:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    return method
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_tol(tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < float(tol) < math.inf):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    return float(tol)
+
+
+def top_eigenvalue(
+    model,
+    criterion,
+    data=None,
+    dataloader=None,
+    *,
+    method: str = "power",
+    k: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    seed=0,
+    num_batches: int | None = None,
+    train_mode: bool = False,
+    params=None,
+    progress: bool = False,
+) -> EigenResult:
+    """The top ``k`` eigenpairs of the Hessian of ``criterion(model(x), y)`` over a batch or a loader.
+
+    Builds a :class:`~hessianflow.operators.HessianOperator` and runs
+    :func:`~hessianflow.eigen.power_iteration` (``method="power"``: the ``k`` eigenvalues of largest
+    *magnitude*, the method of HessianFlow and PyHessian) or :func:`~hessianflow.eigen.lanczos`
+    (``method="lanczos"``, ``which="LA"``: the ``k`` *largest* eigenvalues, usually with an order of
+    magnitude fewer products for the same accuracy). Near a minimum the two agree; they differ when a
+    negative eigenvalue outweighs the largest positive one.
+
+    Args:
+        model: the network (its parameters are not changed; its train/eval mode is restored).
+        criterion: the loss, ``criterion(outputs, targets)``, mean- or sum-reduced.
+        data: one batch ``(inputs, targets)``.
+        dataloader: or an iterable of batches (the Hessian of the loss over all of its samples).
+        method: ``"power"`` or ``"lanczos"``.
+        k: the number of eigenpairs.
+        max_iter: for power iteration the products per eigenpair, for Lanczos the total number of
+            products. Default 100: PyHessian's ``maxIter`` (HessianFlow's ``get_eigen`` used 50).
+        tol: for power iteration the relative change of the eigenvalue between iterations; for Lanczos
+            the relative residual (which bounds the eigenvalue error by about ``tol**2``, so the same
+            number is far more accurate there). Default ``1e-3``: PyHessian's and HessianFlow's.
+        seed: the seed of the start vector(s) (an int, a ``torch.Generator`` or ``None``); the default 0
+            makes repeated calls reproducible.
+        num_batches: use only the first ``num_batches`` batches of ``dataloader``.
+        train_mode: compute the Hessian in train mode (BatchNorm batch statistics); default eval mode.
+        params: the parameters to differentiate w.r.t. (default all with ``requires_grad``).
+        progress: show a progress bar over the loader's batches.
+
+    Returns:
+        the solver's :class:`~hessianflow.eigen.EigenResult` (``eigenvalues[0]`` is the top one;
+        ``converged`` says whether its test passed, and a ``ConvergenceWarning`` is emitted if not).
+
+    Raises:
+        NonFiniteError: a NaN/Inf loss, product or eigenvalue (a ``ValueError``).
+        ValueError: bad arguments.
+    """
+    method = _check_method(method)
+    k = _check_int("k", k, 1)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    tol = _check_tol(tol)
+    op = HessianOperator(
+        model,
+        criterion,
+        data=data,
+        dataloader=dataloader,
+        params=params,
+        train_mode=train_mode,
+        num_batches=num_batches,
+        progress=progress,
+    )
+    try:
+        return _solve(op, method, k, max_iter, tol, seed)
+    finally:
+        op.release()
+
+
+# -- values in a record ------------------------------------------------------------------------
+def _plain(name: str, value):
+    """``value`` as a plain JSON/CSV-friendly Python value; non-finite numbers are refused."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor
+        if value.numel() != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.detach().cpu().item()
+    elif hasattr(value, "item") and getattr(value, "size", 1) == 1:  # a NumPy scalar or 1-element array
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}: refusing to record a non-finite value")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    raise ValueError(f"{name} must be a number, a string, a bool, None or a list of those, got {type(value).__name__}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return json.dumps(value, allow_nan=False)
+    if isinstance(value, float):
+        return repr(value)  # the shortest string that reads back as the same float
+    return str(value)
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _write_atomic(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _columns(history) -> list[str]:
+    cols = list(_FIELDS)
+    for rec in history:
+        for key in rec:
+            if key not in cols:
+                cols.append(key)
+    return cols
+
+
+def load_history(path) -> list[dict]:
+    """Read a history written by :meth:`EigenTracker.to_csv` or :meth:`EigenTracker.to_json`.
+
+    CSV cells read back as ``None`` (empty), ``bool`` (``True``/``False``), ``int``, ``float`` (written
+    with ``repr``, so the same floats), lists (``top_k``, as JSON) or strings, in that order of trial;
+    a string metric that looks like a number reads back as the number. Empty CSV cells of a record
+    (a column another record has) are dropped unless they are one of the standard fields.
+    """
+    path = os.fspath(path)
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+        history = obj.get("history") if isinstance(obj, dict) else obj
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError(f"{path}: not an eigenvalue history (expected a list of records)")
+        return history
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for row in rows:
+        rec = {}
+        for key, text in row.items():
+            value = _parse_cell(text or "")
+            if value is not None or key in _FIELDS:
+                rec[key] = value
+        out.append(rec)
+    return out
+
+
+class EigenTracker:
+    """Measure and log the top Hessian eigenvalue (and optionally the trace) once per epoch.
+
+    The Hessian is taken over a fixed batch (``data=(x, y)``, HessianFlow's choice: the same samples
+    every epoch, so the changes are the model's and not the batch's) or over a data loader
+    (``dataloader=``, optionally its first ``num_batches`` batches).
+
+    Each call of :meth:`step` appends a record
+
+    ``{"epoch", "eigenvalue", "top_k", "residual", "converged", "trace", "trace_stderr", "num_matvecs",
+    "seconds", **metrics}``
+
+    where ``eigenvalue`` is ``top_k[0]``, ``residual`` its residual norm ``||Hv - λv||``, ``converged``
+    whether every requested eigenpair passed the solver's test (a not converged solve is recorded, with
+    ``False``, and the solver warns), ``num_matvecs`` the Hessian-vector products spent (eigenvalues and
+    trace), ``seconds`` the wall time, and ``metrics`` whatever the caller adds (``lr``, ``batch_size``,
+    ``train_loss``, ``test_acc``, ...: numbers, strings, bools or ``None``). :meth:`record` appends an
+    eigenvalue computed elsewhere (the ABSA controller computes its own).
+
+    The same ``seed`` is used at every step: the eigensolver starts from the same vector and the trace
+    uses the same probes each epoch (common random numbers), so that epoch-to-epoch differences are the
+    model's and not the estimator's noise.
+
+    Args:
+        criterion: the loss, ``criterion(outputs, targets)``.
+        data: a fixed batch ``(inputs, targets)``.
+        dataloader: or an iterable of batches.
+        num_batches: use only the first ``num_batches`` batches of ``dataloader``.
+        top_k: the number of top eigenvalues per step (``eigenvalue`` is the first).
+        method: ``"power"`` (default, HessianFlow's) or ``"lanczos"``; see :func:`top_eigenvalue`.
+        max_iter: see :func:`top_eigenvalue` (default 100, PyHessian's).
+        tol: see :func:`top_eigenvalue` (default ``1e-3``, PyHessian's and HessianFlow's).
+        trace: also estimate the trace of the Hessian at each step.
+        trace_matvecs: products spent on the trace (default 100: PyHessian's ``maxIter`` for
+            ``trace()``), with ``trace_method`` (see :func:`hessianflow.trace.trace`; default
+            ``"hutchinson"``, Hutchinson 1989, which reports a standard error).
+        seed: an int or ``None`` (fresh randomness each step).
+        out_dir: if given, ``eigen_history.csv`` and ``eigen_history.json`` are rewritten there
+            (atomically) after every record, so a crash loses nothing logged.
+        train_mode: compute the Hessian in train mode (default eval mode).
+        params: the parameters to differentiate w.r.t. (default all with ``requires_grad``).
+
+    Epochs must increase from record to record (after :meth:`load_state_dict` too): one record per
+    epoch, in order, is what the history files and the plot assume.
+    """
+
+    def __init__(
+        self,
+        criterion,
+        data=None,
+        dataloader=None,
+        *,
+        num_batches: int | None = None,
+        top_k: int = 1,
+        method: str = "power",
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        trace: bool = False,
+        trace_matvecs: int = 100,
+        trace_method: str = "hutchinson",
+        seed: int | None = 0,
+        out_dir=None,
+        train_mode: bool = False,
+        params=None,
+    ):
+        if data is not None and dataloader is not None:
+            raise ValueError("pass at most one of data=(inputs, targets) or dataloader=")
+        if not callable(criterion):
+            raise ValueError("criterion must be callable as criterion(outputs, targets)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an int or None (it is saved in state_dict), got {seed!r}")
+        self.criterion = criterion
+        self.data = data
+        self.dataloader = dataloader
+        self.num_batches = None if num_batches is None else _check_int("num_batches", num_batches, 1)
+        self.top_k = _check_int("top_k", top_k, 1)
+        self.method = _check_method(method)
+        self.max_iter = _check_int("max_iter", max_iter, 1)
+        self.tol = _check_tol(tol)
+        self.trace = bool(trace)
+        self.trace_matvecs = _check_int("trace_matvecs", trace_matvecs, 1)
+        if trace_method not in _TRACE_METHODS:
+            raise ValueError(f"trace_method must be one of {_TRACE_METHODS}, got {trace_method!r}")
+        self.trace_method = trace_method
+        self.seed = None if seed is None else int(seed)
+        self.out_dir = None if out_dir is None else os.fspath(out_dir)
+        self.train_mode = bool(train_mode)
+        self.params = params
+        self.history: list[dict] = []
+
+    # -- measuring -----------------------------------------------------------------------------
+    def step(self, model, epoch, **metrics) -> dict:
+        """Compute the top eigenvalue(s) (and the trace, if asked) of ``model`` and append a record.
+
+        Args:
+            model: the network at the end of ``epoch``.
+            epoch: the epoch number (greater than the last recorded one).
+            **metrics: further values to record (``lr=``, ``batch_size=``, ``train_loss=``, ...);
+                they may not use the names of the standard fields.
+
+        Returns:
+            the record appended (a copy).
+
+        Raises:
+            NonFiniteError: a NaN/Inf loss, product, eigenvalue, trace or metric: nothing is recorded.
+            ValueError: no data source, a non-increasing epoch or a reserved metric name.
+        """
+        if self.data is None and self.dataloader is None:
+            raise ValueError("this tracker has no data (pass data= or dataloader=); use record() instead")
+        reserved = sorted(set(metrics) & set(_FIELDS))
+        if reserved:
+            raise ValueError(f"metric names {reserved} are reserved for the tracker's own fields")
+        epoch = self._check_epoch(epoch)
+        clean = {k: _plain(k, v) for k, v in metrics.items()}
+        start = time.perf_counter()
+        op = HessianOperator(
+            model,
+            self.criterion,
+            data=self.data,
+            dataloader=self.dataloader,
+            params=self.params,
+            train_mode=self.train_mode,
+            num_batches=self.num_batches,
+        )
+        try:
+            res = _solve(op, self.method, self.top_k, self.max_iter, self.tol, self.seed)
+            tr = None
+            if self.trace:
+                # A different stream from the eigensolver's start vector.
+                trace_seed = None if self.seed is None else self.seed + 1
+                tr = _estimate_trace(op, num_matvecs=self.trace_matvecs, seed=trace_seed, method=self.trace_method)
+        finally:
+            op.release()
+        seconds = time.perf_counter() - start
+        values = [float(v) for v in res.eigenvalues.detach().cpu().tolist()]
+        rec = {
+            "epoch": epoch,
+            "eigenvalue": values[0],
+            "top_k": values,
+            "residual": float(res.residuals[0]),
+            "converged": bool(res.converged.all()),
+            "trace": None,
+            "trace_stderr": None,
+            "num_matvecs": int(res.num_matvecs),
+            "seconds": seconds,
+        }
+        if tr is not None:
+            rec["trace"] = _plain("trace", tr.estimate)
+            stderr = getattr(tr, "stderr", None)
+            rec["trace_stderr"] = None if stderr is None else _plain("trace_stderr", stderr)
+            rec["num_matvecs"] += int(tr.num_matvecs)
+        rec.update(clean)
+        return self._append(rec)
+
+    def record(self, epoch, eigenvalue=None, **metrics) -> dict:
+        """Append a record with an eigenvalue computed elsewhere (or none: metrics only).
+
+        Args:
+            epoch: the epoch number (greater than the last recorded one).
+            eigenvalue: the top eigenvalue, or ``None`` when it was not measured this epoch.
+            **metrics: further values; the standard fields (``top_k``, ``residual``, ``converged``,
+                ``trace``, ``trace_stderr``, ``num_matvecs``, ``seconds``) may be given too.
+
+        Returns:
+            the record appended (a copy).
+
+        Raises:
+            NonFiniteError: a NaN/Inf eigenvalue or metric (nothing is recorded).
+        """
+        epoch = self._check_epoch(epoch)
+        ev = _plain("eigenvalue", eigenvalue)
+        if ev is not None and (isinstance(ev, (bool, str, list))):
+            raise ValueError(f"eigenvalue must be a number or None, got {eigenvalue!r}")
+        ev = None if ev is None else float(ev)
+        clean = {k: _plain(k, v) for k, v in metrics.items()}
+        rec = {field: None for field in _FIELDS}
+        rec.update(epoch=epoch, eigenvalue=ev, top_k=[] if ev is None else [ev])
+        rec.update(clean)
+        return self._append(rec)
+
+    def _check_epoch(self, epoch):
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Real) or not math.isfinite(float(epoch)):
+            raise ValueError(f"epoch must be a finite number, got {epoch!r}")
+        epoch = int(epoch) if isinstance(epoch, numbers.Integral) else float(epoch)
+        if self.history and not epoch > self.history[-1]["epoch"]:
+            raise ValueError(
+                f"epoch {epoch} is not after the last recorded epoch {self.history[-1]['epoch']} "
+                "(one record per epoch, in order)"
+            )
+        return epoch
+
+    def _append(self, rec: dict) -> dict:
+        self.history.append(rec)
+        if self.out_dir is not None:
+            self.save()
+        return copy.deepcopy(rec)
+
+    # -- convenience ---------------------------------------------------------------------------
+    @property
+    def eigenvalues(self) -> list:
+        """The ``eigenvalue`` of every record (``None`` where none was measured)."""
+        return [rec.get("eigenvalue") for rec in self.history]
+
+    @property
+    def last(self) -> dict | None:
+        """The last record (a copy), or ``None``."""
+        return copy.deepcopy(self.history[-1]) if self.history else None
+
+    # -- files ---------------------------------------------------------------------------------
+    def to_csv(self, path) -> str:
+        """Write the history as CSV (one row per record; ``top_k`` as a JSON list); return the path."""
+        cols = _columns(self.history)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(cols)
+        for rec in self.history:
+            writer.writerow([_cell(rec.get(c)) for c in cols])
+        return _write_atomic(path, buf.getvalue())
+
+    def to_json(self, path) -> str:
+        """Write ``{"version", "config", "history"}`` as JSON (atomically); return the path."""
+        obj = {"version": 1, "config": self._config(), "history": self.history}
+        return _write_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+    def save(self) -> dict:
+        """Write ``eigen_history.csv`` and ``eigen_history.json`` into ``out_dir``; return their paths."""
+        if self.out_dir is None:
+            raise ValueError("this tracker has no out_dir; use to_csv(path) / to_json(path)")
+        return {
+            "csv": self.to_csv(os.path.join(self.out_dir, "eigen_history.csv")),
+            "json": self.to_json(os.path.join(self.out_dir, "eigen_history.json")),
+        }
+
+    def plot(self, path, lr_decay_epochs=None, title=None, subtitle=None) -> str:
+        """Plot the eigenvalue history with :func:`hessianflow.plotting.plot_eigen_history`."""
+        from .plotting import plot_eigen_history
+
+        if subtitle is None:
+            subtitle = f"{self.method}, top-{self.top_k}, tol {self.tol:g}" + (
+                f", {self.num_batches} batch(es)" if self.num_batches else ""
+            )
+        return plot_eigen_history(self.history, path, lr_decay_epochs=lr_decay_epochs, title=title, subtitle=subtitle)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "method": self.method,
+            "top_k": self.top_k,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "trace": self.trace,
+            "trace_matvecs": self.trace_matvecs,
+            "trace_method": self.trace_method,
+            "seed": self.seed,
+            "num_batches": self.num_batches,
+            "train_mode": self.train_mode,
+            "source": "data" if self.data is not None else ("dataloader" if self.dataloader is not None else None),
+        }
+
+    def state_dict(self) -> dict:
+        """The configuration and the history as plain Python types (fit for ``weights_only`` loading)."""
+        return {"version": 1, "config": self._config(), "history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore the history of a :meth:`state_dict`.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+            strict: refuse a state whose configuration (method, top-k, tolerance, seed, data source,
+                ...) differs from this tracker's, so that one history does not silently mix two kinds
+                of measurement; ``False`` takes the history only.
+        """
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("not an EigenTracker state_dict (missing or unknown 'version')")
+        if strict:
+            saved, mine = state.get("config", {}), self._config()
+            diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+            if diff:
+                detail = ", ".join(f"{k}: saved {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"the saved tracker configuration differs from this tracker's ({detail})")
+        history = state.get("history")
+        if not isinstance(history, list) or not all(isinstance(r, dict) and "epoch" in r for r in history):
+            raise ValueError("malformed EigenTracker state_dict: 'history' must be a list of records with 'epoch'")
+        epochs = [r["epoch"] for r in history]
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ValueError(f"malformed EigenTracker state_dict: epochs are not increasing ({epochs})")
+        self.history = copy.deepcopy(history)
+
+    def __repr__(self) -> str:
+        last = self.history[-1] if self.history else None
+        tail = f", last epoch {last['epoch']}: {last['eigenvalue']}" if last else ""
+        return f"EigenTracker(method={self.method!r}, top_k={self.top_k}, {len(self.history)} records{tail})"
