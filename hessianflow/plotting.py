@@ -308,20 +308,11 @@ def plot_eigen_history(
         ax.plot(*zip(*bad), ls="none", marker="x", ms=9, mew=2, color="tab:red", label="not converged", zorder=4)
     scale = _apply_scale(ax, values_for_scale)
     decays = sorted(float(e) for e in (lr_decay_epochs or []))
+    # The epochs go in the legend entry: text beside the lines would sit on the data points.
+    decay_label = "lr decay (epoch " + ", ".join(f"{e:g}" for e in decays) + ")" if decays else None
     for i, e in enumerate(decays):
         for a in axes[:, 0]:
-            a.axvline(e, color="gray", ls="--", lw=1.2, label="lr decay" if (i == 0 and a is ax) else None)
-        ax.annotate(
-            f"lr decay @ {e:g}",
-            xy=(e, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -10),
-            textcoords="offset points",
-            fontsize=7,
-            color="dimgray",
-            rotation=90,
-            va="top",
-        )
+            a.axvline(e, color="gray", ls="--", lw=1.2, label=decay_label if (i == 0 and a is ax) else None)
     ylabel = "Hessian eigenvalue" if key == "eigenvalue" else key
     ax.set_ylabel(ylabel + ("" if scale == "linear" else f" ({scale} scale)"))
     ax.grid(True, which="major", alpha=0.4)
@@ -341,6 +332,8 @@ def plot_eigen_history(
 
                 bx.set_yscale("log", base=2)
                 bx.yaxis.set_major_formatter(ScalarFormatter())
+            else:
+                bx.set_ylim(0, max(bx_y) * 1.15)  # a constant batch size is a flat line, not a zoomed wiggle
         if has_lr:
             lx = bx.twinx() if has_bs else bx
             lr_x = [float(r.get("epoch", i)) for i, r in enumerate(history) if r.get("lr") is not None]
