@@ -208,9 +208,11 @@ def _parse_cell(text: str):
     except ValueError:
         pass
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return text
+    # Non-finite numbers are never written (they are refused), so "nan" or "inf" was a string.
+    return value if math.isfinite(value) else text
 
 
 def _write_atomic(path: str, text: str) -> str:

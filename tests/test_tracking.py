@@ -218,7 +218,7 @@ def filled_tracker(problem, out_dir=None):
     tr = EigenTracker(crit, data=data, top_k=2, method="lanczos", trace=True, trace_matvecs=20, out_dir=out_dir)
     tr.step(model, 0, lr=0.1, batch_size=32, train_acc=0.5, phase="warmup")
     tr.record(1, None, lr=0.1, batch_size=64)
-    tr.record(2, 1.0 / 3.0, lr=0.01, batch_size=64, test_acc=0.75)
+    tr.record(2, 1.0 / 3.0, lr=0.01, batch_size=64, test_acc=0.75, note="nan", big=2**70, tiny=5e-324)
     return tr
 
 
@@ -233,6 +233,7 @@ def test_csv_and_json_round_trip(problem, tmp_path):
     for got, want in zip(from_csv, tr.history):
         assert got == want  # floats written with repr read back bit for bit
     assert from_csv[2]["eigenvalue"] == 1.0 / 3.0
+    assert from_csv[2]["note"] == "nan" and from_csv[2]["big"] == 2**70 and from_csv[2]["tiny"] == 5e-324
     assert isinstance(from_csv[0]["top_k"], list) and len(from_csv[0]["top_k"]) == 2
     assert from_csv[0]["converged"] is True and from_csv[0]["phase"] == "warmup"
     header = open(csv_path).readline().strip().split(",")
