@@ -159,6 +159,12 @@ class CurvatureOperator(LinearOperator):
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {self.reduction!r}")
         super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
+        if dataloader is not None and isinstance(dataloader, (list, tuple)) and len(dataloader) == 1:
+            # a one-batch "loader" (e.g. a rank's shard of a batch): reuse its graph like data=
+            data, dataloader = dataloader[0], None
+            single_from_loader = True
+        else:
+            single_from_loader = False
         self.data = None if data is None else self._to_device(_split_batch(data))
         self.dataloader = dataloader
         self.train_mode = bool(train_mode)
@@ -168,7 +174,7 @@ class CurvatureOperator(LinearOperator):
         self.progress = progress
         if distributed is None:
             distributed = (
-                dataloader is not None
+                (dataloader is not None or single_from_loader)
                 and torch.distributed.is_available()
                 and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1
@@ -230,17 +236,11 @@ class CurvatureOperator(LinearOperator):
         """Free the reused first-order graph (it is rebuilt on the next product)."""
         self._graph = None
 
-    def _products(self, pieces, batched: bool):
-        """Curvature times ``pieces`` (split like the parameters; with a leading ``k`` if batched)."""
+    def _batches(self):
+        """The batches of one pass, each with a flag: is it the single, reusable batch?"""
         if self.data is not None:
-            with self._prepared():
-                if self.reuse_graph:
-                    if self._graph is None:
-                        self._graph = self._batch_graph(*self.data)
-                    return self._batch_product(self._graph, pieces, batched, retain=True)
-                return self._batch_product(self._batch_graph(*self.data), pieces, batched, retain=False)
-        acc = None
-        count = 0
+            yield self.data, True
+            return
         batches = self.dataloader
         if self.progress:
             from tqdm.auto import tqdm
@@ -252,12 +252,24 @@ class CurvatureOperator(LinearOperator):
         for b, batch in enumerate(batches):
             if self.num_batches is not None and b >= self.num_batches:
                 break
-            inputs, targets = self._to_device(_split_batch(batch))
+            yield self._to_device(_split_batch(batch)), False
+
+    def _products(self, pieces, batched: bool):
+        """Curvature times ``pieces`` (split like the parameters; with a leading ``k`` if batched)."""
+        acc, count = None, 0
+        for (inputs, targets), reusable in self._batches():
             n_b = int(inputs.shape[0])
-            if n_b == 0:
+            if n_b == 0:  # e.g. an empty shard on one rank: it still joins the all-reduce below
                 continue
             with self._prepared():
-                prod = self._batch_product(self._batch_graph(inputs, targets), pieces, batched, retain=False)
+                if reusable and self.reuse_graph:
+                    if self._graph is None:
+                        self._graph = self._batch_graph(inputs, targets)
+                    prod = self._batch_product(self._graph, pieces, batched, retain=True)
+                else:
+                    prod = self._batch_product(self._batch_graph(inputs, targets), pieces, batched, retain=False)
+            if reusable and not self.distributed:
+                return prod  # one batch: no weighting (and no rounding from it)
             # mean-reduced losses: the whole-data Hessian is the size-weighted mean of batch Hessians
             weight = float(n_b) if self.reduction == "mean" else 1.0
             if acc is None:
