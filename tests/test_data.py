@@ -216,6 +216,54 @@ def test_getData_cifar10_loaders(tmp_path, no_cifar_checksum):
     assert not torch.equal(a[0], c[0])
 
 
+def test_cifar100_uses_fine_labels_and_its_own_statistics(tmp_path, no_cifar_checksum):
+    rng = np.random.default_rng(2)
+    folder = os.path.join(tmp_path, "cifar-100-python")
+    os.makedirs(folder)
+    written = {}
+    for split, n in (("train", 5), ("test", 3)):
+        x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, size=n)]
+        with open(os.path.join(folder, split), "wb") as f:
+            pickle.dump({"data": x, "fine_labels": fine, "coarse_labels": [0] * n}, f)
+        written[split] = (x, fine)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+    _, plain, test = get_datasets("cifar100", data_dir=tmp_path)
+    info = dataset_info("cifar100")
+    for ds, (x, fine) in ((plain, written["train"]), (test, written["test"])):
+        xs, ys = stack(ds)
+        torch.testing.assert_close(xs, expected_normalised(x, info.mean, info.std, 3, 32))
+        assert ys.tolist() == fine
+
+
+def test_svhn_reads_train_and_test_mat_files(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    import torchvision.datasets.svhn as svhn
+
+    monkeypatch.setattr(svhn, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    rng = np.random.default_rng(3)
+    written = {}
+    for split, n in (("train", 6), ("test", 4)):
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)  # MATLAB layout [H, W, C, N]
+        y = rng.integers(1, 11, size=(n, 1)).astype(np.uint8)  # digit 0 is stored as label 10
+        y[0, 0] = 10
+        scipy_io.savemat(os.path.join(tmp_path, f"{split}_32x32.mat"), {"X": x, "y": y})
+        written[split] = (x, y)
+    train, plain, test = get_datasets("svhn", data_dir=tmp_path)
+    info = dataset_info("svhn")
+    for ds, (x, y) in ((plain, written["train"]), (test, written["test"])):
+        xs, ys = stack(ds)
+        raw = np.ascontiguousarray(x.transpose(3, 2, 0, 1)).reshape(x.shape[-1], -1)  # [N, C*H*W]
+        torch.testing.assert_close(xs, expected_normalised(raw, info.mean, info.std, 3, 32))
+        assert ys.tolist() == [int(v) % 10 for v in y[:, 0]]
+        assert ys[0] == 0
+    xa, _ = stack(train)
+    xp, _ = stack(plain)
+    for k in range(len(xa)):  # digits are cropped but never flipped
+        assert is_crop_of(unnormalise(xa[k], info), unnormalise(xp[k], info), flip=False)
+
+
 # --------------------------------------------------------------------------- MNIST through torchvision
 
 
@@ -435,6 +483,18 @@ def test_random_crop_flip_streams(monkeypatch):
     assert not torch.equal(w0, w1) and not torch.equal(w0, main_a)
     for c in main_a[:5]:
         assert is_crop_of(c, img, flip=True)
+
+
+def test_random_crop_flip_reaches_every_offset_and_both_orientations(monkeypatch):
+    # Unique, row-increasing pixel values: each (offset, flip) pair gives a different crop, and with a
+    # 4-pixel shift of a 10x10 image part of the image is always visible. 9 x 9 offsets x 2 flips = 162.
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    img = torch.arange(1, 101, dtype=torch.float32).view(1, 10, 10)
+    aug = utils.RandomCropFlip(10, padding=4, flip=True, seed=0)
+    seen = {tuple(aug(img).flatten().tolist()) for _ in range(3000)}
+    assert len(seen) == 162
+    aug = utils.RandomCropFlip(10, padding=4, flip=False, seed=0)
+    assert len({tuple(aug(img).flatten().tolist()) for _ in range(2000)}) == 81
 
 
 # --------------------------------------------------------------------------- batch helpers
