@@ -235,6 +235,14 @@ class RandomCropFlip:
         self.padding = padding
         self.flip = flip
         self.seed = seed
+        self.epoch = 0
+        self._gen = None
+        self._owner = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the generator from ``(seed, epoch)``: epoch ``e`` gets the same augmentations whether the
+        run went through epochs ``0..e-1`` or was resumed from a checkpoint just before ``e``."""
+        self.epoch = int(epoch)
         self._gen = None
         self._owner = None
 
@@ -242,7 +250,8 @@ class RandomCropFlip:
         info = torch.utils.data.get_worker_info()
         owner = None if info is None else (info.id, info.seed)
         if self._gen is None or owner != self._owner:
-            s = self.seed if info is None else (info.seed * 1_000_003 + self.seed) % (2**63)
+            base = self.seed * 1_000_003 + self.epoch
+            s = base if info is None else (info.seed * 1_000_003 + base) % (2**63)
             self._gen = make_generator(s)
             self._owner = owner
         return self._gen
@@ -269,6 +278,25 @@ class RandomCropFlip:
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(size={self.size}, padding={self.padding}, flip={self.flip}, seed={self.seed})"
+
+
+def set_augmentation_epoch(dataset, epoch: int) -> int:
+    """Call :meth:`RandomCropFlip.set_epoch` on every augmentation inside ``dataset`` (looking through
+    ``Subset`` and composed transforms); returns how many were found."""
+    found = 0
+    stack = [dataset]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, RandomCropFlip):
+            obj.set_epoch(epoch)
+            found += 1
+            continue
+        for attr in ("dataset", "transform", "fns", "transforms"):
+            child = getattr(obj, attr, None)
+            if child is None:
+                continue
+            stack.extend(child if isinstance(child, (list, tuple)) else [child])
+    return found
 
 
 class _Normalize:
