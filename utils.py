@@ -399,10 +399,10 @@ def make_synthetic(
     the classes overlap: the task is learnable but not trivial.
 
     Measured at the defaults (seed 0, no augmentation, SGD with learning rate 0.05, momentum 0.9, batch
-    64, two CPU cores): a two-layer CNN (16 and 32 channels, about 1 s an epoch) reaches 55% test
-    accuracy after one epoch and 65% after four; C1 (about 9 s an epoch) 54%, 63%, 72% after one, two,
-    three epochs (chance: 10%). Generation takes about 0.5 s. Pixels have mean ~0.51 and std ~0.246;
-    about 5% are clipped.
+    64, CPU): a two-layer CNN (16 and 32 channels, 1 to 3 s an epoch) reaches 54-55% test accuracy after
+    one epoch and 65-66% after four; C1 (9 to 30 s an epoch) about 55%, 64%, 70% after one, two, three
+    epochs (chance: 10%). Generation takes about 0.5 s on two idle cores. Pixels have mean ~0.51 and
+    std ~0.246; about 5% are clipped.
 
     The templates are not mirror-symmetric, so the training augmentation of this set crops but does not
     flip (a flipped sample would look like another class).
