@@ -1,0 +1,439 @@
+"""Power iteration and Lanczos against torch.linalg.eigvalsh on matrices with chosen spectra."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from hessianflow.eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
+
+try:
+    from spectra import CountingOperator, eig_order, spectrum, sym_matrix
+except ImportError:  # tests/ imported as a package
+    from tests.spectra import CountingOperator, eig_order, spectrum, sym_matrix
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Dense references (eigvalsh, QR) of a few hundred rows run 10-100x faster on one thread than on
+    # an oversubscribed 2-core machine. Restored after each test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_pairs(A, result):
+    """Orthonormal vectors and honest residuals."""
+    scale = float(A.abs().max())
+    Y, theta = result.eigenvectors, result.eigenvalues
+    k = theta.numel()
+    # honest residuals: the reported estimate is the true residual up to rounding
+    true_res = torch.linalg.vector_norm(A @ Y - Y * theta, dim=0)
+    assert torch.allclose(true_res, result.residuals, rtol=1e-3, atol=1e-12 * scale)
+    assert torch.allclose(Y.T @ Y, torch.eye(k, dtype=Y.dtype), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lanczos: accuracy
+# ------------------------------------------------------------------------------------------------
+CASES = [
+    ("geometric", "LA", 5),
+    ("outliers", "LA", 5),
+    ("outliers", "SA", 3),  # the bottom of a uniform bulk: gaps 1/300 of the scale
+    ("indefinite", "LA", 5),
+    ("indefinite", "SA", 3),
+    ("negative", "LA", 5),
+    ("negative", "SA", 3),
+    ("rank_deficient", "LA", 5),
+    ("rank_deficient", "SA", 3),
+]
+
+
+@pytest.mark.parametrize("name,which,k", CASES)
+@pytest.mark.parametrize("n", [40, 300])
+def test_lanczos_top5_and_bottom3_match_eigvalsh(name, which, k, n):
+    lam = spectrum(name, n)
+    A = sym_matrix(lam, seed=n)
+    scale = float(lam.abs().max())
+    res = lanczos(A, k=k, which=which, seed=0, max_iter=400)
+    ref = eig_order(lam, which)[:k]
+    assert res.all_converged, res.converged
+    # 1e-8 relative with tol=1e-6: the eigenvalue error is ~ residual^2 / gap, far below the residual
+    # (a cluster with gaps below the residual, e.g. the bottom of a 0.8^i spectrum, would not get
+    # this: there only |error| <= residual holds; see test_lanczos_clustered_end_error_within_residual)
+    assert torch.allclose(res.eigenvalues, ref, rtol=0, atol=1e-8 * scale), (res.eigenvalues, ref)
+    assert_pairs(A, res)
+    assert bool((res.residuals <= 1e-6 * scale).all())
+
+
+def test_lanczos_clustered_end_error_within_residual():
+    # 10 * 0.8^i for n = 300: ~200 eigenvalues in [0, 1e-5] at the bottom, no gap to exploit. What
+    # is left: each value lies within its residual of *an* eigenvalue (Weyl), Ritz values interlace
+    # (theta_i >= lambda_i for SA), and the values are within about tol * max|lambda| of the bottom.
+    lam = spectrum("geometric", 300)
+    A = sym_matrix(lam, seed=1)
+    res = lanczos(A, k=3, which="SA", seed=0, max_iter=400)
+    assert res.all_converged
+    assert bool((res.residuals <= 1e-6 * 10).all())
+    dist = (res.eigenvalues[:, None] - lam[None, :]).abs().min(dim=1).values
+    assert bool((dist <= res.residuals + 1e-14).all())
+    ref = eig_order(lam, "SA")[:3]
+    assert bool((res.eigenvalues >= ref - 1e-14).all())
+    assert bool((res.eigenvalues - ref <= 2e-6 * 10).all())
+
+
+def test_lanczos_largest_magnitude_on_indefinite():
+    lam = spectrum("indefinite", 120)
+    A = sym_matrix(lam, seed=3)
+    res = lanczos(A, k=4, which="LM", seed=1)
+    assert res.eigenvalues.tolist() == pytest.approx([25.0, -20.0, 15.0, -12.0], abs=1e-8)
+    assert res.all_converged
+    assert_pairs(A, res)
+
+
+def test_lanczos_residual_rule_gives_eigenvalues_far_below_tol():
+    # tol=1e-3 on the residual still gives eigenvalues to ~ residual^2/gap ~ 1e-6 * scale^2 / gap
+    lam = spectrum("outliers", 200)
+    A = sym_matrix(lam, seed=1)
+    res = lanczos(A, k=1, tol=1e-3, seed=0)
+    assert res.converged.item()
+    assert res.residuals.item() <= 1e-3 * 20.0
+    gap = 20.0 - 16.0
+    assert abs(res.eigenvalues.item() - 20.0) <= res.residuals.item() ** 2 / gap * 1.01
+
+
+def test_lanczos_eigenvectors_match_dense_ones():
+    lam = spectrum("outliers", 80)
+    Q = torch.linalg.eigh(sym_matrix(lam, seed=4)).eigenvectors
+    A = sym_matrix(lam, seed=4)
+    res = lanczos(A, k=3, seed=2)
+    ref = torch.linalg.eigh(A).eigenvectors[:, -3:].flip(1)  # top 3, descending
+    # |cos| of the angle to the exact eigenvector: sin(angle) <= residual / gap (Davis-Kahan)
+    cos = (ref * res.eigenvectors).sum(dim=0).abs()
+    assert bool((cos > 1 - 1e-10).all()), cos
+    assert Q.shape == (80, 80)
+
+
+def test_lanczos_thick_restart_small_basis():
+    # max_basis=12 forces many thick restarts for top-5 of a spectrum with small relative gaps
+    lam = spectrum("outliers", 200)
+    A = sym_matrix(lam, seed=5)
+    op = CountingOperator(A)
+    res = lanczos(op, k=5, max_basis=12, max_iter=600, seed=0)
+    assert res.all_converged
+    assert torch.allclose(res.eigenvalues, eig_order(lam, "LA")[:5], atol=1e-8 * 20)
+    assert_pairs(A, res)
+    assert res.num_matvecs == op.products
+    assert res.num_matvecs > 12  # the basis was restarted
+
+
+def test_lanczos_smallest_possible_basis():
+    lam = spectrum("geometric", 30)
+    A = sym_matrix(lam, seed=6)
+    res = lanczos(A, k=2, max_basis=3, max_iter=2000, seed=0)
+    assert res.all_converged
+    assert torch.allclose(res.eigenvalues, lam[:2], atol=1e-8 * 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lanczos: breakdown, small n, degenerate spectra
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_lanczos_all_eigenpairs_of_tiny_matrices(n):
+    lam = torch.linspace(-2.0, 3.0, n, dtype=torch.float64) if n > 1 else torch.tensor([4.0], dtype=torch.float64)
+    A = sym_matrix(lam, seed=n)
+    for which in ("LA", "SA", "LM"):
+        res = lanczos(A, k=n, which=which, seed=0)
+        assert res.all_converged
+        assert torch.allclose(res.eigenvalues, eig_order(lam, which), atol=1e-12)
+        assert res.num_matvecs <= 3 * n + 2  # exact once the basis spans the space
+
+
+def test_lanczos_identity_and_zero_matrix():
+    eye = torch.eye(6, dtype=torch.float64)
+    res = lanczos(eye, k=4, seed=0)
+    assert res.all_converged
+    assert res.eigenvalues.tolist() == pytest.approx([1.0] * 4, abs=1e-14)
+    assert torch.allclose(res.eigenvectors.T @ res.eigenvectors, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    zero = torch.zeros(5, 5, dtype=torch.float64)
+    res = lanczos(zero, k=2, seed=0)
+    assert res.all_converged and res.eigenvalues.tolist() == [0.0, 0.0]
+
+
+def test_lanczos_breakdown_in_small_invariant_subspace():
+    # diag(5, 5, 5, 1, ..., 1): a random start spans a 2-dimensional Krylov space, breakdown at
+    # step 2 with exact but incomplete Ritz values {5, 1}. Top-4 is {5, 5, 5, 1}.
+    A = torch.diag(torch.tensor([5.0, 5.0, 5.0] + [1.0] * 50, dtype=torch.float64))
+    for k, expected in [(1, [5.0]), (2, [5.0, 5.0]), (3, [5.0] * 3), (4, [5.0] * 3 + [1.0])]:
+        res = lanczos(A, k=k, seed=1)
+        assert res.all_converged
+        assert res.eigenvalues.tolist() == pytest.approx(expected, abs=1e-12)
+        assert_pairs(A, res)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lanczos_degenerate_spectrum_right_values_or_not_converged(seed):
+    # A triple eigenvalue at the top: single-vector Lanczos sees one copy; the multiplicity check
+    # must find the others, or the result must say converged=False. Never the next value in place
+    # of a copy with converged=True.
+    lam = torch.cat([torch.tensor([5.0, 5.0, 5.0, 4.0], dtype=torch.float64), torch.linspace(0, 3, 96)])
+    A = sym_matrix(lam, seed=10 + seed)
+    ref = eig_order(lam, "LA")
+    for k in (2, 3, 4, 5):
+        for budget in (40, 300):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                res = lanczos(A, k=k, seed=seed, max_iter=budget)
+            ok = (res.eigenvalues - ref[:k]).abs() <= 1e-8 * 5
+            assert bool((ok | ~res.converged).all()), (k, budget, res.eigenvalues, res.converged)
+            if budget == 300:
+                assert res.all_converged and bool(ok.all()), (k, res.eigenvalues)
+
+
+def test_lanczos_double_eigenvalue_at_the_bottom():
+    lam = torch.cat([torch.tensor([-3.0, -3.0], dtype=torch.float64), torch.linspace(-1, 4, 58)])
+    A = sym_matrix(lam, seed=2)
+    res = lanczos(A, k=3, which="SA", seed=0)
+    assert res.all_converged
+    assert res.eigenvalues.tolist() == pytest.approx([-3.0, -3.0, -1.0], abs=1e-8)
+
+
+def test_lanczos_tiny_gap_cluster():
+    # 5 and 5 + 1e-10: closer than the residual tolerance can resolve. Either both copies are
+    # found (values within tol) or converged=False.
+    lam = torch.cat([torch.tensor([5.0 + 1e-10, 5.0, 4.5], dtype=torch.float64), torch.linspace(0, 4, 77)])
+    A = sym_matrix(lam, seed=8)
+    res = lanczos(A, k=3, seed=0)
+    assert res.all_converged
+    assert res.eigenvalues.tolist() == pytest.approx([5.0 + 1e-10, 5.0, 4.5], abs=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lanczos: budgets, warnings, seeds, inputs, operators
+# ------------------------------------------------------------------------------------------------
+def test_lanczos_not_converged_warns_and_flags():
+    lam = spectrum("outliers", 200)
+    A = sym_matrix(lam, seed=0)
+    with pytest.warns(ConvergenceWarning, match="not all"):
+        res = lanczos(A, k=3, max_iter=5, seed=0)
+    assert not res.converged.any()
+    assert res.num_matvecs == 5
+    assert bool((res.residuals > 1e-6 * 20).all())
+    # the returned values are still the best Ritz values: below the true ones (interlacing)
+    assert bool((res.eigenvalues <= eig_order(lam, "LA")[:3] + 1e-12).all())
+
+
+def test_lanczos_multiplicity_check_cut_short_is_not_converged():
+    # Enough budget for the k pairs, not for the multiplicity check: pairs after the first are
+    # not reported converged.
+    lam = spectrum("outliers", 200)
+    A = sym_matrix(lam, seed=0)
+    full = lanczos(A, k=3, seed=0)
+    first = full.num_matvecs - 1  # the check uses at least one product
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for budget in range(first - 6, first + 1):
+            res = lanczos(A, k=3, seed=0, max_iter=budget)
+            assert not res.converged[1:].any()
+
+
+def test_lanczos_seed_reproduces():
+    A = sym_matrix(spectrum("outliers", 100), seed=0)
+    a = lanczos(A, k=3, seed=123, tol=1e-3)
+    b = lanczos(A, k=3, seed=123, tol=1e-3)
+    c = lanczos(A, k=3, seed=124, tol=1e-3)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
+    assert a.num_matvecs == b.num_matvecs
+    assert not torch.equal(a.eigenvalues, c.eigenvalues)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(lanczos(A, seed=g1).eigenvalues, lanczos(A, seed=g2).eigenvalues)
+
+
+def test_lanczos_counts_products_of_an_operator():
+    lam = spectrum("indefinite", 150)
+    op = CountingOperator(sym_matrix(lam, seed=1))
+    res = lanczos(op, k=4, which="LM", seed=0)
+    assert res.num_matvecs == op.products == op.num_matvecs
+    assert res.iterations == res.num_matvecs
+    assert res.eigenvalues.tolist() == pytest.approx([25.0, -20.0, 15.0, -12.0], abs=1e-8)
+    res2 = lanczos(op, k=1, seed=0)  # the count is per call
+    assert res2.num_matvecs == op.products - res.num_matvecs
+
+
+def test_lanczos_float32_operator():
+    lam = spectrum("outliers", 150)
+    A = sym_matrix(lam, seed=2).float()
+    res = lanczos(A, k=3, tol=1e-4, seed=0)
+    assert res.all_converged
+    assert res.eigenvectors.dtype == torch.float32
+    assert res.eigenvalues.tolist() == pytest.approx([20.0, 16.0, 12.0], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"k": 0},
+        {"k": -1},
+        {"k": 11},
+        {"k": 1.5},
+        {"which": "LR"},
+        {"which": "la"},
+        {"tol": 0.0},
+        {"tol": -1e-6},
+        {"tol": float("nan")},
+        {"max_iter": 0},
+        {"k": 3, "max_iter": 2},
+        {"k": 3, "max_basis": 3},
+    ],
+)
+def test_lanczos_bad_arguments(kwargs):
+    A = sym_matrix(torch.arange(10.0), seed=0)
+    with pytest.raises(ValueError):
+        lanczos(A, **kwargs)
+
+
+def test_bad_operators():
+    with pytest.raises(ValueError, match="symmetric"):
+        lanczos(torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError):
+        lanczos(torch.ones(3, 4))
+    with pytest.raises(TypeError):
+        lanczos([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError):
+        power_iteration(torch.eye(3), k=4)
+
+
+def test_eigen_result_to_dict_is_json_ready():
+    A = sym_matrix(spectrum("outliers", 40), seed=0)
+    res = lanczos(A, k=2, seed=0)
+    d = res.to_dict()
+    assert "eigenvectors" not in d
+    again = json.loads(json.dumps(d))
+    assert again["eigenvalues"] == pytest.approx(res.eigenvalues.tolist())
+    assert again["converged"] == [True, True] and again["method"] == "lanczos"
+    assert again["num_matvecs"] == res.num_matvecs
+    full = json.loads(json.dumps(res.to_dict(include_vectors=True)))
+    assert torch.allclose(torch.tensor(full["eigenvectors"], dtype=torch.float64).T, res.eigenvectors)
+    assert isinstance(res, EigenResult)
+
+
+def test_lanczos_progress_bar_does_not_change_the_result(capsys):
+    A = sym_matrix(spectrum("outliers", 60), seed=0)
+    a = lanczos(A, k=2, seed=3, progress=True)
+    b = lanczos(A, k=2, seed=3)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+
+
+def test_lanczos_on_small_mlp_hessian():
+    # The lead's benchmark setting: a float64 MLP Hessian (227 parameters) at initialisation, built
+    # densely by double backward (the matrix is only the test input here).
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (128,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(X), y), params, create_graph=True)
+    flat_grad = torch.cat([gr.reshape(-1) for gr in grads])
+    rows = [
+        torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat_grad, params, e, retain_graph=True)])
+        for e in torch.eye(flat_grad.numel(), dtype=torch.float64)
+    ]
+    H = torch.stack(rows).detach()
+    H = 0.5 * (H + H.T)
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    top1 = lanczos(H, k=1, seed=0)
+    top5 = lanczos(H, k=5, seed=0)
+    assert top1.all_converged and top5.all_converged
+    assert abs(top1.eigenvalues.item() - lam[0].item()) <= 1e-10 * lam[0].item()
+    assert torch.allclose(top5.eigenvalues, lam[:5], rtol=1e-10, atol=0)
+    # Measured here: 18 and 58 products (residual rule at tol=1e-6; for k=5 about 15 of them are the
+    # multiplicity check). The eigenvalue itself is accurate to 1e-6 after about 10.
+    assert top1.num_matvecs <= 20
+    assert top5.num_matvecs <= 60
+
+
+# ------------------------------------------------------------------------------------------------
+# power iteration
+# ------------------------------------------------------------------------------------------------
+def test_power_iteration_finds_the_dominant_eigenvalue():
+    lam = spectrum("geometric", 100)  # ratio 0.8
+    A = sym_matrix(lam, seed=0)
+    res = power_iteration(A, k=1, seed=0)  # PyHessian's defaults: tol=1e-3, max_iter=100
+    assert res.converged.item()
+    # error at the stop is about tol * r^2 / (1 - r^2) = 1.8e-3 relative (see the docstring)
+    assert abs(res.eigenvalues.item() - 10.0) <= 4e-3 * 10.0
+    tight = power_iteration(A, k=1, tol=1e-12, max_iter=1000, seed=0)
+    assert abs(tight.eigenvalues.item() - 10.0) <= 1e-10
+    assert_pairs(A, tight)
+
+
+def test_power_iteration_top_k_with_deflation_and_negative_dominant():
+    lam = torch.cat([torch.tensor([-9.0, 6.0, -3.0], dtype=torch.float64), torch.linspace(-1, 1, 47)])
+    A = sym_matrix(lam, seed=3)
+    op = CountingOperator(A)
+    res = power_iteration(op, k=3, tol=1e-12, max_iter=500, seed=0)
+    assert res.all_converged
+    assert res.eigenvalues.tolist() == pytest.approx([-9.0, 6.0, -3.0], abs=1e-8)
+    assert res.num_matvecs == op.products == res.iterations
+    assert torch.allclose(res.eigenvectors.T @ res.eigenvectors, torch.eye(3, dtype=torch.float64), atol=1e-8)
+
+
+def test_power_iteration_finds_repeated_eigenvalues():
+    lam = torch.cat([torch.tensor([7.0, 7.0, 3.0], dtype=torch.float64), torch.linspace(0, 1, 37)])
+    A = sym_matrix(lam, seed=1)
+    res = power_iteration(A, k=3, tol=1e-12, max_iter=500, seed=0)
+    assert res.eigenvalues.tolist() == pytest.approx([7.0, 7.0, 3.0], abs=1e-8)
+
+
+def test_power_iteration_not_converged_warns():
+    lam = spectrum("geometric", 100)
+    A = sym_matrix(lam, seed=0)
+    with pytest.warns(ConvergenceWarning):
+        res = power_iteration(A, k=2, max_iter=3, tol=1e-10, seed=0)
+    assert not res.converged.any()
+    assert res.num_matvecs == 6
+
+
+def test_power_iteration_opposite_sign_pair_is_not_reported_converged():
+    # lambda and -lambda dominate: the Rayleigh quotient does not move while the vector oscillates,
+    # so the relative-change rule fires at once on a value between the two. The residual check
+    # must refuse it.
+    lam = torch.cat([torch.tensor([5.0, -5.0], dtype=torch.float64), torch.linspace(-0.5, 0.5, 38)])
+    A = sym_matrix(lam, seed=2)
+    with pytest.warns(ConvergenceWarning, match="residual"):
+        res = power_iteration(A, k=1, seed=0)
+    assert not res.converged.item()
+    assert abs(abs(res.eigenvalues.item()) - 5.0) > 1e-2  # indeed wrong
+    assert res.residuals.item() > 0.1
+
+
+def test_power_iteration_seed_and_bad_arguments():
+    A = sym_matrix(spectrum("geometric", 30), seed=0)
+    assert torch.equal(power_iteration(A, seed=4).eigenvectors, power_iteration(A, seed=4).eigenvectors)
+    for kwargs in ({"k": 0}, {"max_iter": 0}, {"tol": 0}, {"k": 31}):
+        with pytest.raises(ValueError):
+            power_iteration(A, **kwargs)
+
+
+def test_power_iteration_null_space_is_exact():
+    # after deflating the nonzero pair, A v = 0 exactly for the remaining direction
+    A = torch.diag(torch.tensor([3.0, 0.0], dtype=torch.float64))
+    res = power_iteration(A, k=2, seed=0)
+    assert res.all_converged
+    assert res.eigenvalues.tolist() == pytest.approx([3.0, 0.0], abs=1e-12)
+
+
+def test_lanczos_beats_power_iteration():
+    lam = spectrum("geometric", 200)
+    A = sym_matrix(lam, seed=0)
+    pi = power_iteration(A, k=1, tol=1e-10, max_iter=1000, seed=0)
+    lz = lanczos(A, k=1, tol=1e-6, seed=0)
+    assert abs(lz.eigenvalues.item() - 10) < 1e-10 and abs(pi.eigenvalues.item() - 10) < 1e-8
+    assert lz.num_matvecs * 3 < pi.num_matvecs
+    assert math.isfinite(lz.residuals.item())
