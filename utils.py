@@ -28,12 +28,14 @@ Differences from HessianFlow's ``utils.getData`` (all deliberate):
 * SVHN trains on ``split="train"`` (HessianFlow used ``"extra"``).
 * Nothing is downloaded unless ``download=True``; a missing data set raises :class:`DataNotFoundError`.
 * Augmentation draws from its own seeded generator (:class:`RandomCropFlip`), so a seed reproduces the
-  augmented batches too, with any number of loader workers.
+  augmented batches too, with any number of loader workers; :func:`set_augmentation_epoch` ties the
+  crops and flips to ``(seed, epoch)`` so that a resumed run repeats them.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -56,6 +58,7 @@ __all__ = [
     "getData",
     "get_datasets",
     "make_synthetic",
+    "set_augmentation_epoch",
     "subset_loader",
 ]
 
@@ -213,15 +216,33 @@ def data_range(name: str, dtype: torch.dtype = torch.float32, **synthetic_kwargs
     return ((0.0 - mean) / std).to(dtype), ((1.0 - mean) / std).to(dtype)
 
 
+def _mix_seed(*parts) -> int:
+    # A process-independent 63-bit seed from several integers (Python's hash() is salted per process).
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _current_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class RandomCropFlip:
     """Random crop after zero padding, and an optional random horizontal flip, of a ``[C, H, W]`` tensor.
 
     The same augmentation as torchvision's ``RandomCrop(size, padding=4)`` followed by
     ``RandomHorizontalFlip()`` (the standard CIFAR augmentation of He et al., 2016), applied to pixels in
     [0, 1] before normalisation (so padding is black, as with torchvision's PIL padding), but drawing
-    from its own generator: with ``num_workers=0`` it is seeded by ``seed``; in a loader worker it is
-    reseeded from the worker's seed (which the loader derives from its own seeded generator) combined
-    with ``seed``, so workers do not repeat each other's augmentations and a run is reproducible.
+    from its own generator, so that a seed reproduces the augmented batches:
+
+    * Before :meth:`set_epoch` is called, the main process (``num_workers=0``) draws one stream seeded by
+      ``seed`` across all epochs; a loader worker reseeds from its worker seed (which the loader derives
+      from its own seeded generator) combined with ``seed``, so workers do not repeat each other.
+    * After ``set_epoch(epoch)`` (see :func:`set_augmentation_epoch`), the stream is a function of
+      ``(seed, epoch, rank, worker id)`` only, so a run resumed at ``epoch`` repeats the crops and flips
+      of the uninterrupted run (for the same sampler order, ``num_workers`` and world size), and
+      distributed ranks draw different streams. Workers must not be persistent (the default), since the
+      epoch reaches them when they are started.
 
     Args:
         size: output height and width.
@@ -235,14 +256,18 @@ class RandomCropFlip:
         self.padding = padding
         self.flip = flip
         self.seed = seed
-        self.epoch = 0
+        self.epoch = None
+        self.rank = 0
         self._gen = None
         self._owner = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the generator from ``(seed, epoch)``: epoch ``e`` gets the same augmentations whether the
-        run went through epochs ``0..e-1`` or was resumed from a checkpoint just before ``e``."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, rank: Optional[int] = None) -> None:
+        """Make the stream a function of ``(seed, epoch, rank, worker id)``; ``rank`` defaults to the
+        ``torch.distributed`` rank (0 when not distributed)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+        self.rank = _current_rank() if rank is None else int(rank)
         self._gen = None
         self._owner = None
 
@@ -250,8 +275,12 @@ class RandomCropFlip:
         info = torch.utils.data.get_worker_info()
         owner = None if info is None else (info.id, info.seed)
         if self._gen is None or owner != self._owner:
-            base = self.seed * 1_000_003 + self.epoch
-            s = base if info is None else (info.seed * 1_000_003 + base) % (2**63)
+            if self.epoch is not None:
+                s = _mix_seed(self.seed, self.epoch, self.rank, -1 if info is None else info.id)
+            elif info is None:
+                s = self.seed
+            else:
+                s = _mix_seed(self.seed, "worker", info.seed)
             self._gen = make_generator(s)
             self._owner = owner
         return self._gen
@@ -280,23 +309,35 @@ class RandomCropFlip:
         return f"RandomCropFlip(size={self.size}, padding={self.padding}, flip={self.flip}, seed={self.seed})"
 
 
-def set_augmentation_epoch(dataset, epoch: int) -> int:
-    """Call :meth:`RandomCropFlip.set_epoch` on every augmentation inside ``dataset`` (looking through
-    ``Subset`` and composed transforms); returns how many were found."""
-    found = 0
-    stack = [dataset]
+def _augmentations(dataset) -> list:
+    # The RandomCropFlip transforms of a data set, looking through Subset wrappers and Compose lists.
+    found = []
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    stack = [getattr(dataset, "transform", None)]
     while stack:
-        obj = stack.pop()
-        if isinstance(obj, RandomCropFlip):
-            obj.set_epoch(epoch)
-            found += 1
-            continue
-        for attr in ("dataset", "transform", "fns", "transforms"):
-            child = getattr(obj, attr, None)
-            if child is None:
-                continue
-            stack.extend(child if isinstance(child, (list, tuple)) else [child])
+        t = stack.pop()
+        if isinstance(t, RandomCropFlip):
+            found.append(t)
+        elif t is not None:
+            stack.extend(getattr(t, "transforms", []) or [])
     return found
+
+
+def set_augmentation_epoch(dataset, epoch: int, rank: Optional[int] = None) -> int:
+    """Tie a training set's crops and flips to ``(seed, epoch, rank, worker)``: see :class:`RandomCropFlip`.
+
+    Call it at the start of every epoch, before iterating the loader (as with
+    ``DistributedSampler.set_epoch``); a resumed run then repeats the augmentations of the uninterrupted
+    one. A set without augmentation (``train_set_plain``, ``augment=False``) is left alone.
+
+    Returns:
+        The number of augmentation transforms updated (0 for an un-augmented set).
+    """
+    augs = _augmentations(dataset)
+    for aug in augs:
+        aug.set_epoch(epoch, rank)
+    return len(augs)
 
 
 class _Normalize:
@@ -309,11 +350,11 @@ class _Normalize:
 
 
 class _Compose:
-    def __init__(self, *fns):
-        self.fns = fns
+    def __init__(self, *transforms):
+        self.transforms = list(transforms)  # the attribute name of torchvision's Compose
 
     def __call__(self, x):
-        for fn in self.fns:
+        for fn in self.transforms:
             x = fn(x)
         return x
 

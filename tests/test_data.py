@@ -186,6 +186,11 @@ def test_cifar10_loads_and_normalises_the_bytes_written(tmp_path, no_cifar_check
     assert not torch.allclose(xa, xp)
     for k in range(2, 8):
         assert is_crop_of(unnormalise(xa[k], info), unnormalise(xp[k], info), flip=True)
+    # the epoch seeding reaches the augmentation inside torchvision's Compose
+    assert utils.set_augmentation_epoch(train, 0) == 1 and utils.set_augmentation_epoch(plain, 0) == 0
+    epoch0 = stack(train)[0]
+    utils.set_augmentation_epoch(train, 0)
+    assert torch.equal(stack(train)[0], epoch0)
 
 
 def test_cifar10_without_augmentation_is_the_plain_set(tmp_path, no_cifar_checksum):
@@ -500,6 +505,38 @@ def test_random_crop_flip_reaches_every_offset_and_both_orientations(monkeypatch
     assert len(seen) == 162
     aug = utils.RandomCropFlip(10, padding=4, flip=False, seed=0)
     assert len({tuple(aug(img).flatten().tolist()) for _ in range(2000)}) == 81
+
+
+def test_set_augmentation_epoch_makes_augmentation_resumable():
+    kw = {"num_train": 24, "num_test": 8, "image_size": 12}
+
+    def run(epochs, start=0, num_workers=0, rank=None):
+        train, plain, _ = get_datasets("synthetic", seed=0, **kw)
+        assert utils.set_augmentation_epoch(plain, start) == 0  # the plain set has nothing to seed
+        loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=False, num_workers=num_workers)
+        out = {}
+        for epoch in range(start, epochs):
+            assert utils.set_augmentation_epoch(train, epoch, rank=rank) == 1
+            out[epoch] = torch.cat([x for x, _ in loader])
+        return out
+
+    full = run(3)
+    resumed = run(3, start=2)
+    assert torch.equal(full[2], resumed[2])  # a resumed run repeats the crops of the uninterrupted one
+    assert not torch.equal(full[0], full[1]) and not torch.equal(full[1], full[2])
+    assert not torch.equal(run(1, rank=1)[0], full[0])  # ranks draw different streams
+    workers = run(2, num_workers=2)
+    assert torch.equal(run(2, start=1, num_workers=2)[1], workers[1])
+    assert not torch.equal(workers[0], workers[1])
+    # the two workers (batches 0, 2, 4 and 1, 3, 5) do not share a stream: the same images augmented
+    # by worker 0 and worker 1 come out differently
+    train, _, _ = get_datasets("synthetic", seed=0, **kw)
+    same = torch.utils.data.Subset(train, [0, 1, 2, 3] * 2)
+    utils.set_augmentation_epoch(same, 0)
+    two = torch.cat([x for x, _ in torch.utils.data.DataLoader(same, batch_size=4, num_workers=2)])
+    assert not torch.equal(two[:4], two[4:])
+    with pytest.raises(ValueError, match="epoch"):
+        utils.set_augmentation_epoch(train, -1)
 
 
 # --------------------------------------------------------------------------- batch helpers
