@@ -29,7 +29,7 @@ def resnet_num_blocks(depth) -> int:
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(
-            f"ResNet depth must be of the form 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
+            f"ResNet depth must be of the form 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
         )
     return (depth - 2) // 6
 

@@ -148,9 +148,9 @@ def test_resnet_block_computes_residual():
 
 @pytest.mark.parametrize("depth", [21, 7, 2, 0, -4, 20.0, "20", True])
 def test_bad_resnet_depth_is_a_clear_error(depth):
-    with pytest.raises(ValueError, match=r"6n \+ 2"):
+    with pytest.raises(ValueError, match=r"6n\+2"):
         get_model("ResNet", depth=depth)
-    with pytest.raises(ValueError, match=r"6n \+ 2"):
+    with pytest.raises(ValueError, match=r"6n\+2"):
         resnet_num_blocks(depth)
 
 
