@@ -239,15 +239,15 @@ class _Krylov:
 
     # -- the process ---------------------------------------------------------------------------
     def inject(self, z: torch.Tensor | None = None) -> bool:
-        """Add a (random, unless ``z`` is given) start vector as a new pending vector.
+        """Add a start vector as a new pending vector: ``z`` if given, else a random one.
 
-        Returns False when span(L, B, P) is already the whole space (then the Ritz values of ``G`` are
-        exact for the compression) or no direction outside it could be found.
+        Returns False when nothing outside span(L, B, P) could be added: ``z`` lies in it, or that
+        span is already the whole space (then the Ritz values of ``G`` are exact for the compression).
         """
         n = self.op.size
         if self.dim >= n:
             return False
-        for _ in range(3):
+        for _ in range(1 if z is not None else 3):
             if z is None:
                 z = randn((n,), self.generator, dtype=self.op.dtype, device=self.op.device)
             z0 = float(torch.linalg.vector_norm(z))
@@ -313,28 +313,6 @@ class _Krylov:
 
     def vectors(self, S: torch.Tensor) -> torch.Tensor:
         return self.B @ S.to(dtype=self.B.dtype, device=self.B.device)
-
-
-def _merge(main: _Krylov, ver: _Krylov) -> _Krylov:
-    """Join a process ``ver`` locked against ``[main.B, main.P]`` into one unlocked process.
-
-    ``ver.K`` holds ``[main.B, main.P]ᵀ A ver.B``: its first rows are the cross block of ``G``, the
-    others the couplings of ``ver``'s products to ``main``'s pending vectors. ``main``'s products have
-    no component along ``ver``'s pending vectors (those are orthogonal to everything ``main`` touched).
-    """
-    jm, rm, jv, rv = main.j, main.num_pending, ver.j, ver.num_pending
-    out = _Krylov(main.op, main.generator)
-    out._set_B(torch.cat([main.B, ver.B], dim=1))
-    X = ver.K[:jm, :]
-    out.G = torch.cat([torch.cat([main.G, X], dim=1), torch.cat([X.T, ver.G], dim=1)], dim=0)
-    out.G = 0.5 * (out.G + out.G.T)
-    top = torch.cat([main.C, torch.zeros(jm, rv, dtype=torch.float64)], dim=1)
-    bottom = torch.cat([ver.K[jm : jm + rm, :].T, ver.C], dim=1)
-    out.C = torch.cat([top, bottom], dim=0)
-    out.P = torch.cat([main.P, ver.P], dim=1)
-    out.K = torch.zeros(0, jm + jv, dtype=torch.float64)
-    out.anorm = max(main.anorm, ver.anorm)
-    return out
 
 
 def _lanczos_quadrature(op: LinearOperator, v0: torch.Tensor, num_steps: int):
@@ -425,6 +403,7 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
             v = v / torch.linalg.vector_norm(v)
             lam_prev, done = None, False
             for _ in range(max_iter):
+                vec = v  # the vector whose Rayleigh quotient and residual are computed below
                 w = op.matvec(v)
                 iterations += 1
                 bar.update(1)
@@ -443,7 +422,7 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
                 v = w / wn
                 lam_prev = lam
             scale = max(scale, abs(lam))
-            U = torch.cat([U, v[:, None]], dim=1)
+            U = torch.cat([U, vec[:, None]], dim=1)
             values.append(lam)
             residuals.append(res)
             stopped.append(done)
@@ -584,11 +563,22 @@ def lanczos(
                 if checked:
                     break
                 proc.restart(wanted, theta, S)
-                outcome, ver, scale = _check_multiplicity(
+                outcome, missed, scale = _check_multiplicity(
                     proc, k, which, tol, scale, max_iter, used, max_basis, bar
                 )
                 if outcome == "missing":
-                    proc = _merge(proc, ver)
+                    # Continue from the missed eigenvector, after the old continuation vector (a block
+                    # of two pending vectors), and step until both have entered the basis before the
+                    # convergence test may pass again. Both matter: after an unnoticed breakdown the
+                    # old continuation vector is rounding noise that can hold most of the missed
+                    # eigenvector, and the part of ver's vector outside it can be small.
+                    if not proc.inject(missed) and proc.num_pending == 0:
+                        proc.inject()
+                    for _ in range(proc.num_pending):
+                        if used() >= max_iter:
+                            break
+                        proc.step()
+                        bar.update(1)
                     continue
                 checked = outcome == "ok"
                 check_incomplete = outcome == "budget"
@@ -640,19 +630,25 @@ def lanczos(
 
 
 def _check_multiplicity(proc, k, which, tol, scale, max_iter, used, max_basis, bar):
-    """Look for a missed eigenvalue on the complement of ``proc`` (see :func:`lanczos`).
+    """Look for a missed eigenvalue on the complement of the ``k`` converged vectors.
 
-    ``proc`` holds exactly the ``k`` wanted, converged Ritz vectors (``G`` diagonal). Returns
-    ``(outcome, ver, scale)`` with outcome ``"ok"``, ``"missing"`` (then ``ver`` is to be merged) or
-    ``"budget"``, and the running ``max |θ|`` updated with the values ``ver`` saw.
+    ``proc`` holds exactly the ``k`` wanted, converged Ritz vectors ``Y`` (``G`` diagonal). A second
+    process, locked against ``Y`` only, runs Lanczos on the compression of ``A`` to the orthogonal
+    complement of ``Y`` from a fresh random vector until its most wanted Ritz pair has converged
+    (same ``tol``). A missed copy of a wanted eigenvalue is an eigenvector orthogonal to ``Y``, hence
+    an eigenvector of the compression with the same eigenvalue. (``proc``'s pending vector is not
+    locked: after an unnoticed breakdown it is rounding noise and may overlap the missed vector.)
+
+    Returns ``(outcome, vector, scale)``: ``"ok"``; ``"missing"`` with the Ritz vector to continue
+    from; or ``"budget"``; and the running ``max |θ|`` updated with the values seen.
     """
     theta_k = float(proc.G.diagonal()[_order(proc.G.diagonal(), which)[k - 1]])
     # The check's pair is converged to the same tol as the answer. A looser test (sqrt(tol)) would save
     # a few products but accepts a start vector with a small component along the missed copy: it
     # converged at once on the next eigenvalue in a test (diag(5, 5, 5, 1, ...), k = 3).
-    ver = _Krylov(proc.op, proc.generator, locked=torch.cat([proc.B, proc.P], dim=1))
+    ver = _Krylov(proc.op, proc.generator, locked=proc.B.clone())
     if not ver.inject():
-        return "ok", ver, scale  # nothing outside the basis: no copy can be missing
+        return "ok", None, scale  # Y spans the space: nothing can be missing
     cap = max(2, max_basis - proc.j - proc.num_pending)
     while True:
         if used() >= max_iter:
@@ -666,6 +662,7 @@ def _check_multiplicity(proc, k, which, tol, scale, max_iter, used, max_basis, b
         best = int(_order(theta, which)[0])
         mu = float(theta[best])
         scale = max(scale, float(theta.abs().max()))
-        slack = tol * scale
         if res[best] <= tol * scale or (ver.num_pending == 0 and not ver.inject()):
-            return ("missing" if _beyond(mu, theta_k, which, slack) else "ok"), ver, scale
+            if _beyond(mu, theta_k, which, tol * scale):
+                return "missing", ver.vectors(S[:, best : best + 1])[:, 0], scale
+            return "ok", None, scale
