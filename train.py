@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -31,15 +32,17 @@ import _cli
 from hessianflow.absa import ABSAController, evaluate, set_lr, train_epoch
 from hessianflow.adversarial import pixel_eps
 from hessianflow.checkpoint import (
+    CheckpointError,
     check_writable_dir,
     extract_state_dict,
     load_checkpoint,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
     versions,
 )
-from hessianflow.distributed import init_distributed, shard
+from hessianflow.distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, shard
 from hessianflow.tracking import EigenTracker, top_eigenvalue
 from models import ARCHS, canonical_arch, get_model
 from utils import dataset_info, get_datasets, set_augmentation_epoch
@@ -335,10 +338,14 @@ def _main(args, ctx) -> dict:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     progress = progress and ctx.is_main
     say = print if ctx.is_main else (lambda *a, **k: None)
+    if not ctx.is_main:
+        warnings.simplefilter("ignore")  # the collective computations warn alike on every rank: rank 0 speaks
 
     # Fail on an unwritable output before any work.
     out_dir = check_writable_dir(args.out_dir)
     check_writable_dir(os.path.dirname(os.path.abspath(args.save)))
+    if ctx.is_main:
+        remove_stale_temporaries(args.save)  # left by a run killed while writing its checkpoint
     log_path = os.path.join(out_dir, "train_log.jsonl")
 
     _seed_everything(args.seed)
@@ -372,6 +379,13 @@ def _main(args, ctx) -> dict:
         for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
             state[k] = ckpt[k]
         say(f"resuming {args.resume} after epoch {state['epoch']}")
+        last = state["history"][-1] if state["history"] else None
+        if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
+            say(
+                f"note: written by {last['batch_size'] // (args.batch_size * last['large_ratio'])} process(es), "
+                f"resumed by {ctx.world_size}: the effective batch (batch size x large ratio x processes) "
+                f"changes from {last['batch_size']} to {args.batch_size * last['large_ratio'] * ctx.world_size}"
+            )
 
     train_model = model
     if ctx.enabled:
@@ -413,6 +427,9 @@ def _main(args, ctx) -> dict:
                 device=ctx.device, progress=progress, epoch=epoch + 1,
             )  # fmt: skip
         t_train = time.time() - t0
+        # DDP syncs BatchNorm statistics before each forward, then every rank updates its own copy:
+        # evaluate, take the eigenvalue and save one model, rank 0's
+        broadcast_buffers(model)
         steps = torch.tensor([stats["optimizer_steps"]], device=ctx.device)
         state["updates"] += int(steps.item())  # every rank steps together under DDP
         test = _evaluate(model, test_set, args, criterion, ctx)
@@ -427,6 +444,9 @@ def _main(args, ctx) -> dict:
             )  # fmt: skip
             eig = float(res.eigenvalues[0])
         decision = controller.end_of_epoch(epoch, eig)
+        # the eigenvalue is collective (bit-identical on every rank): a rank that decided otherwise
+        # would dead-lock the next epoch's collectives, so make that an error instead
+        assert_same_on_all_ranks([eig, controller.large_ratio], "the eigenvalue and the next batch size")
         metrics = {
             "lr": lr,
             "batch_size": args.batch_size * ratio * ctx.world_size,
@@ -469,7 +489,10 @@ def _main(args, ctx) -> dict:
             )
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            save_checkpoint(_checkpoint(args, model, optimizer, controller, tracker, state, info), args.save)
+            try:
+                save_checkpoint(_checkpoint(args, model, optimizer, controller, tracker, state, info), args.save)
+            except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
+                raise OSError(f"{exc} (the checkpoint of epoch {epoch} is kept)") from exc
         ctx.barrier()
 
     metrics = {
@@ -509,7 +532,10 @@ def _make_tracker(args, criterion, plain_set, test_set, ctx):
     if args.eigen_type == "approximate":
         # a one-batch "loader", so that under torchrun the ranks' shards of the batch are summed
         return EigenTracker(dataloader=[_hessian_batch(source, args.hessian_batch_size, args.seed, ctx)], **common)
-    part = torch.utils.data.Subset(source, range(len(source))[shard(len(source), ctx.rank, ctx.world_size)])
+    # --eig-batches N: the first N batches of the whole set whatever the world size, so shard those samples
+    # (a rank's shard then has at most N batches: num_batches never cuts it, and stays in the config)
+    n = len(source) if args.eig_batches is None else min(len(source), args.eig_batches * args.hessian_batch_size)
+    part = torch.utils.data.Subset(source, range(n)[shard(n, ctx.rank, ctx.world_size)])
     return EigenTracker(dataloader=_loader(part, args.hessian_batch_size), num_batches=args.eig_batches, **common)
 
 

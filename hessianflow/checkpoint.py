@@ -37,6 +37,7 @@ __all__ = [
     "set_rng_state",
     "extract_state_dict",
     "check_writable_dir",
+    "remove_stale_temporaries",
 ]
 
 _CODE_REFUSAL = (
@@ -124,6 +125,28 @@ def save_checkpoint(obj, path: str | os.PathLike) -> str:
             raise CheckpointError(f"cannot save checkpoint {path}: {_one_line(exc)}") from exc
         raise  # KeyboardInterrupt, SystemExit: clean up, then let them through unchanged
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that killed writes of ``path`` left behind (``.NAME.*.tmp`` beside it).
+
+    A process killed inside :func:`save_checkpoint` cannot clean up; the next run calls this before it
+    writes again. Returns the paths removed.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    pattern = re.compile(r"^\." + re.escape(name) + r"\.[^/]+\.tmp$")
+    for entry in os.listdir(directory):
+        if pattern.match(entry):
+            try:
+                os.remove(os.path.join(directory, entry))
+                removed.append(os.path.join(directory, entry))
+            except OSError:
+                pass
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu"):

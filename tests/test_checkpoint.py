@@ -265,3 +265,13 @@ def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
 def test_set_rng_state_rejects_garbage():
     with pytest.raises(ValueError):
         set_rng_state({"python": [1, 2, 3]})
+
+
+def test_remove_stale_temporaries_only_touches_this_checkpoints_leftovers(tmp_path):
+    from hessianflow.checkpoint import remove_stale_temporaries
+
+    for name in (".c.pkl.abc123.tmp", ".c.pkl.zz.tmp", ".other.pkl.abc.tmp", "c.pkl", ".c.pkl.keep"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path / "c.pkl")
+    assert sorted(os.path.basename(p) for p in removed) == [".c.pkl.abc123.tmp", ".c.pkl.zz.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".c.pkl.keep", ".other.pkl.abc.tmp", "c.pkl"]
