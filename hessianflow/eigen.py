@@ -40,8 +40,9 @@ class EigenResult:
     """Eigenpairs computed by :func:`lanczos` or :func:`power_iteration`.
 
     Attributes:
-        eigenvalues: ``[k]`` eigenvalue estimates, ordered as ``which`` asks (``"LA"``: descending,
-            ``"SA"``: ascending, ``"LM"``: by descending magnitude).
+        eigenvalues: ``[k]`` eigenvalue estimates (float64, CPU: they come from the small projected
+            problem), ordered as ``which`` asks (``"LA"``: descending, ``"SA"``: ascending, ``"LM"``:
+            by descending magnitude).
         eigenvectors: ``[n, k]`` estimates with orthonormal columns, in the operator's dtype/device.
         residuals: ``[k]`` residual norms :math:`\\|A y_i - \\theta_i y_i\\|` (float64, CPU). For
             Lanczos these are the recurrence's estimates, equal to the true residual up to rounding
@@ -164,7 +165,8 @@ class _Krylov:
 
     The general form is what lets one implementation handle thick restart (``B ← B S``, ``G`` becomes
     diagonal, ``C ← SᵀC``), breakdown (inject a fresh vector as a second pending vector), and the
-    multiplicity check of :func:`lanczos` (a second process locked against the first, merged back).
+    multiplicity check of :func:`lanczos` (a second process locked against the converged vectors,
+    whose best vector is then fed back as a second pending vector: block Lanczos).
     """
 
     def __init__(self, op: LinearOperator, generator: torch.Generator, locked: torch.Tensor | None = None):
@@ -263,7 +265,7 @@ class _Krylov:
     def step(self) -> bool:
         """One Lanczos step on the oldest pending vector. Returns True on breakdown (no new vector).
 
-        Oldest first: with several pending vectors (after a merge) they take turns, as in block
+        Oldest first: with several pending vectors (after an injection) they take turns, as in block
         Lanczos. Always taking the newest would leave the older ones pending forever, and the Ritz
         residuals along them (``C``) could never decrease.
         """
@@ -481,11 +483,16 @@ def lanczos(
     .. math::
         \\|A y_i - \\theta_i y_i\\| \\le \\mathrm{tol} \\cdot \\max_j |\\theta_j| ,
 
-    the maximum over all current Ritz values (a lower bound on :math:`\\|A\\|` that is accurate after a
-    few steps). A residual :math:`r` bounds the eigenvalue error by :math:`r` (Weyl), and by
-    :math:`r^2/\\mathrm{gap}` where ``gap`` is the distance to the rest of the spectrum (Kato-Temple),
-    so with ``tol=1e-6`` the eigenvalues are typically accurate to ~1e-12 relative, far below ``tol``;
-    the eigenvectors to an angle of :math:`r/\\mathrm{gap}`.
+    the maximum over all Ritz values seen so far in the call (a lower bound on :math:`\\|A\\|` that is
+    accurate after a few steps). The test is cheap (a ``k x k`` product after the ``eigh`` of the small
+    projected matrix), so it runs after every product and stops at the first one that suffices.
+    Why a residual test with a relative ``tol``: a residual :math:`r` bounds the eigenvalue error by
+    :math:`r` (Weyl), and by :math:`r^2/\\mathrm{gap}` where ``gap`` is the distance to the rest of
+    the spectrum (Kato-Temple), so with ``tol=1e-6`` the eigenvalues are typically accurate to ~1e-12
+    relative, far below ``tol`` (measured on a 227-parameter MLP Hessian: ~1e-13 after 16-19
+    products; the eigenvalue alone was within 1e-6 after 9-11), and the eigenvectors to an angle of
+    :math:`r/\\mathrm{gap}`. Only inside a cluster narrower than ``tol·max|θ|`` is nothing better than
+    about ``tol·max|θ|`` known about which eigenvalue of the cluster a value is.
 
     **Restart.** When the basis reaches ``max_basis`` vectors it is shrunk to the ``k`` wanted Ritz
     vectors plus half the remaining room of the next most wanted ones, keeping the Krylov relation
@@ -499,15 +506,18 @@ def lanczos(
     **Multiplicity check.** From one start vector a Krylov method sees only one vector of each
     eigenspace: a double eigenvalue is found once, and the next Ritz value would silently take the
     place of its second copy. So for ``k >= 2``, once the ``k`` pairs have converged, a second Lanczos
-    process is started from a fresh random vector on the compression of ``A`` to the orthogonal
-    complement of everything already built (any missed copy lies there, exactly so in exact
-    arithmetic), and run until its most wanted Ritz pair has converged. If that value is not more
-    wanted than the ``k``-th one (by more than ``tol·max|θ|``) the answer is accepted. Otherwise the
-    two processes are merged (one Rayleigh-Ritz problem, no extra products), iteration resumes and the
-    check is repeated. This costs about one top-1 solve extra for ``k >= 2``; for ``k = 1`` a missed
-    copy cannot change the answer and no check is made. Like every randomised eigensolver it can be
-    fooled by a start vector with a negligible component along a wanted eigenvector; the probability
-    of that is negligible for Gaussian start vectors.
+    process runs from a fresh random vector on the compression of ``A`` to the orthogonal complement
+    of the ``k`` converged vectors (a missed copy is an eigenvector there, with the same eigenvalue)
+    until its most wanted Ritz pair has converged to the same ``tol``. If that value is not more
+    wanted than the ``k``-th one by more than ``tol·max|θ|``, the answer is accepted. Otherwise its
+    Ritz vector joins the main process as a second start vector (block Lanczos), iteration resumes and
+    the check is repeated, once per missed copy. The check costs about one top-1 solve on the
+    compression (measured on a 227-parameter MLP Hessian: top-5 in 46-52 products, of which 31-41
+    before the check); for ``k = 1`` a missed copy cannot change the answer and no check is made.
+    Like every randomised eigensolver it can be fooled by a start vector with a negligible component
+    along a wanted eigenvector, with negligible probability for Gaussian start vectors. Property tests
+    (hypothesis, degenerate random spectra) found no silent wrong answer: a wrong multiplicity comes
+    back with ``converged=False`` if the budget runs out first.
 
     Args:
         A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
@@ -516,7 +526,8 @@ def lanczos(
             magnitude).
         max_iter: total number of products allowed, multiplicity check included. Default
             ``max(100, 20 * k)``: the default tolerance typically needs 10-20 products per well
-            separated pair, and the budget leaves room for clusters and the check.
+            separated pair plus about one top-1 solve for the multiplicity check; the rest is room
+            for clusters. It is a safeguard against slow convergence, not the expected cost.
         tol: relative residual tolerance of the stopping rule above. Default ``1e-6``; below about
             ``100 * eps`` of the dtype the rule may never be met.
         seed: ``None``, an int or a ``torch.Generator``; the same seed gives the same result.

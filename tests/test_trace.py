@@ -66,8 +66,9 @@ def test_within_three_standard_errors(method, name):
 def test_coverage_at_two_standard_errors(method, name):
     # For an honest standard error the exact trace lies within 2 of them in ~95% of runs; require
     # 90% over 50 seeds (a binomial(50, 0.95) falls below 45 with probability ~4%; fixed seeds, so
-    # the outcome is deterministic). Measured: hutchinson 0.90/0.96, hutch++ 0.94/0.92,
-    # xtrace 0.98/1.00 and auto 0.90/1.00 (flat/decaying, n=150, m=60).
+    # the outcome is deterministic). Measured (flat/decaying, n=150, m=60): hutchinson 0.96/0.96,
+    # hutch++ 0.94/0.96, xtrace 1.00/1.00, auto 0.96/1.00; mean reported stderr / RMS error:
+    # 1.01/1.11, 1.03/1.08, 1.38/2.56 (XTrace's jackknife is conservative), 1.01/2.66.
     lam = spectrum(name, 150)
     A = sym_matrix(lam, seed=3)
     exact = float(lam.sum())
@@ -75,7 +76,7 @@ def test_coverage_at_two_standard_errors(method, name):
     inside = sum(abs(r.estimate - exact) <= 2 * r.stderr for r in results)
     assert inside >= 45, inside
     # not honest by being useless: the reported errors are within a small factor of the actual
-    # (XTrace's jackknife is the loosest: ~1.2x on flat, 2-3x on decaying spectra)
+    # (XTrace's jackknife is the loosest: ~1.4x on flat, ~2.6x on decaying spectra)
     mean_se = sum(r.stderr for r in results) / len(results)
     assert 0.6 * rmse <= mean_se <= 4 * rmse, (mean_se, rmse)
 
@@ -91,7 +92,7 @@ def test_hutchpp_and_xtrace_beat_hutchinson_on_a_decaying_spectrum():
     hutch, _ = rms_error(hutchinson_trace, A, exact, seeds)
     hpp, _ = rms_error(hutchpp_trace, A, exact, seeds)
     xtr, _ = rms_error(xtrace, A, exact, seeds)
-    # measured ratios: Hutch++ ~1/30 and XTrace ~1/60 of Hutchinson's RMS error at 60 products
+    # measured: RMS errors 0.18 (Hutchinson), 0.0022 (Hutch++), 0.0017 (XTrace) at 60 products
     assert hpp < hutch / 5
     assert xtr < hpp
 
@@ -107,12 +108,12 @@ def test_auto_is_hutchinson_on_a_flat_spectrum():
         assert auto.method == "auto(hutchinson)"
         assert auto.samples == pytest.approx(hutch.samples, rel=1e-12)
         assert auto.estimate == pytest.approx(hutch.estimate, rel=1e-12)
-    # XTrace itself on the same matrix: measured 1.2x Hutchinson's RMS error (never much worse, but
-    # worse), which is why "auto" does not simply call it
+    # XTrace itself on the same matrix: measured 1.5x Hutchinson's RMS error (it has only m/2
+    # Hutchinson samples; 1.16x at n=300), which is why "auto" does not simply call it
     exact = float(lam.sum())
     h, _ = rms_error(hutchinson_trace, A, exact, range(40))
     x, _ = rms_error(xtrace, A, exact, range(40))
-    assert x < 1.6 * h
+    assert h < x < 2.0 * h
 
 
 def test_auto_is_xtrace_on_a_decaying_spectrum():
