@@ -525,9 +525,11 @@ def lanczos(
         which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or ``"LM"`` (largest
             magnitude).
         max_iter: total number of products allowed, multiplicity check included. Default
-            ``max(100, 20 * k)``: the default tolerance typically needs 10-20 products per well
-            separated pair plus about one top-1 solve for the multiplicity check; the rest is room
-            for clusters. It is a safeguard against slow convergence, not the expected cost.
+            ``max(150, 30 * k)``: the default tolerance typically needs 10-20 products per well
+            separated pair plus about one top-1 solve for the multiplicity check, and each missed
+            copy of a repeated eigenvalue costs another check (a triple eigenvalue and ``k = 4``:
+            ~110 products measured). It is a safeguard against slow convergence (clusters), not the
+            expected cost.
         tol: relative residual tolerance of the stopping rule above. Default ``1e-6``; below about
             ``100 * eps`` of the dtype the rule may never be met.
         seed: ``None``, an int or a ``torch.Generator``; the same seed gives the same result.
@@ -549,7 +551,7 @@ def lanczos(
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     tol = _check_positive("tol", tol)
-    max_iter = max(100, 20 * k) if max_iter is None else _check_int("max_iter", max_iter, k)
+    max_iter = max(150, 30 * k) if max_iter is None else _check_int("max_iter", max_iter, k)
     max_basis = max(50, 4 * k) if max_basis is None else _check_int("max_basis", max_basis, k + 1)
     gen = make_generator(seed)
     start = op.num_matvecs

@@ -185,13 +185,13 @@ def test_lanczos_degenerate_spectrum_right_values_or_not_converged(seed):
     A = sym_matrix(lam, seed=10 + seed)
     ref = eig_order(lam, "LA")
     for k in (2, 3, 4, 5):
-        for budget in (40, 300):
+        for budget in (40, None):  # None: the default budget must suffice (~110 measured for k=4)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 res = lanczos(A, k=k, seed=seed, max_iter=budget)
             ok = (res.eigenvalues - ref[:k]).abs() <= 1e-8 * 5
             assert bool((ok | ~res.converged).all()), (k, budget, res.eigenvalues, res.converged)
-            if budget == 300:
+            if budget is None:
                 assert res.all_converged and bool(ok.all()), (k, res.eigenvalues)
 
 
