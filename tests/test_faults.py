@@ -1,0 +1,64 @@
+"""Numerical faults: a product that turns NaN/Inf stops every solver with an error, never a NaN result."""
+
+import pytest
+import torch
+
+import hessianflow as hf
+from hessianflow.linop import LinearOperator, NonFiniteError
+
+
+class Poisoned(LinearOperator):
+    """A diagonal operator whose ``bad_after``-th product (0-based) comes back with a NaN or an Inf."""
+
+    def __init__(self, n=40, bad_after=3, value=float("nan")):
+        super().__init__(n, torch.float64, "cpu")
+        self.diag = torch.linspace(1.0, 5.0, n, dtype=torch.float64)
+        self.bad_after, self.value, self.calls = bad_after, value, 0
+
+    def _matvec(self, v):
+        out = self.diag * v
+        self.calls += 1
+        if self.calls > self.bad_after:
+            out = out.clone()
+            out[0] = self.value
+        return out
+
+
+SOLVERS = {
+    "power_iteration": lambda A: hf.power_iteration(A, k=2, max_iter=50, tol=1e-8, seed=0),
+    "lanczos": lambda A: hf.lanczos(A, k=3, seed=0),
+    "lanczos_SA": lambda A: hf.lanczos(A, k=2, which="SA", seed=0),
+    "spectral_density": lambda A: hf.spectral_density(A, num_runs=2, num_steps=20, seed=0),
+    "hutchinson": lambda A: hf.hutchinson_trace(A, num_matvecs=20, seed=0),
+    "hutchpp": lambda A: hf.hutchpp_trace(A, num_matvecs=24, seed=0),
+    "xtrace": lambda A: hf.xtrace(A, num_matvecs=20, seed=0),
+    "trace_auto": lambda A: hf.trace(A, num_matvecs=20, seed=0),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_non_finite_product_raises(name, value):
+    A = Poisoned(bad_after=3, value=value)
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        SOLVERS[name](A)
+    assert issubclass(NonFiniteError, ValueError)
+
+
+@pytest.mark.filterwarnings("ignore::hessianflow.eigen.ConvergenceWarning")  # close eigenvalues, few steps
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_the_same_operator_without_the_fault_gives_finite_results(name):
+    # guards the test above: the solvers do run to the end on this operator when nothing is poisoned
+    res = SOLVERS[name](Poisoned(bad_after=10**9))
+    values = [getattr(res, a) for a in ("eigenvalues", "estimate", "nodes") if hasattr(res, a)]
+    assert values and all(torch.isfinite(torch.as_tensor(v)).all() for v in values)
+
+
+def test_model_with_nan_parameter_stops_hessian_solvers():
+    model = torch.nn.Linear(3, 2).double()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+    H = hf.HessianOperator(model, torch.nn.CrossEntropyLoss(), data=(x, y))
+    with pytest.raises(NonFiniteError):
+        hf.lanczos(H, k=1, seed=0)
