@@ -1,0 +1,439 @@
+"""hessian_eig_driver.py on tiny checkpoints (ResNet-8 on 256 synthetic images): its numbers against an
+independent computation, its figures, its JSON against what it prints, and its errors for unusable input."""
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import _cli  # noqa: E402
+import hessian_eig_driver as drv  # noqa: E402
+from hessianflow.checkpoint import save_checkpoint, versions  # noqa: E402
+from hessianflow.eigen import lanczos  # noqa: E402
+from hessianflow.operators import GGNOperator, HessianOperator  # noqa: E402
+from models import get_model  # noqa: E402
+from utils import fixed_batch, get_datasets  # noqa: E402
+
+SYN = ["--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "128"]
+BATCH = 16
+DATA_SEED = 3  # the training run's seed: the synthetic data is regenerated from it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These products are tiny: thread start-up dominates, and on a loaded two-core machine two OpenMP
+    threads were measured 30x slower than one (1.9 s against 0.06 s per ResNet-8 product)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_resnet(num_classes=10, seed=0):
+    """A ResNet-8 with BatchNorm running statistics from a few train-mode passes (so eval mode is not
+    the identity) and weights a few SGD steps away from the initialisation."""
+    torch.manual_seed(seed)
+    model = get_model("ResNet", depth=8, num_classes=num_classes)
+    _, plain, _ = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
+    x, y = fixed_batch(plain, 32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y % num_classes).backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model
+
+
+def full_checkpoint(model, path, arch="ResNet", depth=8, num_classes=10, **over):
+    """train.py's checkpoint format (see train._checkpoint)."""
+    ckpt = {
+        "format": "hessianflow.checkpoint/1",
+        "state_dict": model.state_dict(),
+        "arch": arch,
+        "depth": depth,
+        "num_classes": num_classes,
+        "in_channels": 3,
+        "input_size": 32,
+        "dataset": "synthetic",
+        "args": {"name": "synthetic", "arch": arch, "depth": depth, "seed": DATA_SEED, "synthetic_train": 256,
+                 "synthetic_test": 128},  # fmt: skip
+        "versions": versions(),
+        "epoch": 1,
+        **over,
+    }
+    save_checkpoint(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    model = tiny_resnet()
+    return {"path": full_checkpoint(model, d / "model_param.pkl"), "model": model, "dir": d}
+
+
+def reference_batch(seed=1, split="train"):
+    """The approximate batch, built here without the driver: the same data set and fixed_batch."""
+    _, plain, test = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
+    return fixed_batch(plain if split == "train" else test, BATCH, seed=seed)
+
+
+def run_driver(argv, capsys):
+    out = drv.main(drv.parse_args(argv))
+    return out, capsys.readouterr().out
+
+
+def printed_eigenvalues(text):
+    """The eigenvalue table of the terminal summary: [(value, residual, converged)]."""
+    rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+(yes|NO)\s*$", text, flags=re.M)
+    return [(float(v), float(r), c == "yes") for _, v, r, c in rows]
+
+
+def check_png(path):
+    import matplotlib.image as mpimg
+
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    rgb = mpimg.imread(path)[..., :3]
+    assert min(rgb.shape[:2]) >= 250
+    assert rgb.std() > 0.05, "nearly uniform image"
+    colours = np.unique((rgb.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)
+    assert len(colours) > 20
+    assert 0.3 < float((rgb.min(axis=2) > 0.9).mean()) < 0.995  # neither blank nor all ink
+
+
+def close(a, b, ra, rb):
+    """Weyl: each Ritz value is within its residual of an eigenvalue; float32 products add ~1e-6."""
+    return abs(a - b) <= ra + rb + 1e-5 * abs(b)
+
+
+# -- numbers against an independent computation -------------------------------------------------
+@pytest.fixture(scope="module")
+def everything(ckpt, tmp_path_factory):
+    """One driver run with every analysis (shared by several tests: products are the expensive part)."""
+    out_dir = tmp_path_factory.mktemp("figs")
+    jpath = out_dir / "result.json"
+    argv = [
+        "--resume", ckpt["path"], "--hessian-batch-size", str(BATCH), "--trace",
+        "--trace-matvecs", "8", "--density", "--density-runs", "2", "--density-steps", "12", "--per-layer",
+        "--layers", "layer3.0.conv2", "layer3.0.bn2", "fc", "--exact-threshold", "700", "--landscape", "1",
+        "--landscape-points", "5", "--landscape-radius", "0.5", "--json", str(jpath), "--out-dir", str(out_dir),
+        "--no-progress",
+    ]  # fmt: skip
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        result = drv.main(drv.parse_args(argv))
+    with open(jpath) as f:
+        saved = json.load(f)
+    return {"result": result, "text": buf.getvalue(), "json": saved, "out_dir": out_dir}
+
+
+def test_top_eigenvalues_match_an_independent_lanczos(ckpt, everything):
+    x, y = reference_batch(seed=1)  # the driver's default --seed is 1
+    model = get_model("ResNet", depth=8)
+    model.load_state_dict(torch.load(ckpt["path"], weights_only=True)["state_dict"])
+    ref = lanczos(HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y)), k=1, tol=1e-5, seed=123)
+    got = everything["json"]["eigen"]
+    assert got["method"] == "lanczos" and got["which"] == "LA" and got["all_converged"]
+    for a, b, ra, rb in zip(got["eigenvalues"], ref.eigenvalues.tolist(), got["residuals"], ref.residuals.tolist()):
+        assert close(a, b, ra, rb), (a, b, ra, rb)
+    assert len(got["eigenvalues"]) == 1 and got["eigenvalues"][0] > 0
+    # the loss printed as a check of the weights is that of the model on this batch
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model.eval()(x), y))
+    assert everything["json"]["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_json_holds_the_printed_numbers(everything):
+    text, saved = everything["text"], everything["json"]
+    rows = printed_eigenvalues(text)
+    assert len(rows) == 1
+    for (v, r, c), jv, jr, jc in zip(rows, saved["eigen"]["eigenvalues"], saved["eigen"]["residuals"],
+                                     saved["eigen"]["converged"]):  # fmt: skip
+        assert v == float(drv._num(jv)) and r == float(format(jr, ".2e")) and c == jc
+    m = re.search(r"^trace\s+(\S+) ± (\S+)", text, flags=re.M)
+    assert float(m.group(1)) == float(drv._num(saved["trace"]["estimate"]))
+    assert float(m.group(2)) == float(drv._num(saved["trace"]["stderr"]))
+    m = re.search(r"loss\s+(\S+) \(accuracy (\S+)\)", text)
+    assert float(m.group(1)) == float(drv._num(saved["loss"]))
+    assert float(m.group(2)) == float(drv._num(saved["accuracy"]))
+    m = re.search(r"support \[(\S+), (\S+)\], trace estimate (\S+)", text)
+    dens = saved["density"]
+    assert [float(g) for g in m.groups()] == [float(drv._num(v)) for v in (*dens["support"], dens["trace_estimate"])]
+    for layer in saved["per_layer"]["layers"]:
+        line = next(ln for ln in text.splitlines() if ln.split() and ln.split()[0] == layer["name"])
+        cells = line.split()
+        assert float(cells[2]) == float(drv._num(layer["eigenvalue"]))
+        assert float(cells[3]) == float(drv._num(layer["trace"]))
+    # the settings and versions are recorded; the returned dict is what was written
+    assert saved["settings"]["top_k"] == 1 and saved["versions"]["torch"] == torch.__version__
+    assert saved["eigen"] == json.loads(json.dumps(drv._plain(everything["result"]["eigen"])))
+    assert saved["converged"] is True and saved["warnings"] == []
+    assert saved["model"]["num_parameters"] == 78042 and saved["data"]["num_samples"] == BATCH
+
+
+def test_figures_are_written_and_not_blank(everything):
+    saved, out_dir = everything["json"], everything["out_dir"]
+    figs = saved["figures"]
+    assert set(figs) == {"density", "per_layer", "landscape"}
+    for path in figs.values():
+        assert os.path.dirname(path) == str(out_dir)
+        assert os.path.basename(path).startswith("model_param_hessian_approximate-train_")
+        check_png(path)
+        assert f"figure      {[k for k, v in figs.items() if v == path][0]}: {path}" in everything["text"]
+
+
+def test_trace_and_per_layer_are_consistent(everything):
+    saved = everything["json"]
+    layers = {r["name"]: r for r in saved["per_layer"]["layers"]}
+    assert list(layers) == ["layer3.0.conv2", "layer3.0.bn2", "fc"]
+    assert layers["fc"]["exact"] and layers["fc"]["size"] == 650 and layers["fc"]["trace_stderr"] == 0.0
+    assert not layers["layer3.0.conv2"]["exact"] and layers["layer3.0.conv2"]["trace_stderr"] > 0
+    # interlacing: no diagonal block has a larger top eigenvalue than the whole Hessian
+    lam1, res1 = saved["eigen"]["eigenvalues"][0], saved["eigen"]["residuals"][0]
+    assert max(r["eigenvalue"] for r in layers.values()) <= lam1 + res1
+    tr = saved["trace"]
+    assert tr["num_matvecs"] == 8 and tr["stderr"] > 0
+    # the per-layer sum is printed with its combined standard error
+    total = sum(r["trace"] for r in layers.values())
+    assert saved["per_layer"]["trace_sum"] == pytest.approx(total, rel=1e-12)
+    assert f"{drv._num(total)} ± " in everything["text"]
+
+
+def test_landscape_curve_is_centred_on_the_loss(everything):
+    land = everything["json"]["landscape"]
+    assert land["dims"] == 1 and land["alphas"] == pytest.approx([-0.5, -0.25, 0.0, 0.25, 0.5])
+    losses = land["losses"]
+    # alpha = 0 is the checkpoint itself: the loss printed for the analysed batch
+    assert losses[2] == pytest.approx(everything["json"]["loss"], rel=1e-6)
+    # along the top eigenvector the loss bends up: the second difference is positive and of the size of
+    # lambda_1 (a large step, so only loosely: the quadratic model is local)
+    h = 0.25
+    second = (losses[1] - 2 * losses[2] + losses[3]) / h**2
+    assert 0.3 * land["eigenvalues"][0] < second < 3 * land["eigenvalues"][0]
+
+
+def test_which_sa_gives_the_most_negative_and_a_2d_landscape(ckpt, capsys, tmp_path):
+    argv = ["--resume", ckpt["path"], *SYN, "--hessian-batch-size", str(BATCH), "--which", "SA", "--landscape",
+            "2", "--landscape-points", "3", "--landscape-radius", "0.1", "--out-dir", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    out, text = run_driver(argv, capsys)
+    x, y = reference_batch(seed=1)
+    op = HessianOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(x, y))
+    ref = lanczos(op, k=1, which="SA", tol=1e-5, seed=7)
+    vals = out["eigen"]["eigenvalues"]
+    assert len(vals) == 2 and "computing k = 2" in text  # --landscape 2 needs two eigenvectors
+    assert vals[0] < 0 and vals[0] <= vals[1]
+    assert close(vals[0], float(ref.eigenvalues[0]), out["eigen"]["residuals"][0], float(ref.residuals[0]))
+    assert [v for v, _, _ in printed_eigenvalues(text)] == [float(drv._num(v)) for v in vals]
+    grid = out["landscape"]["losses"]
+    assert grid.shape == (3, 3) and float(grid[1, 1]) == pytest.approx(out["loss"], rel=1e-6)
+    # along the most negative eigenvector the loss bends down
+    assert float(grid[0, 1] - 2 * grid[1, 1] + grid[2, 1]) < 0
+    check_png(out["figures"]["landscape"])
+    assert out["figures"]["landscape"].endswith("_landscape2d.png")
+
+
+def test_ggn_eigenvalues_are_nonnegative(ckpt, capsys, tmp_path):
+    argv = ["--resume", ckpt["path"], "--hessian-batch-size", str(BATCH), "--operator", "ggn", "--which", "SA",
+            "--top-k", "2", "--json", str(tmp_path / "g.json"), "--no-progress"]  # fmt: skip
+    out, text = run_driver(argv, capsys)
+    x, y = reference_batch(seed=1)
+    top = lanczos(GGNOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(x, y)), k=1, tol=1e-2, seed=0)
+    lam_max = float(top.eigenvalues[0])
+    assert lam_max > 0
+    assert min(out["eigen"]["eigenvalues"]) >= -1e-5 * lam_max
+    assert "generalised Gauss-Newton" in text and out["operator"]["type"] == "ggn"
+
+
+def test_full_eigen_type_over_batches_equals_the_concatenated_batch(ckpt, capsys):
+    argv = ["--resume", ckpt["path"], "--eigen-type", "full", "--num-batches", "2", "--hessian-batch-size", "8",
+            "--data", "test", "--no-progress"]  # fmt: skip
+    out, _ = run_driver(argv, capsys)
+    _, _, test = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
+    x = torch.stack([test[i][0] for i in range(16)])
+    y = torch.tensor([int(test[i][1]) for i in range(16)])
+    ref = lanczos(HessianOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(x, y)), k=1, tol=1e-5, seed=5)
+    assert out["data"]["num_samples"] == 16 and out["data"]["num_batches"] == 2
+    assert close(out["eigen"]["eigenvalues"][0], float(ref.eigenvalues[0]), out["eigen"]["residuals"][0],
+                 float(ref.residuals[0]))  # fmt: skip
+
+
+def test_a_solver_that_does_not_converge_says_so(ckpt, capsys, tmp_path):
+    jpath = tmp_path / "nc.json"
+    argv = ["--resume", ckpt["path"], "--hessian-batch-size", "8", "--top-k", "2", "--max-iter", "3", "--tol",
+            "1e-9", "--json", str(jpath), "--no-progress"]  # fmt: skip
+    out, text = run_driver(argv, capsys)
+    assert "NO" in text and "WARNING: lanczos did not converge" in text
+    saved = json.loads(jpath.read_text())
+    assert saved["converged"] is False and saved["eigen"]["all_converged"] is False
+    assert saved["eigen"]["num_matvecs"] == 3 and saved["warnings"]
+    assert [c for _, _, c in printed_eigenvalues(text)] == saved["eigen"]["converged"]
+
+
+def test_power_method(ckpt, capsys):
+    out, text = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--method", "power",
+                            "--tol", "1e-3", "--max-iter", "30", "--no-progress"], capsys)  # fmt: skip
+    assert out["eigen"]["method"] == "power_iteration" and out["eigen"]["which"] == "LM"
+    _, plain, _ = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
+    xb, yb = fixed_batch(plain, 8, seed=1)
+    ref = lanczos(HessianOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(xb, yb)), k=1, which="LM", tol=1e-4)
+    # power iteration's stopping rule measures stagnation; its residual still bounds its error (Weyl)
+    assert close(out["eigen"]["eigenvalues"][0], float(ref.eigenvalues[0]), out["eigen"]["residuals"][0],
+                 float(ref.residuals[0]))  # fmt: skip
+
+
+# -- loading -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_legacy_state_dicts_load_with_arch_and_depth(ckpt, capsys, tmp_path, prefix):
+    """HessianFlow's torch.save(model.state_dict()), plain and from DataParallel: the same eigenvalue as the
+    full checkpoint (same weights, same data: the data seed of a bare file is --seed)."""
+    state = {prefix + k: v for k, v in ckpt["model"].state_dict().items()}
+    path = tmp_path / "legacy.pkl"
+    torch.save(state, path)
+    common = ["--hessian-batch-size", "8", "--seed", str(DATA_SEED), "--tol", "1e-3", "--no-progress"]
+    legacy, text = run_driver(["--resume", str(path), "--arch", "resnet", *SYN, *common] +
+                              (["--depth", "8"] if prefix else []), capsys)  # fmt: skip
+    assert legacy["checkpoint"]["kind"] == "bare state_dict" and legacy["model"]["description"] == "ResNet-8"
+    if not prefix:
+        assert "ResNet-8 read off the state_dict" in text
+    full, _ = run_driver(["--resume", ckpt["path"], *common], capsys)
+    assert legacy["loss"] == full["loss"]
+    assert close(legacy["eigen"]["eigenvalues"][0], full["eigen"]["eigenvalues"][0], legacy["eigen"]["residuals"][0],
+                 full["eigen"]["residuals"][0])  # fmt: skip
+
+
+def run_cli(argv, capsys):
+    code = _cli.run(drv.main, drv.parse_args, argv)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def one_line_error(err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_mismatched_checkpoints_are_one_line_errors(ckpt, capsys, tmp_path):
+    # another architecture: keys missing and unexpected
+    c2 = tmp_path / "c2.pkl"
+    torch.save(get_model("c2").state_dict(), c2)
+    code, err = run_cli(["--resume", str(c2), "--arch", "c1", "--name", "cifar10"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "does not fit a c1 with 10 classes" in line and "missing key(s)" in line
+    assert "unexpected key(s)" in line and "features.3.weight" in line
+    # another class count: the first shape mismatch, with both shapes
+    c100 = tmp_path / "c1_100.pkl"
+    torch.save({"module." + k: v for k, v in get_model("c1", num_classes=100).state_dict().items()}, c100)
+    code, err = run_cli(["--resume", str(c100), "--arch", "c1", "--name", "cifar10"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "classifier.4.weight is [100, 192] in the checkpoint, [10, 192] in the model" in line
+    # another ResNet depth given on the command line for a bare file
+    legacy = tmp_path / "r8.pkl"
+    torch.save(ckpt["model"].state_dict(), legacy)
+    code, err = run_cli(["--resume", str(legacy), "--arch", "ResNet", "--depth", "14", *SYN], capsys)
+    assert code == 2 and "does not fit a ResNet-14" in one_line_error(err)
+    # a full checkpoint whose weights disagree with its own description
+    bad = full_checkpoint(get_model("ResNet", depth=8, num_classes=7), tmp_path / "bad.pkl")
+    code, err = run_cli(["--resume", bad], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "fc.weight is [7, 64] in the checkpoint, [10, 64] in the model" in line
+    # flags contradicting a full checkpoint
+    code, err = run_cli(["--resume", ckpt["path"], "--arch", "c1"], capsys)
+    assert code == 2 and "--arch c1 does not match" in one_line_error(err) and "ResNet-8" in err
+    code, err = run_cli(["--resume", ckpt["path"], "--depth", "20"], capsys)
+    assert code == 2 and "--depth 20 does not match" in one_line_error(err)
+    code, err = run_cli(["--resume", ckpt["path"], "--name", "cifar100"], capsys)
+    assert code == 2 and "does not fit the model" in one_line_error(err)
+    # a bare state_dict without --arch
+    code, err = run_cli(["--resume", str(legacy), *SYN], capsys)
+    assert code == 2 and "pass --arch" in one_line_error(err)
+
+
+def test_missing_corrupt_and_code_carrying_files_are_one_line_errors(capsys, tmp_path):
+    code, err = run_cli(["--resume", str(tmp_path / "nope.pkl")], capsys)
+    assert code == 2 and "no such file" in one_line_error(err)
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    code, err = run_cli(["--resume", str(junk)], capsys)
+    assert code == 2 and "truncated, corrupt or not a torch checkpoint" in one_line_error(err)
+    good = tmp_path / "good.pkl"
+    torch.save(get_model("c1").state_dict(), good)
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    code, err = run_cli(["--resume", str(truncated), "--arch", "c1"], capsys)
+    assert code == 2 and "cannot load checkpoint" in one_line_error(err)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pkl"
+    torch.save({"state_dict": {}, "x": Payload()}, evil)
+    code, err = run_cli(["--resume", str(evil), "--arch", "c1"], capsys)
+    assert code == 2 and "refusing to load" in one_line_error(err)
+    # a missing data set is a one-line error too (cifar10 is not downloaded without --download)
+    code, err = run_cli(["--resume", str(good), "--arch", "c1", "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 2 and "--download" in one_line_error(err)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--top-k", "0"], "positive integer"),
+        (["--method", "arnoldi"], "invalid choice"),
+        (["--which", "LM"], "invalid choice"),
+        (["--operator", "fisher"], "invalid choice"),
+        (["--eigen-type", "exact"], "invalid choice"),
+        (["--tol", "0"], "positive"),
+        (["--tol=-1e-3"], "positive"),
+        (["--method", "power", "--which", "SA"], "use --method lanczos"),
+        (["--num-batches", "2"], "--eigen-type full only"),
+        (["--trace", "--trace-matvecs", "3"], "at least 4"),
+        (["--landscape", "3"], "invalid choice"),
+        (["--landscape-points", "2"], "at least 3"),
+        (["--depth", "9"], "6n+2"),
+        (["--layers", "fc"], "--per-layer only"),
+        (["--name", "cifar10", "--synthetic-train", "10"], "synthetic only"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_flags_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        drv.parse_args(["--resume", "x.pkl", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_is_required_and_cuda_is_checked(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        drv.parse_args([])
+    assert exc.value.code == 2 and "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        drv.parse_args(["--resume", "x.pkl", "--device", "cuda"])
+    assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_hessianflow_command_line_is_accepted():
+    args = drv.parse_args("--name cifar10 --arch c1 --resume model_param.pkl --eigen-type full".split())
+    assert (args.name, args.arch, args.resume, args.eigen_type) == ("cifar10", "c1", "model_param.pkl", "full")
+    assert args.method == "lanczos" and args.top_k == 1 and args.data == "train"
