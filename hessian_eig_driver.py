@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-iter",
         type=_cli.positive_int,
         default=None,
-        help="lanczos: total products (default max(100, 20k)); power: products per eigenvalue (default 100)",
+        help="lanczos: total products (default: lanczos's own, max(150, 30k)); power: products per eigenvalue "
+        "(default 100, PyHessian's)",
     )
     g = p.add_argument_group("more analyses")
     g.add_argument("--trace", action="store_true", default=False, help="estimate the trace (with a standard error)")
@@ -642,7 +643,7 @@ def main(args) -> dict:
         if args.method == "lanczos":
             tol = LANCZOS_TOL if args.tol is None else args.tol
             eig = lanczos(op, k=k, which=args.which, max_iter=args.max_iter, tol=tol, seed=args.seed, progress=progress)
-            max_iter = args.max_iter if args.max_iter is not None else max(100, 20 * k)
+            max_iter = args.max_iter  # None: lanczos's own default budget
         else:
             tol = 1e-3 if args.tol is None else args.tol
             max_iter = 100 if args.max_iter is None else args.max_iter
@@ -655,7 +656,8 @@ def main(args) -> dict:
     what = {"LA": "largest", "SA": "smallest", "LM": "largest-magnitude"}[which]
     log()
     log(
-        f"eigenvalues {args.method}, the {k} {what} ({which}), tol {tol:g}, max-iter {max_iter}: "
+        f"eigenvalues {args.method}, the {k} {what} ({which}), tol {tol:g}, "
+        f"max-iter {'default' if max_iter is None else max_iter}: "
         f"{eig.num_matvecs} products, {seconds['eigen']:.1f} s"
     )
     rows = [
@@ -667,7 +669,7 @@ def main(args) -> dict:
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged.tolist()) if not c]
         warn(
-            f"{args.method} did not converge for eigenvalue(s) {bad} within --max-iter {max_iter} "
+            f"{args.method} did not converge for eigenvalue(s) {bad} within {eig.num_matvecs} products "
             f"(tol {tol:g}); the values are estimates: raise --max-iter or loosen --tol"
         )
     result["eigen"] = {
@@ -797,11 +799,12 @@ def main(args) -> dict:
             figures["landscape"] = plot_landscape_1d(
                 alphas, losses, figure_path("landscape1d"), title=title,
                 subtitle=f"{subtitle}; v₁ with λ₁ = {_num(lam[0])}",
+                xlabel=f"step α along the {what} eigenvector v₁ (θ + α·v₁, ‖v₁‖ = 1)",
             )  # fmt: skip
         else:
             figures["landscape"] = plot_landscape_2d(
                 alphas, betas, losses, figure_path("landscape2d"), title=title,
-                subtitle=f"{subtitle}; λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
+                subtitle=f"{subtitle}; {what} eigenvalues λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
             )  # fmt: skip
         lo_i = int(torch.argmin(losses))
         log()
