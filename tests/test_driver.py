@@ -444,3 +444,9 @@ def test_hessianflow_command_line_is_accepted():
     args = drv.parse_args("--name cifar10 --arch c1 --resume model_param.pkl --eigen-type full".split())
     assert (args.name, args.arch, args.resume, args.eigen_type) == ("cifar10", "c1", "model_param.pkl", "full")
     assert args.method == "lanczos" and args.top_k == 1 and args.data == "train"
+
+
+def test_reads_the_format_train_py_writes():
+    import train
+
+    assert drv.CHECKPOINT_FORMAT == train.CHECKPOINT_FORMAT
