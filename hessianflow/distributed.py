@@ -2,18 +2,49 @@
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and the rendezvous variables); a plain
 ``python script.py`` sets none of them and stays single-process. NCCL is used on GPUs, gloo on CPUs.
+
+What the package does with a process group:
+
+- :class:`~hessianflow.operators.HessianOperator` (and the GGN) over a loader that holds *this rank's
+  shard* of a data set sums the size-weighted shard products over the ranks with one all-reduce, so
+  the product is that of the whole data set, and is bit-identical on every rank (an all-reduce hands
+  every rank the same sum). Power iteration, Lanczos, SLQ and the trace estimators draw their random
+  vectors from a seeded CPU generator, so with the same seed every rank runs the same iteration on the
+  same numbers and takes the same data-dependent branches; :func:`assert_same_on_all_ranks` checks it.
+- A rank whose local product fails (a NaN loss on its shard, a bad batch) tells the others through a
+  small status all-reduce, so every rank raises instead of waiting for ever in the collective.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "launched_by_torchrun", "shard", "all_reduce_sum", "broadcast_object"]
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "launched_by_torchrun",
+    "is_distributed",
+    "shard",
+    "all_reduce_sum",
+    "broadcast_object",
+    "broadcast_buffers",
+    "assert_same_on_all_ranks",
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
+]
+
+#: The collective timeout when none is given: long enough for rank 0 to write a large checkpoint
+#: while the others wait at a barrier, short enough that a stuck rank does not hold a job for hours
+#: (torch's own default is 30 minutes for gloo and NCCL).
+DEFAULT_TIMEOUT_S = 600.0
+#: Environment variable that overrides :data:`DEFAULT_TIMEOUT_S` (seconds), e.g. for tests.
+TIMEOUT_ENV = "HESSIANFLOW_DIST_TIMEOUT"
 
 
 @dataclass
@@ -23,7 +54,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     initialized_here: bool = False
 
     @property
@@ -33,9 +64,11 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
+        """More than one process: collectives are needed."""
         return self.world_size > 1
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op in a single process)."""
         if self.enabled:
             dist.barrier()
 
@@ -48,21 +81,50 @@ class DistContext:
 
 def launched_by_torchrun() -> bool:
     """True when the environment torchrun sets is present with more than one process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    try:
+        return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
-def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistContext:
+def is_distributed() -> bool:
+    """An initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _timeout_s(timeout_s: float | None) -> float:
+    if timeout_s is None:
+        text = os.environ.get(TIMEOUT_ENV)
+        if text is None:
+            return DEFAULT_TIMEOUT_S
+        try:
+            timeout_s = float(text)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    timeout_s = float(timeout_s)
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"the collective timeout must be a positive number of seconds, got {timeout_s}")
+    return timeout_s
+
+
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Initialise ``torch.distributed`` from torchrun's environment, or a single-process context.
 
     Args:
         device: ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``. Under torchrun on GPUs each
-            process takes ``cuda:LOCAL_RANK``.
-        timeout_s: the collective timeout: a rank that dies makes the others fail after this long
-            instead of hanging for ever (torch's default is 10 to 30 minutes).
+            process takes ``cuda:LOCAL_RANK`` (a ``cuda:N`` given here is then ignored).
+        timeout_s: the collective timeout: a rank that stops answering makes the others fail after
+            this long instead of hanging for ever. Default: ``$HESSIANFLOW_DIST_TIMEOUT`` or
+            :data:`DEFAULT_TIMEOUT_S` (600 s). A rank that *dies* is noticed at once (its sockets close,
+            and torchrun stops the other workers).
 
     Returns:
-        The :class:`DistContext`.
+        The :class:`DistContext`; call :meth:`DistContext.close` at the end.
+
+    Raises:
+        ValueError: CUDA asked for but absent, or a bad timeout.
     """
+    timeout = _timeout_s(timeout_s)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -78,13 +140,22 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistCont
         dev, backend = torch.device("cpu"), "gloo"
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
         created = True
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev, initialized_here=created)
 
 
 def shard(n: int, rank: int, world_size: int) -> slice:
-    """The contiguous slice of ``range(n)`` that ``rank`` owns (the first ``n % world_size`` get one more)."""
+    """The contiguous slice of ``range(n)`` that ``rank`` owns (the first ``n % world_size`` get one more).
+
+    The slices of ranks ``0 .. world_size - 1`` partition ``range(n)`` in order; a rank may get an empty
+    one when ``n < world_size``.
+    """
+    for name, value, low in (("n", n, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank {rank} is not below world_size {world_size}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
@@ -92,15 +163,59 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (a no-op without an initialised group of more than one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(t)
     return t
 
 
 def broadcast_object(obj, src: int = 0):
     """The object of rank ``src`` on every rank (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:
+    """Copy ``module``'s buffers (BatchNorm running statistics, ...) from rank ``src`` to every rank.
+
+    ``DistributedDataParallel`` broadcasts the buffers *before* each forward, and every rank then
+    updates them with its own batch: after training, the ranks' running statistics differ by their
+    last batch. An eval-mode Hessian, an evaluation or a checkpoint after training must see one model,
+    so call this first. Returns the number of buffers sent (0 when not distributed).
+    """
+    if not is_distributed():
+        return 0
+    buffers = list(module.buffers())
+    with torch.no_grad():
+        for b in buffers:
+            dist.broadcast(b, src=src)
+    return len(buffers)
+
+
+def assert_same_on_all_ranks(values, what: str = "value") -> None:
+    """Raise on every rank if ``values`` (numbers or ``None``) are not bit-identical across the ranks.
+
+    A rank that took a different decision (an eigenvalue, a batch size) would run a different number
+    of collectives and dead-lock the others; this turns that into an error on every rank. ``None``
+    and NaN compare equal to themselves. A no-op when not distributed (one small all-gather otherwise).
+
+    Raises:
+        RuntimeError: the ranks disagree (the message lists every rank's values).
+    """
+    if not is_distributed():
+        return
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    nums = [float("nan") if v is None else float(v) for v in values]
+    # Compare bit patterns, so that -0.0 vs 0.0 or two NaNs are judged exactly.
+    mine = torch.tensor(nums + [float(v is None) for v in values], dtype=torch.float64).view(torch.int64)
+    backend = dist.get_backend()
+    if backend == "nccl":
+        mine = mine.cuda()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        shown = [g.cpu().view(torch.float64)[: len(nums)].tolist() for g in gathered]
+        raise RuntimeError(f"the ranks disagree on {what}: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(shown)))

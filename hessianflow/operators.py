@@ -26,6 +26,10 @@ from .linop import LinearOperator, NonFiniteError
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "exact_hessian", "resolve_params", "unwrap_model"]
 
 
+class _NoBatchingRule(Exception):
+    """Some rank could not do a batched product: every rank falls back to single products."""
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside ``DataParallel`` / ``DistributedDataParallel`` (curvature products go around
     the wrapper, so DDP's gradient hooks never fire and its reducer is left ready for training)."""
@@ -121,7 +125,12 @@ class CurvatureOperator(LinearOperator):
         progress: show a tqdm bar over the batches of a loader.
         distributed: sum the per-rank products over ``torch.distributed`` (each rank holding its shard
             of the data). ``None``: on when a process group is initialised with more than one rank and
-            a loader is given.
+            a loader is given (a one-batch list ``[(x, y)]`` included: a rank's shard of one batch).
+            Every rank must then make the same calls with the same vectors (the algorithms do, given
+            the same seed); the result equals the one-process product over the union of the shards,
+            is the same on every rank, and a failure on one rank raises on all of them. Shards may
+            differ in size, or be empty. ``num_batches`` counts per rank, and ``train_mode=True`` uses
+            each rank's own batch statistics.
     """
 
     _backends = ("double_backprop",)
@@ -254,12 +263,16 @@ class CurvatureOperator(LinearOperator):
                 break
             yield self._to_device(_split_batch(batch)), False
 
-    def _products(self, pieces, batched: bool):
-        """Curvature times ``pieces`` (split like the parameters; with a leading ``k`` if batched)."""
+    def _local_products(self, pieces, batched: bool):
+        """This process's size-weighted sum of batch products and its sample count.
+
+        Returns ``(acc, count, single)``: ``single`` is the product of the one reusable batch, returned
+        unweighted (``acc`` is then ``None``) when no reduction over batches or ranks follows.
+        """
         acc, count = None, 0
         for (inputs, targets), reusable in self._batches():
             n_b = int(inputs.shape[0])
-            if n_b == 0:  # e.g. an empty shard on one rank: it still joins the all-reduce below
+            if n_b == 0:  # e.g. an empty shard on one rank: it still joins the all-reduce
                 continue
             with self._prepared():
                 if reusable and self.reuse_graph:
@@ -269,7 +282,7 @@ class CurvatureOperator(LinearOperator):
                 else:
                     prod = self._batch_product(self._batch_graph(inputs, targets), pieces, batched, retain=False)
             if reusable and not self.distributed:
-                return prod  # one batch: no weighting (and no rounding from it)
+                return None, n_b, prod  # one batch: no weighting (and no rounding from it)
             # mean-reduced losses: the whole-data Hessian is the size-weighted mean of batch Hessians
             weight = float(n_b) if self.reduction == "mean" else 1.0
             if acc is None:
@@ -278,25 +291,73 @@ class CurvatureOperator(LinearOperator):
                 for a, t in zip(acc, prod):
                     a.add_(t, alpha=weight)
             count += n_b
-        if acc is None:
-            acc = [torch.zeros_like(t) for t in pieces]
-        if self.distributed:
-            import torch.distributed as dist
+        return acc, count, None
 
-            flat = torch.cat([a.reshape(-1) for a in acc] + [acc[0].new_tensor([float(count)]).reshape(-1)])
-            dist.all_reduce(flat)
-            count = int(round(flat[-1].item()))
-            offset = 0
-            for a in acc:
-                a.copy_(flat[offset : offset + a.numel()].view_as(a))
-                offset += a.numel()
+    def _products(self, pieces, batched: bool):
+        """Curvature times ``pieces`` (split like the parameters; with a leading ``k`` if batched)."""
+        if not self.distributed:
+            acc, count, single = self._local_products(pieces, batched)
+            if single is not None:
+                return single
+        else:
+            acc, count = self._reduced_products(pieces, batched)
         if count == 0:
             raise ValueError("the data loader yielded no samples")
+        if acc is None:
+            acc = [torch.zeros_like(t) for t in pieces]
         self.num_samples = count
         if self.reduction == "mean":
             for a in acc:
                 a.div_(count)
         return acc
+
+    def _reduced_products(self, pieces, batched: bool):
+        """The products summed over the ranks: two all-reduces, a status and the payload.
+
+        The status (sample count, failed ranks, ranks without a batching rule; int64, so the count is
+        exact) comes first, so that a rank whose local products failed makes *every* rank raise
+        (instead of the others waiting in the payload's all-reduce until the timeout), and a batched
+        product that one rank cannot do makes every rank fall back to single products together.
+        """
+        import torch.distributed as dist
+
+        acc, count, error, no_batching = None, 0, None, False
+        try:
+            acc, count, _ = self._local_products(pieces, batched)
+        except RuntimeError as exc:
+            if batched and self._batched_ok:
+                no_batching, error = True, exc  # e.g. no vmap rule for an op's backward: loop instead
+            else:
+                error = exc
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = exc
+        failed = error is not None and not no_batching
+        status = torch.tensor(
+            [count, int(failed and isinstance(error, NonFiniteError)), int(failed), int(no_batching)],
+            dtype=torch.int64,
+            device=self.device if dist.get_backend() == "nccl" else "cpu",
+        )
+        dist.all_reduce(status)
+        total, nonfinite, failures, fallbacks = (int(x) for x in status.tolist())
+        if failures:
+            if failed:
+                raise error
+            kind = NonFiniteError if nonfinite == failures else RuntimeError
+            raise kind(
+                f"{failures} other rank(s) failed to compute their curvature products "
+                "(their errors are in their own output); stopping on this rank too"
+            )
+        if fallbacks:
+            raise _NoBatchingRule(str(error) if error is not None else "another rank has no batching rule")
+        if acc is None:  # no samples on this rank: it contributes zeros
+            acc = [torch.zeros_like(t) for t in pieces]
+        flat = torch.cat([a.reshape(-1) for a in acc])
+        dist.all_reduce(flat)
+        offset = 0
+        for a in acc:
+            a.copy_(flat[offset : offset + a.numel()].view_as(a))
+            offset += a.numel()
+        return acc, total
 
     def _matvec(self, v):
         return flatten(self._products(unflatten(v, self.params), batched=False), like=self.params)
@@ -304,9 +365,12 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, V):
         k = V.shape[1]
         if self._batched_ok:
+            # Distributed, only the all-reduced verdict counts: a communication error (a RuntimeError
+            # too) must propagate, not send this rank alone into a loop of collectives.
+            fallback = (_NoBatchingRule,) if self.distributed else (RuntimeError,)
             try:
                 return flatten_batched(self._products(unflatten(V, self.params), batched=True), k)
-            except RuntimeError:
+            except fallback:
                 # An operation without a batching rule (vmap over the backward): loop instead, from now on.
                 self._batched_ok = False
         return super()._matmat(V)
