@@ -206,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--landscape-radius",
         type=_cli.positive_float,
         default=d["landscape_radius"],
-        help="steps from -R to R along the unit eigenvectors, in parameter units "
-        f"(default: {d['landscape_radius']})",
+        help=f"steps from -R to R along the unit eigenvectors, in parameter units (default: {d['landscape_radius']})",
     )
     g.add_argument(
         "--landscape-points",
@@ -271,41 +270,6 @@ def _resnet_depth_of(state) -> int | None:
     """The depth 6n+2 of a CIFAR ResNet state_dict, from the number of blocks in its first stage."""
     blocks = {int(m.group(1)) for k in state for m in [re.match(r"layer1\.(\d+)\.", k)] if m}
     return 6 * (max(blocks) + 1) + 2 if blocks else None
-
-
-def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _fit(model: nn.Module, state, path: str, desc: str, hint: str) -> None:
-    """Load ``state`` into ``model`` or raise a one-line UsageError naming the mismatch."""
-    expected = model.state_dict()
-    # BatchNorm's num_batches_tracked (PyTorch >= 0.4.1) is absent from older files and unused in eval mode.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        (k, v)
-        for k, v in state.items()
-        if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)
-    ]
-
-    def some(keys):
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {some(unexpected)}")
-    if wrong:
-        k, v = wrong[0]
-        problems.append(
-            f"{len(wrong)} shape mismatch(es), the first: {k} is {_shape(v)} in the checkpoint, "
-            f"{_shape(expected[k])} in the model"
-        )
-    if problems:
-        raise _cli.UsageError(f"{path} does not fit {desc}: " + "; ".join(problems) + f" ({hint})")
-    model.load_state_dict(state, strict=False)
 
 
 def _select_blocks(model, prefixes):
@@ -417,7 +381,7 @@ def load_model(args, log):
         if full
         else "check --arch, --depth and --name"
     )
-    _fit(model, state, path, desc, hint)
+    _cli.load_state_into(model, state, path, desc, hint)
     return model, meta
 
 
@@ -555,9 +519,7 @@ def main(args) -> dict:
         except ImportError as exc:
             raise _cli.UsageError("--density/--per-layer/--landscape need matplotlib: pip install matplotlib") from exc
 
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, meta = load_model(args, log)
     model = model.to(device).eval()
     name, source, data_desc, _ = load_data(args, meta, log)

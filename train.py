@@ -370,7 +370,10 @@ def _main(args, ctx) -> dict:
     tracker = _make_tracker(args, criterion, plain_set, test_set, ctx) if args.track_eigen else None
     state = {"epoch": 0, "history": [], "updates": 0, "best_test_acc": None, "elapsed": 0.0}
     if ckpt is not None:
-        model.load_state_dict(extract_state_dict(ckpt))
+        _cli.load_state_into(
+            model, extract_state_dict(ckpt), args.resume, f"{canonical_arch(args.arch)} for {args.name}",
+            "the checkpoint's weights contradict its own settings",
+        )  # fmt: skip
         optimizer.load_state_dict(ckpt["optimizer"])
         controller.load_state_dict(ckpt["absa"])
         if tracker is not None and ckpt.get("tracker"):

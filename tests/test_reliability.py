@@ -135,7 +135,7 @@ def test_disk_full_mid_run_keeps_previous_checkpoint(tmp_path, monkeypatch, caps
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "random", "other_arch", "bare_state_dict"])
+@pytest.mark.parametrize("kind", ["missing", "truncated", "random", "other_arch", "bare_state_dict", "other_classes"])
 def test_bad_resume_files_are_one_line_errors(tmp_path, kind, capsys):
     good = tmp_path / "good.pkl"
     bad = tmp_path / "bad.pkl"
@@ -151,6 +151,11 @@ def test_bad_resume_files_are_one_line_errors(tmp_path, kind, capsys):
             ck = load_checkpoint(good)
             ck["args"]["arch"] = ck["arch"] = "c1"
             torch.save(ck, bad)
+        elif kind == "other_classes":  # weights of a 100-class model under a 10-class description
+            ck = load_checkpoint(good)
+            ck["state_dict"]["fc.weight"] = torch.zeros(100, ck["state_dict"]["fc.weight"].shape[1])
+            ck["state_dict"]["fc.bias"] = torch.zeros(100)
+            torch.save(ck, bad)
         else:
             torch.save(load_checkpoint(good)["state_dict"], bad)
     capsys.readouterr()
@@ -162,3 +167,5 @@ def test_bad_resume_files_are_one_line_errors(tmp_path, kind, capsys):
     assert "bad.pkl" in err or kind == "other_arch", err
     if kind == "other_arch":
         assert "c1" in err  # the model of another architecture does not fit: the mismatch is named
+    if kind == "other_classes":
+        assert "fc.weight is [100, 64] in the checkpoint, [10, 64] in the model" in err
