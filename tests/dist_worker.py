@@ -2,13 +2,15 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py ops OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train OUT_DIR -- TRAIN.PY FLAGS
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train_resnet OUT_DIR -- FLAGS
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py bench OUT_DIR
 
 ``ops`` computes curvature products and every algorithm over each rank's shard of a small float64
 problem and saves ``OUT_DIR/ops_rank{r}.pt``; the test computes the one-process reference in-process
 with :func:`operator_results` ``(rank=0, world=1)`` and compares. ``train`` runs train.py's ``main``
 (through ``_cli.run``, as ``python train.py`` does) and saves every rank's returned metrics to
-``OUT_DIR/metrics_rank{r}.json``; ``$DIST_WORKER_FAIL_RANK`` makes that rank's eigenvalue check raise.
+``OUT_DIR/metrics_rank{r}.json`` (``train_resnet``: the same with train_resnet.py);
+``$DIST_WORKER_FAIL_RANK`` makes that rank's ABSA eigenvalue check raise.
 ``bench`` times the full-data-set product and writes ``OUT_DIR/bench_rank{r}.json``.
 """
 
@@ -213,9 +215,13 @@ def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dic
     }
 
 
-def _train(out_dir: str, argv: list[str], rank: int) -> int:
+def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> int:
+    import importlib
+
     import _cli
     import train
+
+    module = importlib.import_module(script)  # train or train_resnet (which runs train.main)
 
     fail_rank = os.environ.get("DIST_WORKER_FAIL_RANK")
     if fail_rank is not None and int(fail_rank) == rank:
@@ -226,12 +232,12 @@ def _train(out_dir: str, argv: list[str], rank: int) -> int:
         train.top_eigenvalue = broken
 
     def main(args):
-        metrics = train.main(args)
+        metrics = module.main(args)
         with open(os.path.join(out_dir, f"metrics_rank{rank}.json"), "w") as f:
             json.dump(metrics, f)
         return metrics
 
-    return _cli.run(main, train.parse_args, argv)
+    return _cli.run(main, module.parse_args, argv)
 
 
 def main(argv=None) -> int:
@@ -241,8 +247,8 @@ def main(argv=None) -> int:
         rest = rest[1:]
     os.makedirs(out_dir, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    if mode == "train":
-        return _train(out_dir, rest, rank)
+    if mode in ("train", "train_resnet"):
+        return _train(out_dir, rest, rank, mode)
     ctx = init_distributed("cpu")
     try:
         if mode == "ops":

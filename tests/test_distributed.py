@@ -385,6 +385,39 @@ def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_train_resnet_tracks_the_full_set_eigenvalue_of_one_process(tmp_path):
+    from hessianflow.checkpoint import load_checkpoint
+    from hessianflow.tracking import top_eigenvalue
+    from models import get_model
+    from utils import get_datasets
+
+    # --eig-batches 2 of 24: the first 48 samples, whatever the world size (each rank holds 24 of them)
+    flags = [
+        "--name", "synthetic", "--synthetic-train", "128", "--synthetic-test", "32", "--depth", "8",
+        "--epochs", "1", "--batch-size", "32", "--eigen-type", "full", "--eig-batches", "2",
+        "--hessian-batch-size", "24", "--no-progress", "--device", "cpu", "--out-dir", tmp_path,
+        "--save", tmp_path / "c.pkl",
+    ]  # fmt: skip
+    proc, _ = torchrun("train_resnet", tmp_path, "--", *flags)
+    _check_ok(proc)
+    m0, m1 = (json.loads((tmp_path / f"metrics_rank{r}.json").read_text()) for r in range(2))
+    assert m0["eigenvalues"] == m1["eigenvalues"] and m0["world_size"] == 2
+    ckpt = load_checkpoint(tmp_path / "c.pkl")
+    a = ckpt["args"]
+    model = get_model("ResNet", depth=8, num_classes=ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    _, plain, _ = get_datasets("synthetic", augment=False, seed=a["seed"], num_train=128, num_test=32)
+    first = torch.utils.data.Subset(plain, range(48))
+    loader = torch.utils.data.DataLoader(first, batch_size=24)
+    res = top_eigenvalue(
+        model, nn.CrossEntropyLoss(), dataloader=loader, max_iter=a["eig_max_iter"], tol=a["eig_tol"], seed=a["seed"]
+    )
+    assert m0["eigenvalues"][0] == pytest.approx(float(res.eigenvalues[0]), rel=1e-4)
+    rows = (tmp_path / "eigen_history.csv").read_text().splitlines()
+    assert len(rows) == 2  # a header and epoch 1, written once (by rank 0)
+
+
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_run_with_its_error(tmp_path):
     flags = [
         "--name", "synthetic", "--synthetic-train", "128", "--synthetic-test", "32", "--arch", "c1",
