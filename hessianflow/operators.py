@@ -188,6 +188,8 @@ class CurvatureOperator(LinearOperator):
                 and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1
             )
+        elif distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
         self.distributed = bool(distributed)
         self._graph = None
         self._batched_ok = True

@@ -116,6 +116,10 @@ def test_helpers_are_the_identity_without_a_group():
     assert broadcast_buffers(bn) == 0
     assert_same_on_all_ranks([1.0, None])  # nothing to compare with
     assert DistContext().is_main and not DistContext().enabled
+    model, X, y = worker.problem()
+    assert not HessianOperator(model, nn.CrossEntropyLoss(), dataloader=worker._loader(X, y)).distributed
+    with pytest.raises(ValueError, match="process group"):
+        HessianOperator(model, nn.CrossEntropyLoss(), dataloader=worker._loader(X, y), distributed=True)
 
 
 def _free_port() -> int:
