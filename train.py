@@ -375,7 +375,8 @@ def _main(args, ctx) -> dict:
             "the checkpoint's weights contradict its own settings",
         )  # fmt: skip
         optimizer.load_state_dict(ckpt["optimizer"])
-        controller.load_state_dict(ckpt["absa"])
+        # the run flags were checked against the checkpoint above; only --epochs may have grown
+        controller.load_state_dict(ckpt["absa"], strict=False)
         if tracker is not None and ckpt.get("tracker"):
             tracker.load_state_dict(ckpt["tracker"])
         set_rng_state(ckpt["rng"])

@@ -213,3 +213,11 @@ def test_resume_with_conflicting_flags_is_refused(tmp_path, capsys):
             "--resume", str(tmp_path / "ckpt.pkl"), "--arch", "c1"]  # fmt: skip
     assert _cli.run(train.main, train.parse_args, argv) == 2
     assert "--arch 'c1' (checkpoint: 'c2')" in capsys.readouterr().err
+
+
+def test_resume_may_extend_the_number_of_epochs(tmp_path):
+    common = ["--arch", "c2", "--method", "sgd", "--large-ratio", "1", "--batch-size", "64"]
+    run_train(tmp_path, *common, "--epochs", "1")
+    metrics = run_train(tmp_path, *common, "--epochs", "2", "--resume", str(tmp_path / "ckpt.pkl"))
+    assert metrics["epochs"] == 2 and [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
+    assert load_checkpoint(tmp_path / "ckpt.pkl")["epoch"] == 2
