@@ -90,18 +90,7 @@ def double_backprop_hvp(
     """
     if len(vecs) != len(params) or len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients and {len(vecs)} vector pieces for {len(params)} parameters")
-    live = _grad_graph(grads)
-    out = [torch.zeros_like(p) for p in params]
-    if not live:
-        return out
-    hv = torch.autograd.grad(
-        [grads[i] for i in live],
-        params,
-        grad_outputs=[vecs[i] for i in live],
-        retain_graph=retain_graph,
-        allow_unused=True,
-    )
-    return [h.detach() if h is not None else o for h, o in zip(hv, out)]
+    return _double_backprop(grads, params, vecs, retain_graph, batched=False)
 
 
 def double_backprop_hmm(
@@ -116,18 +105,21 @@ def double_backprop_hmm(
     the ``k`` products as batched kernels. Raises ``RuntimeError`` where an operation in the graph has no
     batching rule; :class:`~hessianflow.operators.HessianOperator` then falls back to a loop.
     """
+    return _double_backprop(grads, params, mats, retain_graph, batched=True)
+
+
+def _double_backprop(grads, params, pieces, retain_graph: bool, batched: bool) -> list[torch.Tensor]:
     live = _grad_graph(grads)
-    k = mats[0].shape[0]
-    out = [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+    out = [torch.zeros_like(t) for t in pieces]  # [k, *shape] when batched
     if not live:
         return out
     hv = torch.autograd.grad(
         [grads[i] for i in live],
         params,
-        grad_outputs=[mats[i] for i in live],
+        grad_outputs=[pieces[i] for i in live],
         retain_graph=retain_graph,
         allow_unused=True,
-        is_grads_batched=True,
+        is_grads_batched=batched,
     )
     return [h.detach() if h is not None else o for h, o in zip(hv, out)]
 

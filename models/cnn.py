@@ -45,6 +45,15 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _classifier(in_features: int, hidden: tuple, num_classes: int) -> nn.Sequential:
+    """Fully connected layers with ReLUs between them: ``in -> hidden[0] -> ... -> num_classes``."""
+    layers, width = [], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
 class C1(nn.Module):
     """HessianFlow's C1: two 5x5 convolutions and three fully connected layers.
 
@@ -82,13 +91,7 @@ class C1(nn.Module):
         for _ in range(2):  # the 5x5 convolutions keep the size; each pool halves it (rounding up)
             h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
         self.flat_features = 64 * h * w
-        self.classifier = nn.Sequential(
-            nn.Linear(self.flat_features, 384),
-            nn.ReLU(),
-            nn.Linear(384, 192),
-            nn.ReLU(),
-            nn.Linear(192, num_classes),
-        )
+        self.classifier = _classifier(self.flat_features, (384, 192), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -140,13 +143,7 @@ class C2(nn.Module):
                     "two 2x2 pools need at least 16x16 inputs)"
                 )
         self.flat_features = 128 * h * w
-        self.classifier = nn.Sequential(
-            nn.Linear(self.flat_features, 256),
-            nn.ReLU(),
-            nn.Linear(256, 256),
-            nn.ReLU(),
-            nn.Linear(256, num_classes),
-        )
+        self.classifier = _classifier(self.flat_features, (256, 256), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
