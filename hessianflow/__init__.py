@@ -29,6 +29,7 @@ from .compat import (
     normalization,
 )
 from .density import DensityResult, spectral_density
+from .distributed import DistContext, broadcast_buffers, init_distributed, is_distributed, shard
 from .eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
 from .hvp import double_backprop_hvp, flatten, forward_over_reverse_hvp, unflatten
 from .linop import DenseOperator, LinearOperator, NonFiniteError, as_operator
@@ -102,6 +103,12 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "versions",
+    # torch.distributed (torchrun)
+    "DistContext",
+    "init_distributed",
+    "is_distributed",
+    "shard",
+    "broadcast_buffers",
     # plots (matplotlib imported on first use)
     "plot_density",
     "plot_eigen_history",
