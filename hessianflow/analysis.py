@@ -8,7 +8,8 @@
   HessianFlow only analyse the whole network.
 * :func:`loss_landscape` evaluates the loss on a line or a plane through the parameters, e.g. along
   the top eigenvectors (the 1-D and 2-D figures of Yao et al. 2018, §4, and Li et al. 2018 for the
-  plane), without ever touching the model's parameters.
+  plane), without ever touching the model's parameters; under ``torch.distributed`` the ranks'
+  shards of a loader are combined, as the operators combine their products.
 """
 
 from __future__ import annotations
@@ -330,6 +331,7 @@ def loss_landscape(
     dataloader: Iterable | None = None,
     params=None,
     num_batches: int | None = None,
+    distributed: bool | None = None,
 ) -> torch.Tensor:
     """The loss on a line or a plane through the parameters.
 
@@ -359,13 +361,20 @@ def loss_landscape(
         params: the parameters the directions live on (see :func:`~hessianflow.operators.resolve_params`;
             default: every parameter with ``requires_grad``).
         num_batches: use only the first ``num_batches`` batches of the loader.
+        distributed: combine the ranks' losses over ``torch.distributed``, each rank holding its shard
+            of the data: the size-weighted mean (``"sum"``: the sum) over the union of the shards, the
+            same on every rank. ``None``, as for the operators: on when a process group with more than
+            one rank is initialised and a loader is given (a one-batch list ``[(x, y)]`` included).
+            Every rank must then call with the same directions and steps; shards may be empty, and a
+            failure on one rank raises on all of them.
 
     Returns:
         float64 CPU tensor of losses, ``[len(alphas)]`` or ``[len(alphas), len(betas)]``.
 
     Raises:
         ValueError: for both or neither of ``data``/``dataloader``, a direction of the wrong length or
-            count, empty or non-finite steps, or an empty loader.
+            count, empty or non-finite steps, an empty loader (distributed: no samples on any rank), or
+            ``distributed=True`` without a process group.
     """
     if (data is None) == (dataloader is None):
         raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
@@ -384,6 +393,11 @@ def loss_landscape(
     reduction = getattr(criterion, "reduction", "mean")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {reduction!r}")
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed is None:
+        distributed = dataloader is not None and group and torch.distributed.get_world_size() > 1
+    elif distributed and not group:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
 
     def to_device(batch):
         x, y = _split_batch(batch)
@@ -410,7 +424,8 @@ def loss_landscape(
 
     d_pieces = [pieces(d) for d in dirs]
 
-    def loss_at(coefs) -> float:
+    def loss_at(coefs) -> tuple[float, int]:
+        """This process's (sample-weighted) loss sum and sample count at ``theta + sum c_i d_i``."""
         perturbed = {}
         for i, (name, p) in enumerate(zip(names, base)):
             q = p
@@ -435,19 +450,54 @@ def loss_landscape(
                 raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
             total += float(loss) * (nb if reduction == "mean" else 1.0)
             count += nb
-        if count == 0:
+        if count == 0 and not distributed:
             raise ValueError("the data loader yielded no samples")
-        return total / count if reduction == "mean" else total
+        return total, count
 
+    grid = [(float(x),) for x in a] if b is None else [(float(x), float(y)) for x in a for y in b]
     modes = [(m, m.training) for m in model.modules()]
+    sums, error = None, None
     try:
         model.eval()
         with torch.no_grad():
-            if b is None:
-                out = torch.tensor([loss_at((float(x),)) for x in a], dtype=torch.float64)
-            else:
-                out = torch.tensor([[loss_at((float(x), float(y))) for y in b] for x in a], dtype=torch.float64)
+            sums = torch.tensor([loss_at(c) for c in grid], dtype=torch.float64)  # [points, 2]: total, count
+    except Exception as exc:
+        if not distributed:
+            raise
+        error = exc  # re-raised below, after telling the other ranks
     finally:
         for m, mode in modes:
             m.training = mode
-    return out
+    if distributed:
+        sums = _reduce_over_ranks(sums, len(grid), error, device)
+    totals, counts = sums.unbind(dim=1)
+    if distributed and counts[0] == 0:
+        raise ValueError("the data loader yielded no samples on any rank")
+    out = totals / counts if reduction == "mean" else totals
+    return out if b is None else out.view(len(a), len(b))
+
+
+def _reduce_over_ranks(sums, points: int, error, device) -> torch.Tensor:
+    """Sum the ``[points, 2]`` (loss sum, count) table over the ranks in one all-reduce.
+
+    A status entry (the number of failed ranks) travels with the payload, so that a rank whose own
+    evaluation failed makes every rank raise rather than return a partial sum.
+    """
+    import torch.distributed as dist
+
+    flat = torch.zeros(2 * points + 1, dtype=torch.float64)
+    if error is None:
+        flat[:-1] = sums.reshape(-1)
+    else:
+        flat[-1] = 1.0
+    flat = flat.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    if error is not None:
+        raise error
+    if flat[-1] != 0:
+        raise RuntimeError(
+            f"{int(flat[-1])} other rank(s) failed to evaluate the loss landscape "
+            "(their errors are in their own output); stopping on this rank too"
+        )
+    return flat[:-1].view(points, 2)
