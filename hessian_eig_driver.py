@@ -9,6 +9,7 @@ HessianFlow's hessian_eig_driver.py, with its flags. Usage::
     python hessian_eig_driver.py --resume runs/model_param.pkl --which SA --operator ggn --data test
     python hessian_eig_driver.py --resume legacy.pkl --arch ResNet --depth 20 --name cifar100   # bare state_dict
     python hessian_eig_driver.py --resume ckpt.pkl --name synthetic --synthetic-train 512 --eigen-type full
+    torchrun --nproc_per_node 4 hessian_eig_driver.py --resume runs/model_param.pkl --eigen-type full --trace
 
 Checkpoints of train.py / train_resnet.py carry the model and the data set and need no other flag.
 HessianFlow's own files (a bare ``torch.save(model.state_dict())``, with or without DataParallel's
@@ -21,9 +22,15 @@ drawn with ``--seed`` (the same batch train.py tracks for the same seed and data
 split, or its first ``--num-batches`` batches of ``--hessian-batch-size``. The Hessian is that of the mean
 cross-entropy loss in eval mode (BatchNorm running statistics), as in train.py's tracking.
 
+Under ``torchrun`` the processes split the analysed samples (gloo on CPUs, NCCL with one GPU per
+process): each takes a contiguous share of the samples one process would use (``full``), or of the
+approximate batch, and every curvature product, loss and landscape point is summed over the processes,
+so the numbers are those of one process up to the order of the sums, and the same on every process
+(the solvers draw the same random vectors from ``--seed``). Rank 0 alone prints and writes.
+
 Figures go to ``--out-dir`` (default: the checkpoint's directory); ``--json`` writes every number printed
 plus the settings and versions. Exit status: 0 done, 2 a user error (bad flag, unusable checkpoint,
-missing data), 3 a NaN/Inf loss or curvature.
+missing data), 3 a NaN/Inf loss or curvature (under torchrun, which reports any failing process: 1).
 """
 
 from __future__ import annotations
@@ -385,9 +392,17 @@ def load_model(args, log):
     return model, meta
 
 
-def load_data(args, meta, log):
-    """The batch or loader to analyse, and a description of it."""
+def load_data(args, meta, log, ctx=None):
+    """The batch or loader to analyse, and a description of it (of all processes' samples together).
+
+    Under torchrun (``ctx`` of more than one process) each rank gets a one-batch list or a loader over its
+    contiguous shard of the samples one process would analyse, which the operators and the landscape
+    then sum over the ranks.
+    """
+    from hessianflow.distributed import shard
     from utils import dataset_info, fixed_batch, get_datasets, subset_loader
+
+    rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
 
     ckpt_set = meta["dataset"]
     name = args.name or ckpt_set or "cifar10"
@@ -413,9 +428,16 @@ def load_data(args, meta, log):
                 f"{args.resume}, trained on {ckpt_set} ({theirs[0]} classes, {theirs[1]}x{theirs[2]}x{theirs[2]})"
             )
         log(f"note: analysing on {name} a model trained on {ckpt_set}")
+    # --download under torchrun: rank 0 fetches the files while the others wait, so that no two processes
+    # write the same archive (a rank 0 that fails exits, and torchrun then stops the waiting ranks)
+    first = world > 1 and args.download and name != "synthetic"
+    if first and rank != 0:
+        ctx.barrier()
     _, plain, test = get_datasets(
         name, data_dir=args.data_dir, download=args.download, augment=False, seed=data_seed, **synth
     )
+    if first and rank == 0:
+        ctx.barrier()
     dataset = plain if args.data == "train" else test
     n = len(dataset)
     bs = args.hessian_batch_size
@@ -424,14 +446,24 @@ def load_data(args, meta, log):
             raise _cli.UsageError(f"--hessian-batch-size {bs} exceeds the {n} samples of {name} {args.data}")
         batch = fixed_batch(dataset, bs, seed=args.seed)
         desc = {"num_samples": bs, "batch_size": bs, "num_batches": 1}
+        if world > 1:
+            # a one-batch "loader": the operators and the landscape then sum the ranks' shards of it
+            part = shard(bs, rank, world)
+            return name, {"dataloader": [(batch[0][part], batch[1][part])]}, desc, info
         return name, {"data": batch}, desc, info
     if args.num_batches is not None and args.num_batches * bs > n:
         raise _cli.UsageError(
             f"--num-batches {args.num_batches} x --hessian-batch-size {bs} exceeds the {n} samples "
             f"of {name} {args.data}"
         )
-    loader = subset_loader(dataset, bs, num_batches=args.num_batches, num_workers=args.num_workers)
     count = n if args.num_batches is None else args.num_batches * bs
+    if world > 1:
+        # the first `count` samples whatever the number of processes; each rank takes its contiguous share
+        # (so a rank holds at most --num-batches batches, the last one maybe partial)
+        part = torch.utils.data.Subset(dataset, range(count)[shard(count, rank, world)])
+        loader = subset_loader(part, bs, num_workers=args.num_workers)
+    else:
+        loader = subset_loader(dataset, bs, num_batches=args.num_batches, num_workers=args.num_workers)
     desc = {"num_samples": count, "batch_size": bs, "num_batches": math.ceil(count / bs)}
     return name, {"dataloader": loader}, desc, info
 
@@ -469,6 +501,20 @@ def _write_json(path: str, obj) -> str:
     return path
 
 
+def _numbers(obj, skip=("seconds", "settings", "versions", "checkpoint")) -> list[float]:
+    """Every number of a result (tensors flattened, booleans as 0/1), in a fixed order; timings and
+    the recorded settings left out: what every process must agree on."""
+    if isinstance(obj, torch.Tensor):
+        return [float(x) for x in obj.detach().cpu().reshape(-1).tolist()]
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() if k not in skip for x in _numbers(v, skip)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in _numbers(v, skip)]
+    if isinstance(obj, (bool, int, float)):
+        return [float(obj)]
+    return []
+
+
 def _table(header, rows) -> list[str]:
     """Left-aligned first column, right-aligned others."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -482,7 +528,25 @@ def _table(header, rows) -> list[str]:
 
 
 def main(args) -> dict:
-    """Run the analyses asked for by ``args`` (from :func:`parse_args`); return every number as a dict."""
+    """Run the analyses asked for by ``args`` (from :func:`parse_args`); return every number as a dict.
+
+    Started by torchrun, the processes share the work and return the same numbers (rank 0 alone prints
+    and writes the files).
+    """
+    from hessianflow.distributed import init_distributed
+
+    ctx = init_distributed(args.device)
+    try:
+        if ctx.is_main:
+            return _main(args, ctx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the collective computations warn alike on every rank: rank 0 speaks
+            return _main(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _main(args, ctx) -> dict:
     from hessianflow.analysis import loss_landscape, per_layer
     from hessianflow.density import spectral_density
     from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
@@ -490,11 +554,12 @@ def main(args) -> dict:
     from hessianflow.trace import trace
 
     t_start = time.time()
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = (sys.stderr.isatty() if args.progress is None else args.progress) and ctx.is_main
     lines: list[str] = []
 
     def log(text=""):
-        print(text, flush=True)
+        if ctx.is_main:
+            print(text, flush=True)
         lines.append(text)
 
     warned: list[str] = []
@@ -503,7 +568,7 @@ def main(args) -> dict:
         log(f"WARNING: {text}")
         warned.append(text)
 
-    # Fail on an unusable output before any work.
+    # Fail on an unusable output before any work (every rank checks, so that every rank stops).
     figures_wanted = args.density or args.per_layer or args.landscape
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
     if figures_wanted:
@@ -519,10 +584,10 @@ def main(args) -> dict:
         except ImportError as exc:
             raise _cli.UsageError("--density/--per-layer/--landscape need matplotlib: pip install matplotlib") from exc
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = ctx.device
     model, meta = load_model(args, log)
     model = model.to(device).eval()
-    name, source, data_desc, _ = load_data(args, meta, log)
+    name, source, data_desc, _ = load_data(args, meta, log, ctx)
     criterion = nn.CrossEntropyLoss()
     num_params = sum(p.numel() for p in model.parameters())
     mdesc = _model_desc(meta["arch"], meta["depth"])
@@ -540,7 +605,8 @@ def main(args) -> dict:
     log(f"checkpoint  {os.path.abspath(args.resume)} ({origin})")
     log(f"model       {mdesc}, {meta['num_classes']} classes, {num_params:,} parameters")
     log(f"data        {data_line}")
-    log(f"operator    {op_name} of the mean cross-entropy loss, eval mode, {device}")
+    procs = f", {ctx.world_size} processes sharing the samples" if ctx.enabled else ""
+    log(f"operator    {op_name} of the mean cross-entropy loss, eval mode, {device}{procs}")
     title = f"{mdesc} · {name} {args.data} · {ckpt_name}"
     subtitle = (
         f"{'GGN' if args.operator == 'ggn' else 'Hessian'}, {args.eigen_type}: "
@@ -552,11 +618,17 @@ def main(args) -> dict:
         batches = [source["data"]] if "data" in source else source["dataloader"]
         total = correct = count = 0
         for x, y in batches:
+            if x.shape[0] == 0:  # an empty shard (fewer samples than processes)
+                continue
             x, y = x.to(device), y.to(device)
             out = model(x)
             total += float(criterion(out, y)) * x.shape[0]
             correct += int((out.argmax(1) == y).sum())
             count += x.shape[0]
+    if ctx.enabled:
+        sums = torch.tensor([total, correct, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     loss_value, accuracy = total / count, correct / count
     if not math.isfinite(loss_value):
         from hessianflow.linop import NonFiniteError
@@ -587,6 +659,7 @@ def main(args) -> dict:
         },
         "data": {"name": name, "split": args.data, "eigen_type": args.eigen_type, "seed": args.seed, **data_desc},
         "operator": {"type": args.operator, "size": op.size, "mode": "eval", "device": str(device)},
+        "world_size": ctx.world_size,
         "loss": loss_value,
         "accuracy": accuracy,
     }
@@ -661,6 +734,10 @@ def main(args) -> dict:
     def figure_path(what):
         return os.path.join(out_dir, f"{stem}_{tag}_{what}.png")
 
+    def draw(plot, *plot_args, path, **plot_kwargs):
+        """Rank 0 draws; the others return the path it writes, as the plot functions do."""
+        return plot(*plot_args, path=path, **plot_kwargs) if ctx.is_main else path
+
     # -- density -------------------------------------------------------------------------------------
     if args.density:
         from hessianflow.plotting import plot_density
@@ -671,8 +748,8 @@ def main(args) -> dict:
         )
         seconds["density"] = time.time() - t0
         lo, hi = dens.support()
-        path = plot_density(
-            dens, figure_path("density"), title=title,
+        path = draw(
+            plot_density, dens, path=figure_path("density"), title=title,
             subtitle=f"{subtitle}; SLQ {args.density_runs} runs x {args.density_steps} steps",
         )  # fmt: skip
         figures["density"] = path
@@ -729,9 +806,9 @@ def main(args) -> dict:
         bad = [r.name for r in layers if not r.all_converged]
         if bad:
             warn(f"per-layer lanczos did not converge for {', '.join(bad)} (marked (!))")
-        path = plot_per_layer(
-            [r.name for r in layers], [r.eigenvalue for r in layers], [r.trace for r in layers],
-            figure_path("per_layer"), title=title, subtitle=subtitle,
+        path = draw(
+            plot_per_layer, [r.name for r in layers], [r.eigenvalue for r in layers], [r.trace for r in layers],
+            path=figure_path("per_layer"), title=title, subtitle=subtitle,
         )  # fmt: skip
         figures["per_layer"] = path
         result["per_layer"] = {
@@ -758,14 +835,14 @@ def main(args) -> dict:
         if not torch.isfinite(losses).all():
             warn("the loss is not finite at some points of the landscape; lower --landscape-radius")
         elif args.landscape == 1:
-            figures["landscape"] = plot_landscape_1d(
-                alphas, losses, figure_path("landscape1d"), title=title,
+            figures["landscape"] = draw(
+                plot_landscape_1d, alphas, losses, path=figure_path("landscape1d"), title=title,
                 subtitle=f"{subtitle}; v₁ with λ₁ = {_num(lam[0])}",
                 xlabel=f"step α along the {what} eigenvector v₁ (θ + α·v₁, ‖v₁‖ = 1)",
             )  # fmt: skip
         else:
-            figures["landscape"] = plot_landscape_2d(
-                alphas, betas, losses, figure_path("landscape2d"), title=title,
+            figures["landscape"] = draw(
+                plot_landscape_2d, alphas, betas, losses, path=figure_path("landscape2d"), title=title,
                 subtitle=f"{subtitle}; {what} eigenvalues λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
             )  # fmt: skip
         lo_i = int(torch.argmin(losses))
@@ -803,7 +880,15 @@ def main(args) -> dict:
         result["json"] = os.path.abspath(args.json)
         log(f"json        {result['json']}")
     log(f"done in {seconds['total']:.1f} s")
-    if args.json is not None:
+    if ctx.enabled:
+        # Every rank computed the same collective numbers (a rank that had not would have dead-locked or
+        # drifted); check it before rank 0 writes them: a RuntimeError on every rank if not.
+        from hessianflow.distributed import assert_same_on_all_ranks
+
+        nums = _numbers(result)
+        assert_same_on_all_ranks(len(nums), "the number of results")
+        assert_same_on_all_ranks(nums, "the results")
+    if args.json is not None and ctx.is_main:
         _write_json(args.json, result)
     return result
 
