@@ -4,6 +4,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train OUT_DIR -- TRAIN.PY FLAGS
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train_resnet OUT_DIR -- FLAGS
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py bench OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py driver OUT_DIR -- DRIVER FLAGS
 
 ``ops`` computes curvature products and every algorithm over each rank's shard of a small float64
 problem and saves ``OUT_DIR/ops_rank{r}.pt``; the test computes the one-process reference in-process
@@ -11,7 +12,9 @@ with :func:`operator_results` ``(rank=0, world=1)`` and compares. ``train`` runs
 (through ``_cli.run``, as ``python train.py`` does) and saves every rank's returned metrics to
 ``OUT_DIR/metrics_rank{r}.json`` (``train_resnet``: the same with train_resnet.py);
 ``$DIST_WORKER_FAIL_RANK`` makes that rank's ABSA eigenvalue check raise.
-``bench`` times the full-data-set product and writes ``OUT_DIR/bench_rank{r}.json``.
+``bench`` times the full-data-set product and writes ``OUT_DIR/bench_rank{r}.json``. ``driver`` runs
+hessian_eig_driver.py's ``main`` (through ``_cli.run``) and saves every rank's returned result to
+``OUT_DIR/driver_rank{r}.json``; ``$DIST_WORKER_FAIL_RANK`` makes that rank's loss landscape fail.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if ROOT not in sys.path:
 
 from hessianflow import operators  # noqa: E402
 from hessianflow._random import make_generator, randn  # noqa: E402
+from hessianflow.analysis import loss_landscape  # noqa: E402
 from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.distributed import (  # noqa: E402
     assert_same_on_all_ranks,
@@ -96,6 +100,17 @@ def operator_results(rank: int, world: int) -> dict:
     # a data set smaller than the world: the other ranks hold empty shards
     s1 = shard(1, rank, world)
     out["tiny_v"] = HessianOperator(model, ce, dataloader=_loader(X[:1][s1], y[:1][s1])) @ v
+    # the loss landscape over the shards: a loader, a one-batch list, an empty shard, a sum-reduced loss
+    steps = [-0.5, 0.0, 0.3]
+    out["landscape"] = loss_landscape(model, ce, dataloader=loader, directions=v, alphas=steps)
+    out["landscape_2d"] = loss_landscape(model, ce, dataloader=loader, directions=V[:, :2], alphas=steps, betas=[0.2])
+    out["landscape_one_batch"] = loss_landscape(
+        model, ce, dataloader=[(X[:12][s12], y[:12][s12])], directions=v, alphas=steps
+    )
+    tiny = _loader(X[:1][s1], y[:1][s1])
+    out["landscape_tiny"] = loss_landscape(model, ce, dataloader=tiny, directions=v, alphas=steps)
+    sum_ce = nn.CrossEntropyLoss(reduction="sum")
+    out["landscape_sum"] = loss_landscape(model, sum_ce, dataloader=loader, directions=v, alphas=steps)
     return out
 
 
@@ -240,6 +255,27 @@ def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> i
     return _cli.run(main, module.parse_args, argv)
 
 
+def _driver(out_dir: str, argv: list[str], rank: int) -> int:
+    import _cli
+    import hessian_eig_driver as drv
+
+    fail_rank = os.environ.get("DIST_WORKER_FAIL_RANK")
+    if fail_rank is not None and int(fail_rank) == rank:
+        # functional_call is the landscape's forward pass (the operators use autograd on the model)
+        def broken(*args, **kwargs):
+            raise RuntimeError(f"injected failure on rank {rank} in the loss landscape")
+
+        torch.func.functional_call = broken
+
+    def main(args):
+        result = drv.main(args)
+        with open(os.path.join(out_dir, f"driver_rank{rank}.json"), "w") as f:
+            json.dump(drv._plain(result), f)
+        return result
+
+    return _cli.run(main, drv.parse_args, argv)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     mode, out_dir, rest = argv[0], argv[1], argv[2:]
@@ -249,6 +285,8 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if mode in ("train", "train_resnet"):
         return _train(out_dir, rest, rank, mode)
+    if mode == "driver":
+        return _driver(out_dir, rest, rank)
     ctx = init_distributed("cpu")
     try:
         if mode == "ops":

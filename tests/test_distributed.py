@@ -162,8 +162,9 @@ def test_one_rank_group_reduction_path(tmp_path):
 # -- two processes ------------------------------------------------------------------------------------
 
 
-def torchrun(*args, nproc=2, timeout=240, env=None):
-    """Run the worker under torchrun on the loopback interface; returns (CompletedProcess, seconds)."""
+def torchrun(*args, nproc=2, timeout=240, env=None, script=WORKER):
+    """Run the worker (or ``script``) under torchrun on the loopback interface; returns (CompletedProcess,
+    seconds)."""
     full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     full_env.update(
         {
@@ -177,7 +178,7 @@ def torchrun(*args, nproc=2, timeout=240, env=None):
     full_env.update(env or {})
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, *map(str, args),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *map(str, args),
     ]  # fmt: skip
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -443,3 +444,211 @@ def test_a_stalled_rank_times_out_instead_of_hanging(tmp_path):
     assert proc.returncode != 0
     assert "Timed out" in proc.stderr or "timed out" in proc.stderr.lower()
     assert seconds < 100  # far less than the sleep: torchrun stops the stalled rank once rank 0 fails
+
+
+# -- the loss landscape over shards -------------------------------------------------------------------
+
+
+def _landscape_reference(model, X, y, v, steps, reduction="mean"):
+    """The loss at theta + a v over all of (X, y), from a copy of the model with its weights moved."""
+    import copy
+
+    out = []
+    for a in steps:
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            offset = 0
+            for p in moved.parameters():
+                p.add_(a * v[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            out.append(float(nn.CrossEntropyLoss(reduction=reduction)(moved(X), y)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_loss_landscape(ops_runs):
+    (r0, r1), one = ops_runs
+    model, X, y = worker.problem()
+    v, V = worker.vectors(sum(p.numel() for p in model.parameters()))
+    steps = [-0.5, 0.0, 0.3]
+    ref = _landscape_reference(model, X, y, v, steps)
+    # the size-weighted mean over the shards (19 and 18 samples): the whole data set's loss, on both ranks
+    torch.testing.assert_close(r0["landscape"], ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(r0["landscape"], one["landscape"], rtol=1e-13, atol=0)
+    assert torch.equal(r0["landscape"], r1["landscape"])
+    # that tolerance tells it from the unweighted mean of the two ranks' mean losses
+    halves = [_landscape_reference(model, X[sl], y[sl], v, steps) for sl in (shard(37, 0, 2), shard(37, 1, 2))]
+    assert ((halves[0] + halves[1]) / 2 - ref).abs().max() > 1e-6 * ref.abs().max()
+    # and from rank 0's own shard alone
+    assert (halves[0] - ref).abs().max() > 1e-3 * ref.abs().max()
+    torch.testing.assert_close(r0["landscape_sum"], _landscape_reference(model, X, y, v, steps, "sum"), rtol=1e-12,
+                               atol=0)  # fmt: skip
+    one_batch = _landscape_reference(model, X[:12], y[:12], v, steps)
+    torch.testing.assert_close(r0["landscape_one_batch"], one_batch, rtol=1e-12, atol=0)
+    # rank 1's shard of one sample is empty: it still joins, and adds nothing
+    torch.testing.assert_close(r1["landscape_tiny"], _landscape_reference(model, X[:1], y[:1], v, steps), rtol=1e-12,
+                               atol=0)  # fmt: skip
+    assert r0["landscape_2d"].shape == (3, 1)
+    torch.testing.assert_close(r0["landscape_2d"], one["landscape_2d"], rtol=1e-13, atol=0)
+    with torch.no_grad():
+        assert ref[1] == pytest.approx(float(nn.CrossEntropyLoss()(model(X), y)), rel=1e-14)
+
+
+def test_loss_landscape_reduction_in_a_one_rank_group(tmp_path):
+    """``distributed=True`` in a real one-rank gloo group; without a group it is refused."""
+    from hessianflow.analysis import loss_landscape
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    model, X, y = worker.problem()
+    ce = nn.CrossEntropyLoss()
+    v, _ = worker.vectors(sum(p.numel() for p in model.parameters()))
+    steps = [-0.4, 0.0, 0.25]
+    with pytest.raises(ValueError, match="process group"):
+        loss_landscape(model, ce, dataloader=worker._loader(X, y), directions=v, alphas=steps, distributed=True)
+    # no group: a loader is not distributed, and an empty one is an error
+    plain = loss_landscape(model, ce, dataloader=worker._loader(X, y), directions=v, alphas=steps)
+    with pytest.raises(ValueError, match="no samples"):
+        loss_landscape(model, ce, dataloader=[(X[:0], y[:0])], directions=v, alphas=steps)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        got = loss_landscape(
+            model, ce, dataloader=worker._loader(X, y), directions=v, alphas=steps, distributed=True
+        )
+        torch.testing.assert_close(got, plain, rtol=1e-15, atol=0)
+        torch.testing.assert_close(got, _landscape_reference(model, X, y, v, steps), rtol=1e-12, atol=0)
+        with pytest.raises(ValueError, match="no samples on any rank"):
+            loss_landscape(model, ce, dataloader=[(X[:0], y[:0])], directions=v, alphas=steps, distributed=True)
+        # a failure of this rank's evaluation is raised after the status all-reduce, and the group survives
+        per_sample = lambda out, t: nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
+        with pytest.raises(ValueError, match="scalar"):
+            loss_landscape(model, per_sample, dataloader=[(X, y)], directions=v, alphas=steps, distributed=True)
+        again = loss_landscape(model, ce, dataloader=[(X, y)], directions=v, alphas=steps, distributed=True)
+        torch.testing.assert_close(again, plain, rtol=1e-13, atol=0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# -- hessian_eig_driver.py on two processes -----------------------------------------------------------
+
+DRIVER = os.path.join(ROOT, "hessian_eig_driver.py")
+
+
+@pytest.fixture(scope="module")
+def driver_ckpt(tmp_path_factory):
+    """A train.py checkpoint of a ResNet-8 on synthetic data, as tests/test_driver.py builds it."""
+    try:
+        from test_driver import full_checkpoint, tiny_resnet
+    except ImportError:  # pragma: no cover - pytest's importlib mode
+        from tests.test_driver import full_checkpoint, tiny_resnet
+    return full_checkpoint(tiny_resnet(), tmp_path_factory.mktemp("driver_ckpt") / "model_param.pkl")
+
+
+def _one_process_driver(argv, capsys):
+    import hessian_eig_driver as drv
+
+    capsys.readouterr()
+    result = drv.main(drv.parse_args([str(a) for a in argv]))
+    return result, capsys.readouterr().out
+
+
+def _without_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_seconds(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+def test_driver_full_data_set_on_two_processes_matches_one_process(driver_ckpt, tmp_path, capsys):
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    # 3 batches of 5: 15 samples, shards of 8 and 7 (batches of 5+3 and 5+2)
+    flags = [
+        "--resume", driver_ckpt, "--eigen-type", "full", "--num-batches", "3", "--hessian-batch-size", "5",
+        "--top-k", "2", "--trace", "--trace-matvecs", "8", "--landscape", "1", "--landscape-points", "3",
+        "--landscape-radius", "0.5", "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    proc, seconds = torchrun(*flags, "--json", two / "eig.json", "--out-dir", two, script=DRIVER)
+    _check_ok(proc)
+    ref, text = _one_process_driver([*flags, "--json", one / "eig.json", "--out-dir", one], capsys)
+    # rank 0 alone prints and writes: one summary, one JSON, one figure
+    out = proc.stdout
+    assert out.count("checkpoint  ") == 1 and out.count("done in") == 1 and out.count("json        ") == 1
+    assert "eval mode, cpu, 2 processes sharing the samples" in out
+    assert "full: 15 samples in 3 batches of 5" in out and "full: 15 samples in 3 batches of 5" in text
+    assert "Traceback" not in proc.stderr
+    landscape_png = "model_param_hessian_full-train_landscape1d.png"
+    assert sorted(p.name for p in two.iterdir()) == ["eig.json", landscape_png]
+    got = json.loads((two / "eig.json").read_text())
+    assert got["world_size"] == 2 and ref["world_size"] == 1
+    assert got["data"]["num_samples"] == 15 and got["data"]["num_batches"] == 3
+    # the collective operator is the one-process operator: the same numbers up to the order of float32 sums
+    assert got["eigen"]["all_converged"] and ref["eigen"]["all_converged"]
+    assert got["eigen"]["eigenvalues"] == pytest.approx(ref["eigen"]["eigenvalues"], rel=1e-5)
+    assert got["eigen"]["eigenvalues"][0] > got["eigen"]["eigenvalues"][1] > 0
+    assert got["trace"]["estimate"] == pytest.approx(ref["trace"]["estimate"], rel=1e-5)
+    assert got["trace"]["stderr"] == pytest.approx(ref["trace"]["stderr"], rel=1e-5)
+    assert got["trace"]["num_matvecs"] == ref["trace"]["num_matvecs"] == 8
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6) and got["accuracy"] == ref["accuracy"]
+    # the landscape sums both shards' losses: its middle point is the loss of all 15 samples
+    assert got["landscape"]["losses"] == pytest.approx(ref["landscape"]["losses"].tolist(), rel=1e-5)
+    assert got["landscape"]["losses"][1] == pytest.approx(got["loss"], rel=1e-6)
+
+
+DRIVER_APPROX_FLAGS = [
+    "--hessian-batch-size", "9", "--top-k", "1", "--density", "--density-runs", "1", "--density-steps", "8",
+    "--per-layer", "--layers", "layer3.0.bn2", "fc", "--exact-threshold", "700", "--landscape", "1",
+    "--landscape-points", "3", "--landscape-radius", "0.5", "--no-progress", "--device", "cpu",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_driver_gives_every_rank_the_same_numbers(driver_ckpt, tmp_path, capsys):
+    two, one = tmp_path / "two", tmp_path / "one"
+    one.mkdir()
+    # the approximate batch of 9 samples: shards of 5 and 4, passed as one-batch lists
+    flags = ["--resume", driver_ckpt, *DRIVER_APPROX_FLAGS]
+    proc, _ = torchrun("driver", two, "--", *flags, "--json", two / "eig.json", "--out-dir", two)
+    _check_ok(proc)
+    r0, r1 = (json.loads((two / f"driver_rank{r}.json").read_text()) for r in range(2))
+    # every number (eigenvalues, density, per-layer blocks, landscape, loss) bit for bit on both ranks
+    assert _without_seconds(r0) == _without_seconds(r1)
+    assert proc.stdout.count("done in") == 1
+    pngs = sorted(p.name for p in two.glob("*.png"))
+    assert len(pngs) == 3 and len(list(two.glob("*.json"))) == 3 and not list(two.glob("*.tmp"))
+    saved = json.loads((two / "eig.json").read_text())
+    assert _without_seconds(saved) == _without_seconds(r0)
+    ref, _ = _one_process_driver([*flags, "--json", one / "eig.json", "--out-dir", one], capsys)
+    ref = json.loads((one / "eig.json").read_text())
+    assert r0["data"]["num_samples"] == ref["data"]["num_samples"] == 9
+    assert r0["eigen"]["eigenvalues"] == pytest.approx(ref["eigen"]["eigenvalues"], rel=1e-5)
+    for key in ("nodes", "weights"):  # [runs, steps]
+        got, want = torch.tensor(r0["density"][key]), torch.tensor(ref["density"][key])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(r0["per_layer"]["layers"], ref["per_layer"]["layers"]):
+        assert a["exact"] and a["name"] == b["name"]
+        assert a["eigenvalue"] == pytest.approx(b["eigenvalue"], rel=1e-5)
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-5)
+    assert r0["landscape"]["losses"] == pytest.approx(ref["landscape"]["losses"], rel=1e-5)
+    assert r0["loss"] == pytest.approx(ref["loss"], rel=1e-6) and r0["accuracy"] == ref["accuracy"]
+
+
+@pytest.mark.slow
+def test_driver_stops_every_rank_when_one_fails(driver_ckpt, tmp_path):
+    flags = ["--resume", driver_ckpt, "--hessian-batch-size", "9", "--landscape", "1", "--landscape-points", "3",
+             "--no-progress", "--device", "cpu"]  # fmt: skip
+    # rank 1's landscape fails while rank 0 waits for the landscape's all-reduce
+    proc, seconds = torchrun(
+        "driver", tmp_path, "--", *flags, "--json", tmp_path / "eig.json", "--out-dir", tmp_path,
+        env={"DIST_WORKER_FAIL_RANK": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 in the loss landscape" in proc.stderr
+    assert "1 other rank(s) failed to evaluate the loss landscape" in proc.stderr
+    assert not (tmp_path / "eig.json").exists() and not list(tmp_path.glob("driver_rank*.json"))
+    assert seconds < 100
