@@ -227,8 +227,9 @@ class CurvatureOperator(LinearOperator):
         targets = targets.to(dtype=self.dtype, **kw) if targets.is_floating_point() else targets.to(**kw)
         return inputs, targets
 
-    def _loss(self, inputs, targets):
-        loss = self.criterion(self.model(inputs), targets)
+    def _loss(self, inputs, targets, outputs=None):
+        """The checked scalar loss of a batch (``outputs``: the model's, when the caller needs them)."""
+        loss = self.criterion(self.model(inputs) if outputs is None else outputs, targets)
         if loss.dim() != 0:
             raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
         if not torch.isfinite(loss):
@@ -461,11 +462,7 @@ class GGNOperator(CurvatureOperator):
 
     def _batch_graph(self, inputs, targets):
         out = self.model(inputs)
-        loss = self.criterion(out, targets)
-        if loss.dim() != 0:
-            raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss is not finite ({loss.item()}); cannot compute curvature")
+        loss = self._loss(inputs, targets, outputs=out)
         (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
         # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
         u = torch.zeros_like(out, requires_grad=True)
