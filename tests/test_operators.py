@@ -76,12 +76,15 @@ def test_mlp_hessian_matches_torch_func(backend, reuse):
     model, crit = mlp(), nn.CrossEntropyLoss()
     x, y = classification_batch()
     ref = func_hessian(model, crit, x, y)
-    H = HessianOperator(model, crit, data=(x, y), backend=backend, reuse_graph=reuse)
+    H = HessianOperator(model, crit, data=(x, y), backend=backend, reuse_graph=reuse, batched_matmat=True)
     assert H.size == ref.shape[0] and H.dtype == DT
     V = torch.randn(H.size, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
     assert_close(torch.stack([H @ V[:, j] for j in range(5)], 1), ref @ V)
     assert_close(H.matmat(V), ref @ V)
+    assert H._batched_ok  # the batched path really ran (no fallback)
     assert H.num_matvecs == 10
+    loop = HessianOperator(model, crit, data=(x, y), backend=backend, reuse_graph=reuse, batched_matmat=False)
+    assert_close(loop.matmat(V), ref @ V)
     assert_close(exact_hessian(model, crit, data=(x, y)), ref)
 
 
