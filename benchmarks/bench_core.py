@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -67,7 +68,7 @@ import _peers  # noqa: E402
 
 from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.operators import HessianOperator, exact_hessian  # noqa: E402
+from hessianflow.operators import CurvatureOperator, HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace, xtrace  # noqa: E402
 
 SECTIONS = ("hvp", "eigen", "trace", "slq")
@@ -335,6 +336,18 @@ def section_hvp(w: Workload, repeats: int, peers: dict) -> dict:
         "hessianflow matmat of 10, graph reused, per vector": lambda: H_reuse.matmat(V10),
     }
     per_vector = {"hessianflow matmat of 10, graph reused, per vector": 10}
+    if "batched_matmat" in inspect.signature(HessianOperator.__init__).parameters or "batched_matmat" in (
+        inspect.signature(CurvatureOperator.__init__).parameters
+    ):
+        # both matmat paths: one vmapped backward (is_grads_batched) and a loop of products
+        H_batched = w.op(batched_matmat=True)
+        H_loop = w.op(batched_matmat=False)
+        calls.pop("hessianflow matmat of 10, graph reused, per vector")
+        per_vector = {}
+        for name, H_m in (("batched", H_batched), ("loop", H_loop)):
+            key = f"hessianflow matmat of 10 ({name}), graph reused, per vector"
+            calls[key] = lambda H_m=H_m: H_m.matmat(V10)
+            per_vector[key] = 10
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         with affine_batchnorm(model):
             g_aff = torch.autograd.grad(crit(model(x), y), params, create_graph=True)
