@@ -437,3 +437,18 @@ def test_lanczos_beats_power_iteration():
     assert abs(lz.eigenvalues.item() - 10) < 1e-10 and abs(pi.eigenvalues.item() - 10) < 1e-8
     assert lz.num_matvecs * 3 < pi.num_matvecs
     assert math.isfinite(lz.residuals.item())
+
+
+@pytest.mark.parametrize("tol", [0.03, 0.1])
+def test_loose_tol_does_not_accept_a_missed_double_eigenvalue(tol):
+    # found by benchmarks/bench_core.py: the multiplicity check accepted a bulk Ritz pair after one step
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    ev = torch.cat([torch.tensor([10.0, 10.0, 5.0, 4.0], dtype=torch.float64), torch.rand(n - 4, generator=g) * 0.05])
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(ev.double()) @ Q.T
+    A = (A + A.T) / 2
+    for seed in range(3):
+        res = lanczos(A, 2, tol=tol, seed=seed)
+        assert res.all_converged
+        assert res.eigenvalues.tolist() == pytest.approx([10.0, 10.0], rel=0.02)
