@@ -163,6 +163,14 @@ def test_train_resnet_eigen_history_crosses_lr_decay(tmp_path):
     ref = lanczos(H, k=2, which="LM", tol=1e-8, seed=0)
     top = max(ref.eigenvalues.tolist(), key=abs)
     assert hist[-1]["eigenvalue"] == pytest.approx(top, rel=1e-4)
+    # the driver, given only the checkpoint (and the same batch: size 48, seed 1), reproduces it
+    import hessian_eig_driver as drv
+
+    drv.main(drv.parse_args(["--resume", str(tmp_path / "ckpt.pkl"), "--hessian-batch-size", "48",
+                                   "--seed", "1", "--method", "power", "--max-iter", "100", "--tol", "1e-6",
+                                   "--json", str(tmp_path / "spec.json"), "--no-progress"]))  # fmt: skip
+    with open(tmp_path / "spec.json") as f:
+        assert json.load(f)["eigen"]["eigenvalues"][0] == pytest.approx(hist[-1]["eigenvalue"], rel=1e-4)
 
 
 @pytest.mark.parametrize(
