@@ -405,11 +405,10 @@ def _main(args, ctx) -> dict:
     lo = (0 - torch.tensor(info.mean)) / torch.tensor(info.std)
     hi = (1 - torch.tensor(info.mean)) / torch.tensor(info.std)
     clamp = (lo.view(-1, 1, 1).to(ctx.device), hi.view(-1, 1, 1).to(ctx.device))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if args.amp and ctx.device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    # bf16 autocast per forward pass, inside train_epoch (see its docstring for why not around the epoch)
+    amp_dtype = torch.bfloat16 if args.amp and ctx.device.type == "cuda" else None
+    if args.amp and amp_dtype is None:
+        say("--amp: mixed precision is for CUDA devices; training on the CPU in float32")
 
     if state["epoch"] == 0:
         say(
@@ -425,11 +424,10 @@ def _main(args, ctx) -> dict:
         ratio, adv = controller.large_ratio, controller.current_adv_ratio(epoch)
         sampler.set_epoch(epoch)
         set_augmentation_epoch(train_set, epoch)  # crops/flips from (seed, epoch): a resumed run repeats them
-        with autocast:
-            stats = train_epoch(
-                train_model, train_loader, optimizer, criterion, ratio, adv_ratio=adv, eps=eps, clamp=clamp,
-                device=ctx.device, progress=progress, epoch=epoch + 1,
-            )  # fmt: skip
+        stats = train_epoch(
+            train_model, train_loader, optimizer, criterion, ratio, adv_ratio=adv, eps=eps, clamp=clamp,
+            device=ctx.device, progress=progress, epoch=epoch + 1, autocast_dtype=amp_dtype,
+        )  # fmt: skip
         t_train = time.time() - t0
         # DDP syncs BatchNorm statistics before each forward, then every rank updates its own copy:
         # evaluate, take the eigenvalue and save one model, rank 0's

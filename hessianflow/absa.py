@@ -458,6 +458,7 @@ def train_epoch(
     max_batches: int | None = None,
     non_finite: str = "raise",
     epoch: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict:
     """One epoch of training with gradient accumulation and FGSM examples (HessianFlow's ABSA loop).
 
@@ -503,6 +504,11 @@ def train_epoch(
             of the last good step; ``"skip"``: drop that mini-batch (or that step) and go on,
             counting it in ``skipped``.
         epoch: the epoch number, only for error messages and the progress bar.
+        autocast_dtype: mixed precision, e.g. ``torch.bfloat16``: each forward pass (training and
+            FGSM) runs under its own ``torch.autocast`` on the batches' device; backward passes and
+            the optimizer step run outside it. (One autocast context around several optimizer steps
+            would be wrong: autocast caches the low-precision copies of the weights until the context
+            exits, so later forwards would use the weights of the first step.) ``None``: full precision.
 
     Returns:
         A dict: ``loss`` (mean per-sample training loss, on the inputs actually trained on),
@@ -524,6 +530,12 @@ def train_epoch(
     attack_model = model.module if ddp else model
     params = [p for group in optimizer.param_groups for p in group["params"]]
     where = f"epoch {epoch}, " if epoch is not None else ""
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        dev = device if device is not None else torch.device("cpu")
+        return torch.autocast(dev.type, dtype=autocast_dtype)
 
     total_loss, samples, correct, have_acc = 0.0, 0, 0, True
     steps = micro = skipped = adv_samples = 0
@@ -552,15 +564,17 @@ def train_epoch(
                 b = int(targets.shape[0])
                 k_adv = round(adv_ratio * b) if use_adv else 0
                 if k_adv > 0:
-                    adv = fgsm(attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp)
+                    with autocast():
+                        adv = fgsm(attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp)
                     inputs = torch.cat([adv, inputs[k_adv:]])
                 ends_step = is_last or group_batches + 1 >= large_ratio
                 sync = contextlib.nullcontext()
                 if not ends_step and hasattr(model, "no_sync"):
                     sync = model.no_sync()
                 with sync:
-                    outputs = model(inputs)
-                    loss_sum = _summed_loss(criterion(outputs, targets), criterion, b)
+                    with autocast():
+                        outputs = model(inputs)
+                        loss_sum = _summed_loss(criterion(outputs, targets), criterion, b)
                     value = loss_sum.item()
                     if math.isfinite(value):
                         loss_sum.backward()

@@ -450,3 +450,44 @@ def test_real_ddp_single_process_matches_plain_model(tmp_path):
     torch.testing.assert_close(_flat(net), _flat(ref), rtol=1e-12, atol=0)
     for k, v in ref.state_dict().items():  # BatchNorm running statistics too
         torch.testing.assert_close(net.state_dict()[k], v, rtol=1e-12, atol=0)
+
+
+def _amp_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    )
+
+
+@pytest.mark.parametrize("adv_ratio", [0.0, 0.25])
+def test_autocast_per_forward_equals_a_hand_written_amp_loop(adv_ratio):
+    # bf16 autocast must be entered per forward: one context around the epoch keeps the bf16 copies of
+    # the weights of the first step (autocast's cast cache) and trains on stale weights (train.py --amp
+    # did, and diverged on a GPU). The loop must equal the textbook pattern step for step.
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(6)]
+    crit = nn.CrossEntropyLoss()
+    a, b = _amp_net(), _amp_net()
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    stats = train_epoch(a, batches, opt_a, crit, 1, adv_ratio=adv_ratio, eps=0.05, autocast_dtype=torch.bfloat16)
+    b.train()
+    k = round(adv_ratio * 8)
+    for x, y in batches:
+        if k:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                adv = fgsm(b, x[:k], y[:k], 0.05, criterion=crit)
+            x = torch.cat([adv, x[k:]])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = crit(b(x), y)
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+    assert stats["optimizer_steps"] == 6 and stats["adversarial_samples"] == 6 * k
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    # and the bf16 forward really ran: the weights differ from a float32 run of the same loop
+    c = _amp_net()
+    train_epoch(c, batches, torch.optim.SGD(c.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4), crit, 1,
+                adv_ratio=adv_ratio, eps=0.05)  # fmt: skip
+    assert not torch.equal(c[0].weight, a[0].weight)
