@@ -84,6 +84,8 @@ def operator_results(rank: int, world: int) -> dict:
     out["num_samples"] = H.num_samples
     out["HV"] = H @ V
     out["lanczos"] = lanczos(H, k=3, tol=1e-10, seed=1).eigenvalues
+    out["gradient"] = H.gradient()  # all-reduced like the products
+    out["lanczos_gradient_start"] = lanczos(H, k=1, tol=1e-10, seed=1, v0="gradient").eigenvalues
     out["power"] = power_iteration(H, k=1, max_iter=80, tol=1e-9, seed=2).eigenvalues
     slq = spectral_density(H, num_runs=2, num_steps=12, seed=3)
     out["slq_nodes"], out["slq_weights"] = slq.nodes, slq.weights
@@ -100,6 +102,7 @@ def operator_results(rank: int, world: int) -> dict:
     # a data set smaller than the world: the other ranks hold empty shards
     s1 = shard(1, rank, world)
     out["tiny_v"] = HessianOperator(model, ce, dataloader=_loader(X[:1][s1], y[:1][s1])) @ v
+    out["tiny_gradient"] = HessianOperator(model, ce, dataloader=_loader(X[:1][s1], y[:1][s1])).gradient()
     # the loss landscape over the shards: a loader, a one-batch list, an empty shard, a sum-reduced loss
     steps = [-0.5, 0.0, 0.3]
     out["landscape"] = loss_landscape(model, ce, dataloader=loader, directions=v, alphas=steps)

@@ -266,6 +266,13 @@ def test_two_ranks_give_the_full_data_set_product_on_every_rank(ops_runs):
     # a one-batch list sharded over the ranks (train.py's Hessian batch), and an empty shard
     torch.testing.assert_close(r0["one_batch_v"], _dense_hessian(model, X[:12], y[:12]) @ v, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(r0["tiny_v"], _dense_hessian(model, X[:1], y[:1]) @ v, rtol=1e-10, atol=1e-13)
+    # the gradient is all-reduced the same way: the whole data set's, an empty shard included
+    for key, n in (("gradient", 37), ("tiny_gradient", 1)):
+        loss = nn.CrossEntropyLoss()(model(X[:n]), y[:n])
+        ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+        torch.testing.assert_close(r0[key], ref, rtol=1e-10, atol=1e-14)
+    dense_top = torch.linalg.eigvalsh(dense)[-1]
+    torch.testing.assert_close(r0["lanczos_gradient_start"][0], dense_top, rtol=1e-10, atol=0)
 
 
 @pytest.mark.slow

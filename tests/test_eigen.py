@@ -452,3 +452,59 @@ def test_loose_tol_does_not_accept_a_missed_double_eigenvalue(tol):
         res = lanczos(A, 2, tol=tol, seed=seed)
         assert res.all_converged
         assert res.eigenvalues.tolist() == pytest.approx([10.0, 10.0], rel=0.02)
+
+
+DT = torch.float64
+
+
+def test_start_vector_v0():
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=DT))
+    lam = torch.cat([torch.tensor([10.0, 9.0], dtype=DT), torch.linspace(-1, 1, 58, dtype=DT)])
+    A = Q @ torch.diag(lam) @ Q.T
+    # a start vector that is the top eigenvector: an invariant subspace at once, then exact
+    r = lanczos(A, k=1, tol=1e-10, v0=Q[:, 0] * 3)
+    assert r.num_matvecs == 1 and abs(float(r.eigenvalues[0]) - 10.0) < 1e-12
+    p = power_iteration(A, k=1, tol=1e-10, v0=Q[:, 0])
+    assert p.num_matvecs <= 2 and abs(float(p.eigenvalues[0]) - 10.0) < 1e-12
+    # a start vector orthogonal to the top eigenvector: Krylov never sees it (why v0="gradient" mixes
+    # in a random part); the answer is the top of what it can see, 9
+    r = lanczos(A, k=1, tol=1e-10, v0=Q[:, 1] + Q[:, 5])
+    assert abs(float(r.eigenvalues[0]) - 9.0) < 1e-10
+    # a warm start near the answer converges in fewer products than a random one
+    near = Q[:, 0] + 1e-3 * torch.randn(60, dtype=DT, generator=torch.Generator().manual_seed(1))
+    warm, cold = lanczos(A, k=1, tol=1e-8, v0=near, seed=0), lanczos(A, k=1, tol=1e-8, seed=0)
+    assert warm.num_matvecs < cold.num_matvecs and abs(float(warm.eigenvalues[0]) - 10.0) < 1e-10
+    for bad in ("gradient", "random", torch.zeros(60, dtype=DT), torch.ones(59, dtype=DT), [1.0] * 60):
+        with pytest.raises(ValueError, match="v0"):
+            lanczos(A, v0=bad)
+        with pytest.raises(ValueError, match="v0"):
+            power_iteration(A, v0=bad)
+
+
+def test_gradient_start_on_a_curvature_operator():
+    from torch import nn
+
+    from hessianflow.operators import HessianOperator, exact_hessian
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 5, generator=g, dtype=DT), torch.randint(0, 3, (40,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    ev = torch.linalg.eigvalsh(exact_hessian(model, crit, data=(x, y)))
+    H = HessianOperator(model, crit, data=(x, y))
+    r = lanczos(H, k=2, tol=1e-10, seed=0, v0="gradient")
+    torch.testing.assert_close(r.eigenvalues, ev.flip(0)[:2], rtol=1e-9, atol=0)
+    assert bool(r.converged.all())
+    p = power_iteration(H, k=1, max_iter=2000, tol=1e-12, seed=0, v0="gradient")
+    torch.testing.assert_close(p.eigenvalues[0], ev[-1], rtol=1e-6, atol=0)
+    # same seed, same answer; at a critical point (zero gradient) the start is random
+    again = lanczos(H, k=2, tol=1e-10, seed=0, v0="gradient")
+    assert torch.equal(again.eigenvalues, r.eigenvalues) and again.num_matvecs == r.num_matvecs
+    y_fit = model(x).detach()
+    Z = HessianOperator(model, nn.MSELoss(), data=(x, y_fit))
+    assert float(Z.gradient().abs().max()) == 0.0
+    z = lanczos(Z, k=1, tol=1e-8, seed=0, v0="gradient")
+    ez = torch.linalg.eigvalsh(exact_hessian(model, nn.MSELoss(), data=(x, y_fit)))
+    torch.testing.assert_close(z.eigenvalues[0], ez[-1], rtol=1e-7, atol=0)

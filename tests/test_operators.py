@@ -309,3 +309,64 @@ def test_ddp_style_wrapper_is_looked_through():
     x, y = classification_batch()
     wrapped = nn.DataParallel(model)  # on the CPU DataParallel just holds the module
     assert_close(HessianOperator(wrapped, crit, data=(x, y)).to_dense(), func_hessian(model, crit, x, y))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batchnorm_runs_as_its_affine_map_and_is_restored(affine):
+    # the fold: BatchNorm1d (2-D inputs) and an affine=False BatchNorm2d, against torch.func.hessian of
+    # the unmodified model, and the modules' own forward is back afterwards
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, affine=affine), nn.Tanh(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3),
+    ).to(DT)  # fmt: skip
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 2, 4, 4, dtype=DT) * 1.5 + 0.3)
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (9,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    ref = func_hessian(model, crit, x, y)
+    seen = []
+    hook = model[1].register_forward_hook(lambda m, i, o: seen.append("forward" in m.__dict__))
+    H = HessianOperator(model, crit, data=(x, y))
+    assert_close(H.to_dense(), ref)
+    assert seen == [True]  # the graph (built once) went through the affine map
+    hook.remove()
+    assert "forward" not in model[1].__dict__ and "forward" not in model[5].__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.func.functional_call(model, dict(model.named_parameters()), (x,)))
+    # train mode and forward-over-reverse use the module's own forward
+    seen.clear()
+    model[1].register_forward_hook(lambda m, i, o: seen.append("forward" in m.__dict__))
+    HessianOperator(model, crit, data=(x, y), train_mode=True).matvec(torch.ones(H.size, dtype=DT))
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("make", ["hessian", "hessian_fresh", "fwd_over_rev", "ggn", "loader", "sum"])
+def test_gradient_is_the_loss_gradient(make, cnn_and_batch):
+    model, x, y = cnn_and_batch
+    reduction = "sum" if make == "sum" else "mean"
+    crit = nn.CrossEntropyLoss(reduction=reduction)
+    model.train()
+    ref_model = copy.deepcopy(model).eval()
+    ref = flatten(torch.autograd.grad(crit(ref_model(x), y), list(ref_model.parameters())))
+    if make == "loader":
+        H = HessianOperator(model, crit, dataloader=[(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])])
+    elif make == "ggn":
+        H = GGNOperator(model, crit, data=(x, y))
+    else:
+        kw = {"hessian_fresh": {"reuse_graph": False}, "fwd_over_rev": {"backend": "forward_over_reverse"}}
+        H = HessianOperator(model, crit, data=(x, y), **kw.get(make, {}))
+    g = H.gradient()
+    assert g.shape == (H.size,) and not g.requires_grad and H.num_matvecs == 0
+    assert_close(g, ref, rtol=1e-12)
+    assert model.training  # mode restored
+    # on one reused batch the gradient comes off the graph the products then reuse
+    v = torch.randn(H.size, dtype=DT, generator=torch.Generator().manual_seed(0))
+    expected = (GGNOperator if make == "ggn" else HessianOperator)(ref_model, crit, data=(x, y)) @ v
+    assert_close(H @ v, expected)
+    assert_close(H.gradient(), ref, rtol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
