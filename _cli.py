@@ -18,6 +18,14 @@ import torch
 EXIT_USAGE, EXIT_NUMERIC, EXIT_IO = 2, 3, 4
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to a flag's help unless its text already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 

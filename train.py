@@ -84,7 +84,7 @@ def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) ->
     p = argparse.ArgumentParser(
         prog=prog,
         description=description or __doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_cli.DefaultsHelpFormatter,
     )
     _cli.add_data_args(p, name_default=d["name"])
     g = p.add_argument_group("model")

@@ -450,3 +450,19 @@ def test_reads_the_format_train_py_writes():
     import train
 
     assert drv.CHECKPOINT_FORMAT == train.CHECKPOINT_FORMAT
+
+
+def test_gradient_start(ckpt, capsys):
+    """--start gradient: the library's lanczos with v0="gradient" on the same batch; same seed, same result."""
+    out, _ = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--start", "GRADIENT",
+                         "--top-k", "2", "--no-progress"], capsys)  # fmt: skip
+    _, plain, _ = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
+    xb, yb = fixed_batch(plain, 8, seed=1)
+    H = HessianOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(xb, yb))
+    ref = lanczos(H, k=2, tol=drv.LANCZOS_TOL, seed=1, v0="gradient")
+    assert out["eigen"]["eigenvalues"] == ref.eigenvalues.tolist() and out["eigen"]["all_converged"]
+    assert out["eigen"]["num_matvecs"] == ref.num_matvecs
+    tight = lanczos(H, k=2, tol=1e-6, seed=7)  # a random start agrees to the residual bound
+    for a, b, ra, rb in zip(out["eigen"]["eigenvalues"], tight.eigenvalues.tolist(), out["eigen"]["residuals"],
+                            tight.residuals.tolist()):  # fmt: skip
+        assert close(a, b, ra, rb), (a, b, ra, rb)

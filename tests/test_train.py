@@ -229,3 +229,13 @@ def test_resume_may_extend_the_number_of_epochs(tmp_path):
     metrics = run_train(tmp_path, *common, "--epochs", "2", "--resume", str(tmp_path / "ckpt.pkl"))
     assert metrics["epochs"] == 2 and [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
     assert load_checkpoint(tmp_path / "ckpt.pkl")["epoch"] == 2
+
+
+@pytest.mark.parametrize("script", ["train", "train_resnet"])
+def test_help_states_each_default_once(script):
+    parser = {"train": train, "train_resnet": train_resnet}[script].build_parser()
+    text = " ".join(parser.format_help().split())
+    assert text.count("(default: auto)") == 1  # --device: its help text says it, the formatter must not repeat it
+    assert "(default: 0.9)" in text  # --momentum: added by the formatter
+    for chunk in text.split("--")[1:]:
+        assert chunk.count("(default") <= 1, chunk
