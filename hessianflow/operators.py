@@ -149,6 +149,11 @@ class CurvatureOperator(LinearOperator):
             Holds the graph's memory until :meth:`release` or the operator is deleted.
         backend: ``"double_backprop"`` (default) or ``"forward_over_reverse"`` (``torch.func``).
         progress: show a tqdm bar over the batches of a loader.
+        allow_tf32: let CUDA convolutions and matrix products of float32 models run in TF32 (10-bit
+            mantissa) during products. Default ``False``: products in true float32, whatever the global
+            ``torch.backends`` settings (PyTorch enables TF32 for cuDNN convolutions by default). Measured
+            on an H200 (benchmarks/gpu_check.py): with TF32 the top eigenvalues of a C1 network differed
+            from the CPU's by 1e-3 relative, ten times the accuracy asked of them. No effect on the CPU.
         batched_matmat: compute :meth:`matmat` as one batched backward pass (``is_grads_batched``)
             instead of a loop of products; ``None``: on CUDA devices only (on the CPU the loop was
             measured faster for convolutional networks). Either way a graph whose operations have no
@@ -179,6 +184,7 @@ class CurvatureOperator(LinearOperator):
         progress: bool = False,
         distributed: bool | None = None,
         batched_matmat: bool | None = None,
+        allow_tf32: bool = False,
     ):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
@@ -227,6 +233,7 @@ class CurvatureOperator(LinearOperator):
         # project's 2-core CPU machine (benchmarks/): per vector, the batched product of a ResNet-20 took
         # 0.80 s against 0.52 s in a loop, and an MLP was at parity; so the default batches on GPUs only.
         self._batched_ok = (self.device.type == "cuda") if batched_matmat is None else bool(batched_matmat)
+        self.allow_tf32 = bool(allow_tf32)
         self.num_samples = None if data is None else int(self.data[0].shape[0])
 
     # -- model state ---------------------------------------------------------------------------
@@ -249,7 +256,13 @@ class CurvatureOperator(LinearOperator):
                 for m in _batch_norms(self.model)
                 if m.running_mean is not None and m.running_var is not None and "forward" not in m.__dict__
             ]
+        tf32 = None
+        if self.device.type == "cuda" and not self.allow_tf32:
+            tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         try:
+            if tf32 is not None:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
             self.model.train(self.train_mode)
             for m in norms:
                 m.track_running_stats = False
@@ -267,6 +280,8 @@ class CurvatureOperator(LinearOperator):
                 m.__dict__.pop("forward", None)
             for p, f in zip(self.params, flags):
                 p.requires_grad_(f)
+            if tf32 is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def _to_device(self, batch):
         inputs, targets = batch
