@@ -554,9 +554,9 @@ def eigen_case(
 
     calls, how = {}, {}
 
-    def hf_lanczos(kk=k, tol=tol_l, max_iter=None):
+    def hf_lanczos(kk=k, tol=tol_l, max_iter=None, v0=None):
         H = w.op()
-        r = quiet(lanczos, H, kk, tol=tol, max_iter=max_iter, seed=seed)
+        r = quiet(lanczos, H, kk, tol=tol, max_iter=max_iter, seed=seed, v0=v0)
         H.release()
         return r.eigenvalues.double().tolist(), r.num_matvecs
 
@@ -570,6 +570,9 @@ def eigen_case(
     calls[name], how[name] = hf_lanczos, "own rule, tol = sqrt(accuracy)"
     name = f"hessianflow lanczos(k={k}, tol={acc:.0e})"
     calls[name], how[name] = (lambda: hf_lanczos(tol=acc)), "own rule, tol = accuracy"
+    for t, rule in ((tol_l, "sqrt(accuracy)"), (acc, "accuracy")):
+        name = f"hessianflow lanczos(k={k}, tol={t:.0e}, v0='gradient')"
+        calls[name], how[name] = (lambda t=t: hf_lanczos(tol=t, v0="gradient")), f"own rule, tol = {rule}"
     if m_hf is not None:
         name = f"hessianflow lanczos(k={k}, max_iter={m_hf})"
         calls[name], how[name] = (lambda m=m_hf: hf_lanczos(tol=1e-300, max_iter=m)), "oracle"
