@@ -508,3 +508,52 @@ def test_gradient_start_on_a_curvature_operator():
     z = lanczos(Z, k=1, tol=1e-8, seed=0, v0="gradient")
     ez = torch.linalg.eigvalsh(exact_hessian(model, nn.MSELoss(), data=(x, y_fit)))
     torch.testing.assert_close(z.eigenvalues[0], ez[-1], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-206, 1.0, 1e150])
+def test_tiny_and_huge_scales_do_not_fake_convergence(scale):
+    # vector_norm squares the entries: at 1e-206 every norm underflowed to 0, so power iteration reported
+    # a value midway between the two eigenvalues with residual 0, converged (found by hypothesis)
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DT) * (1.6122 * scale)  # eigenvalues 0 and 3.2244*scale
+    top = 3.2244 * scale
+    p = power_iteration(A, k=1, tol=1e-6, max_iter=300, seed=0)
+    assert p.converged.item() and abs(float(p.eigenvalues[0]) - top) <= 1e-6 * top
+    true_res = float(torch.linalg.vector_norm((A / scale) @ p.eigenvectors[:, 0] - p.eigenvalues[0] / scale
+                                              * p.eigenvectors[:, 0])) * scale  # fmt: skip
+    assert abs(float(p.residuals[0]) - true_res) <= 1e-6 * top
+    r = lanczos(A, k=1, tol=1e-10, seed=0)
+    assert r.converged.item() and abs(float(r.eigenvalues[0]) - top) <= 1e-10 * top
+    B = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=DT)) * scale
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    r = lanczos(Q @ B @ Q.T, k=2, tol=1e-10, seed=0)
+    torch.testing.assert_close(r.eigenvalues, torch.tensor([3.0, 2.0], dtype=DT) * scale, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("name,which,k", CASES)
+@pytest.mark.parametrize("tol", [1e-4, 1e-7])
+def test_eigenvalue_criterion_meets_its_relative_accuracy(name, which, k, tol):
+    # criterion="eigenvalue": every pair reported converged is within tol * max(|lambda_i|, tol * max|lambda|)
+    # of its eigenvalue, over several start vectors. (Not always cheaper than the residual rule: near
+    # zero, accuracy relative to the eigenvalue asks for more than tol * max|theta|.)
+    lam = spectrum(name, 300)
+    A = sym_matrix(lam, seed=300)
+    scale = float(lam.abs().max())
+    ref = eig_order(lam, which)[:k]
+    for seed in range(3):
+        res = lanczos(A, k=k, which=which, seed=seed, max_iter=400, tol=tol, criterion="eigenvalue")
+        assert res.all_converged, res.converged
+        err = (res.eigenvalues - ref).abs()
+        assert bool((err <= tol * torch.clamp(ref.abs(), min=tol * scale)).all()), (name, seed, err / ref.abs())
+        assert_pairs(A, res)
+
+
+def test_eigenvalue_criterion_saves_products_on_a_separated_top():
+    # a well separated top eigenvalue: r^2/gap reaches 1e-6 relative long before r does
+    lam = torch.cat([torch.tensor([10.0], dtype=DT), torch.linspace(0, 5, 199, dtype=DT)])
+    A = sym_matrix(lam, seed=1)
+    eig = lanczos(A, k=1, tol=1e-6, seed=0, criterion="eigenvalue")
+    res = lanczos(A, k=1, tol=1e-6, seed=0)
+    assert eig.num_matvecs < res.num_matvecs and abs(float(eig.eigenvalues[0]) - 10.0) <= 1e-5
+    assert float(eig.residuals[0]) > 1e-6 * 10.0  # it stopped on the eigenvalue bound, not the residual
+    with pytest.raises(ValueError, match="criterion"):
+        lanczos(A, criterion="gap")
