@@ -234,6 +234,7 @@ class CurvatureOperator(LinearOperator):
         # 0.80 s against 0.52 s in a loop, and an MLP was at parity; so the default batches on GPUs only.
         self._batched_ok = (self.device.type == "cuda") if batched_matmat is None else bool(batched_matmat)
         self.allow_tf32 = bool(allow_tf32)
+        self._nhwc = True  # see _forward
         self.num_samples = None if data is None else int(self.data[0].shape[0])
 
     # -- model state ---------------------------------------------------------------------------
@@ -293,9 +294,25 @@ class CurvatureOperator(LinearOperator):
         targets = targets.to(dtype=self.dtype, **kw) if targets.is_floating_point() else targets.to(**kw)
         return inputs, targets
 
+    def _forward(self, inputs):
+        """The model's outputs; image batches on the CPU go in channels-last (NHWC) memory order.
+
+        oneDNN's CPU convolutions work in NHWC: fed NCHW, they reorder every activation and gradient.
+        Measured on this project's CPU machine (ResNet-20, batch 64, 1 thread): the reused-graph product
+        took 0.435 s instead of 0.479 s. The values are the same tensors up to rounding. A model that
+        cannot take it (e.g. ``x.view(n, -1)`` on a non-contiguous activation raises) is run in NCHW
+        from then on.
+        """
+        if self._nhwc and inputs.dim() == 4 and inputs.is_floating_point() and inputs.device.type == "cpu":
+            try:
+                return self.model(inputs.contiguous(memory_format=torch.channels_last))
+            except RuntimeError:
+                self._nhwc = False
+        return self.model(inputs)
+
     def _loss(self, inputs, targets, outputs=None):
         """The checked scalar loss of a batch (``outputs``: the model's, when the caller needs them)."""
-        loss = self.criterion(self.model(inputs) if outputs is None else outputs, targets)
+        loss = self.criterion(self._forward(inputs) if outputs is None else outputs, targets)
         if loss.dim() != 0:
             raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
         if not torch.isfinite(loss):
@@ -544,7 +561,7 @@ class GGNOperator(CurvatureOperator):
     """
 
     def _batch_graph(self, inputs, targets):
-        out = self.model(inputs)
+        out = self._forward(inputs)
         loss = self._loss(inputs, targets, outputs=out)
         (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
         # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).

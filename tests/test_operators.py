@@ -370,3 +370,39 @@ def test_gradient_is_the_loss_gradient(make, cnn_and_batch):
     assert_close(H @ v, expected)
     assert_close(H.gradient(), ref, rtol=1e-12)
     assert all(p.grad is None for p in model.parameters())
+
+
+class _ViewNet(nn.Module):
+    """Flattens with .view, which raises on a channels-last activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_image_batches_go_channels_last_with_a_fallback_for_view_models():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    net = _ViewNet().to(DT)
+    with pytest.raises(RuntimeError):  # what the fallback is for
+        net(x.contiguous(memory_format=torch.channels_last))
+    for make in (HessianOperator, GGNOperator):
+        op = make(net, crit, data=(x, y))
+        assert op._nhwc
+        dense = op.to_dense()
+        assert not op._nhwc  # fell back to NCHW on the first forward, and stays there
+        if make is HessianOperator:
+            assert_close(dense, func_hessian(net, crit, x, y))
+    seen = []
+    cnn = small_cnn().eval()
+    cnn[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    H = HessianOperator(cnn, crit, data=(torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 4, (5,))))
+    H.matvec(torch.ones(H.size, dtype=DT))
+    assert seen == [True] and H._nhwc
