@@ -554,9 +554,9 @@ def eigen_case(
 
     calls, how = {}, {}
 
-    def hf_lanczos(kk=k, tol=tol_l, max_iter=None, v0=None):
+    def hf_lanczos(kk=k, tol=tol_l, max_iter=None, v0=None, criterion="residual"):
         H = w.op()
-        r = quiet(lanczos, H, kk, tol=tol, max_iter=max_iter, seed=seed, v0=v0)
+        r = quiet(lanczos, H, kk, tol=tol, max_iter=max_iter, seed=seed, v0=v0, criterion=criterion)
         H.release()
         return r.eigenvalues.double().tolist(), r.num_matvecs
 
@@ -573,6 +573,12 @@ def eigen_case(
     for t, rule in ((tol_l, "sqrt(accuracy)"), (acc, "accuracy")):
         name = f"hessianflow lanczos(k={k}, tol={t:.0e}, v0='gradient')"
         calls[name], how[name] = (lambda t=t: hf_lanczos(tol=t, v0="gradient")), f"own rule, tol = {rule}"
+    # the recommended call: ask for the eigenvalue accuracy wanted (RECOMMENDED marks the row the targets use)
+    for v0 in (None, "gradient"):
+        extra = ", v0='gradient'" if v0 else ""
+        name = f"hessianflow lanczos(k={k}, tol={acc:.0e}, criterion='eigenvalue'{extra})"
+        calls[name] = lambda v0=v0: hf_lanczos(tol=acc, v0=v0, criterion="eigenvalue")
+        how[name] = "own rule, eigenvalue tol = accuracy" + (" (RECOMMENDED)" if v0 else "")
     if m_hf is not None:
         name = f"hessianflow lanczos(k={k}, max_iter={m_hf})"
         calls[name], how[name] = (lambda m=m_hf: hf_lanczos(tol=1e-300, max_iter=m)), "oracle"
@@ -873,8 +879,11 @@ def targets_summary(name: str, res: dict) -> list:
             owns = [
                 v for n, v in raw.items() if n.startswith("hessianflow lanczos") and "tol=" in n and "products" in v
             ]
-            good = [v for v in owns if v["rel_error"] <= acc]
-            own = min(good, key=lambda v: v["seconds"]) if good else (owns[0] if owns else None)
+            # the recommended call (decided before measuring), else the fastest own-rule row that met the accuracy
+            own = next((v for v in owns if "RECOMMENDED" in v.get("how", "")), None)
+            if own is None:
+                good = [v for v in owns if v["rel_error"] <= acc]
+                own = min(good, key=lambda v: v["seconds"]) if good else (owns[0] if owns else None)
             orc = next((v for n, v in raw.items() if n.startswith("hessianflow lanczos") and "max_iter=" in n), None)
             if own and "products" in own:
                 verdict = "met" if own["rel_error"] <= acc else "NOT met"
