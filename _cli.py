@@ -26,6 +26,17 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "(default" in text else super()._get_help_string(action)
 
 
+def rank_zero_first(ctx, enabled: bool, fn):
+    """``fn()`` on rank 0 first, then on the other ranks (e.g. a ``--download``), so that no two processes
+    write the same files. A rank 0 that fails exits, and torchrun then stops the waiting ranks."""
+    if enabled and not ctx.is_main:
+        ctx.barrier()
+    out = fn()
+    if enabled and ctx.is_main:
+        ctx.barrier()
+    return out
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 

@@ -435,16 +435,13 @@ def load_data(args, meta, log, ctx=None):
                 f"{args.resume}, trained on {ckpt_set} ({theirs[0]} classes, {theirs[1]}x{theirs[2]}x{theirs[2]})"
             )
         log(f"note: analysing on {name} a model trained on {ckpt_set}")
-    # --download under torchrun: rank 0 fetches the files while the others wait, so that no two processes
-    # write the same archive (a rank 0 that fails exits, and torchrun then stops the waiting ranks)
-    first = world > 1 and args.download and name != "synthetic"
-    if first and rank != 0:
-        ctx.barrier()
-    _, plain, test = get_datasets(
-        name, data_dir=args.data_dir, download=args.download, augment=False, seed=data_seed, **synth
+    _, plain, test = _cli.rank_zero_first(
+        ctx,
+        world > 1 and args.download and name != "synthetic",  # --download under torchrun
+        lambda: get_datasets(
+            name, data_dir=args.data_dir, download=args.download, augment=False, seed=data_seed, **synth
+        ),
     )
-    if first and rank == 0:
-        ctx.barrier()
     dataset = plain if args.data == "train" else test
     n = len(dataset)
     bs = args.hessian_batch_size

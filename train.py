@@ -350,9 +350,13 @@ def _main(args, ctx) -> dict:
 
     _seed_everything(args.seed)
     info = dataset_info(args.name)
-    train_set, plain_set, test_set = get_datasets(
-        args.name, data_dir=args.data_dir, download=args.download, augment=True, seed=args.seed,
-        **_cli.synthetic_kwargs(args),
+    train_set, plain_set, test_set = _cli.rank_zero_first(
+        ctx,
+        ctx.world_size > 1 and args.download and args.name != "synthetic",  # --download under torchrun
+        lambda: get_datasets(
+            args.name, data_dir=args.data_dir, download=args.download, augment=True, seed=args.seed,
+            **_cli.synthetic_kwargs(args),
+        ),
     )  # fmt: skip
     model = get_model(
         args.arch, depth=args.depth, num_classes=info.num_classes, in_channels=info.in_channels,

@@ -659,3 +659,25 @@ def test_driver_stops_every_rank_when_one_fails(driver_ckpt, tmp_path):
     assert "1 other rank(s) failed to evaluate the loss landscape" in proc.stderr
     assert not (tmp_path / "eig.json").exists() and not list(tmp_path.glob("driver_rank*.json"))
     assert seconds < 100
+
+
+def test_rank_zero_first_orders_the_download():
+    """--download under torchrun: rank 0 runs it before the barrier, the others after it."""
+    sys.path.insert(0, ROOT)
+    import _cli
+
+    class Ctx:
+        def __init__(self, rank, events):
+            self.is_main, self.events, self.rank = rank == 0, events, rank
+
+        def barrier(self):
+            self.events.append(f"barrier{self.rank}")
+
+    for rank, expected in ((0, ["fetch0", "barrier0"]), (1, ["barrier1", "fetch1"])):
+        events = []
+        ctx = Ctx(rank, events)
+        assert _cli.rank_zero_first(ctx, True, lambda e=events, r=rank: e.append(f"fetch{r}") or 7) == 7
+        assert events == expected
+        events.clear()
+        _cli.rank_zero_first(ctx, False, lambda e=events: e.append("fetch"))
+        assert events == ["fetch"]  # one process, or nothing to download: no barrier
