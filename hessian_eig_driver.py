@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(top-1 of a ResNet-20 in 5 products instead of 7-9, benchmarks/README.md) (default: random)",
     )
     g.add_argument(
+        "--criterion",
+        type=_cli.choice_ci(("residual", "eigenvalue")),
+        default="residual",
+        help="lanczos: what --tol bounds: residual (eigenvectors too), or eigenvalue: each eigenvalue's "
+        "relative error (Kato-Temple bound; fewer products) (default: residual)",
+    )
+    g.add_argument(
         "--tol",
         type=_cli.positive_float,
         default=None,
@@ -683,8 +690,9 @@ def _main(args, ctx) -> dict:
         if args.method == "lanczos":
             tol = LANCZOS_TOL if args.tol is None else args.tol
             eig = lanczos(
-                op, k=k, which=args.which, max_iter=args.max_iter, tol=tol, seed=args.seed, progress=progress, v0=v0
-            )
+                op, k=k, which=args.which, max_iter=args.max_iter, tol=tol, seed=args.seed, progress=progress, v0=v0,
+                criterion=args.criterion,
+            )  # fmt: skip
             max_iter = args.max_iter  # None: lanczos's own default budget
         else:
             tol = 1e-3 if args.tol is None else args.tol

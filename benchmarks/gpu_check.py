@@ -286,32 +286,19 @@ def step_scripts(out: str) -> None:
     work = os.path.join(tempfile.gettempdir(), "hessianflow_gpu_check")  # checkpoints stay out of --out
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    data = ["--name", "synthetic", "--synthetic-train", "2000", "--synthetic-test", "400"]
-    ck = os.path.join(work, "c1.pkl")
-    common = [
-        *data,
-        "--arch",
-        "c1",
-        "--batch-size",
-        "64",
-        "--large-ratio",
-        "4",
-        "--duration",
-        "1",
-        "--lr",
-        "0.02",
-        "--lr-decay-epoch",
-        "2",
-        "--device",
-        DEV,
-        "--no-progress",
-    ]
-    if sh(
-        "train.py ABSA c1 cuda 3 epochs",
-        [py, "train.py", *common, "--epochs", "3", "--save", ck, "--out-dir", os.path.join(work, "c1")],
-        out,
-    ):
-        with open(os.path.join(work, "c1", "metrics.json")) as f:
+
+    def w(name: str) -> str:
+        return os.path.join(work, name)
+
+    def train(script: str, flags: str, save: str, out_dir: str) -> list[str]:
+        tail = ["--device", DEV, "--no-progress", "--save", w(save), "--out-dir", w(out_dir)]
+        return [script, *data, *flags.split(), *tail]
+
+    data = "--name synthetic --synthetic-train 2000 --synthetic-test 400".split()
+    c1 = "--arch c1 --batch-size 64 --large-ratio 4 --duration 1 --lr 0.02 --lr-decay-epoch 2"
+    ck, ck2 = w("c1.pkl"), w("c1_resume.pkl")
+    if sh("train.py ABSA c1 cuda 3 epochs", [py, *train("train.py", c1 + " --epochs 3", "c1.pkl", "c1")], out):
+        with open(w("c1/metrics.json")) as f:
             m = json.load(f)
         check(
             "train.py metrics",
@@ -319,154 +306,46 @@ def step_scripts(out: str) -> None:
             f"epochs {m['epochs']}, test acc {m['final_test_acc']:.3f}, final batch {m['final_batch_size']}, "
             f"{m['wall_time']:.1f} s",
         )
-    ck2 = os.path.join(work, "c1_resume.pkl")
-    if sh(
-        "train.py cuda 2 epochs (to resume)",
-        [py, "train.py", *common, "--epochs", "2", "--save", ck2, "--out-dir", os.path.join(work, "c1r")],
-        out,
-    ):
-        sh(
-            "train.py cuda --resume to 3 epochs",
-            [
-                py,
-                "train.py",
-                *common,
-                "--epochs",
-                "3",
-                "--save",
-                ck2,
-                "--resume",
-                ck2,
-                "--out-dir",
-                os.path.join(work, "c1r"),
-            ],
-            out,
-        )
+    first_two = [py, *train("train.py", c1 + " --epochs 2", "c1_resume.pkl", "c1r")]
+    if sh("train.py cuda 2 epochs (to resume)", first_two, out):
+        resumed = [py, *train("train.py", c1 + " --epochs 3", "c1_resume.pkl", "c1r"), "--resume", ck2]
+        sh("train.py cuda --resume to 3 epochs", resumed, out)
         if os.path.exists(ck) and os.path.exists(ck2):
             a = torch.load(ck, map_location="cpu", weights_only=True)
             b = torch.load(ck2, map_location="cpu", weights_only=True)
             # On CUDA two runs of one seed already differ (cuDNN and atomic-add kernels are not bit
             # reproducible: measured on an H200, epoch-2 test accuracy 0.455 vs 0.485), so the resume is
             # checked by its schedule: the same epoch, number of updates and batch size.
-            same = (a["epoch"], a["updates"], a["absa"]["large_ratio"]) == (
-                b["epoch"],
-                b["updates"],
-                b["absa"]["large_ratio"],
-            )
+            key = ("epoch", "updates")
+            same = [a[k] for k in key] + [a["absa"]["large_ratio"]] == [b[k] for k in key] + [b["absa"]["large_ratio"]]
             check(
                 "resumed cuda run: same schedule as uninterrupted",
                 same,
                 f"epoch/updates {a['epoch']}/{a['updates']} vs {b['epoch']}/{b['updates']}",
             )
     if DEV == "cuda":
-        sh(
-            "train.py --amp (bf16) cuda",
-            [
-                py,
-                "train.py",
-                *common,
-                "--epochs",
-                "2",
-                "--amp",
-                "--save",
-                os.path.join(work, "amp.pkl"),
-                "--out-dir",
-                os.path.join(work, "amp"),
-            ],
-            out,
-        )
-    sh(
-        "train_resnet.py cuda, eigenvalue per epoch",
-        [
-            py,
-            "train_resnet.py",
-            *data,
-            "--epochs",
-            "2",
-            "--lr",
-            "0.1",
-            "--lr-decay",
-            "0.2",
-            "--lr-decay-epoch",
-            "1",
-            "--batch-size",
-            "64",
-            "--device",
-            DEV,
-            "--no-progress",
-            "--save",
-            os.path.join(work, "resnet.pkl"),
-            "--out-dir",
-            os.path.join(work, "resnet"),
-        ],
-        out,
-    )
+        sh("train.py --amp (bf16) cuda", [py, *train("train.py", c1 + " --epochs 2 --amp", "amp.pkl", "amp")], out)
+    flags = "--epochs 2 --lr 0.1 --lr-decay 0.2 --lr-decay-epoch 1 --batch-size 64"
+    resnet = [py, *train("train_resnet.py", flags, "resnet.pkl", "resnet")]
+    sh("train_resnet.py cuda, eigenvalue per epoch", resnet, out)
     if os.path.exists(ck):
-        jg, jc = os.path.join(work, "drv_cuda.json"), os.path.join(work, "drv_cpu.json")
-        drv = [
-            py,
-            "hessian_eig_driver.py",
-            "--resume",
-            ck,
-            "--hessian-batch-size",
-            "128",
-            "--top-k",
-            "3",
-            "--trace",
-            "--trace-matvecs",
-            "20",
-            "--density",
-            "--density-runs",
-            "1",
-            "--density-steps",
-            "30",
-            "--no-progress",
-        ]
-        ok_g = sh("driver on cuda", [*drv, "--device", DEV, "--json", jg, "--out-dir", os.path.join(work, "dg")], out)
-        ok_c = sh("driver on cpu", [*drv, "--device", "cpu", "--json", jc, "--out-dir", os.path.join(work, "dc")], out)
+        drv = [py, "hessian_eig_driver.py", "--resume", ck, "--no-progress"]
+        drv += "--hessian-batch-size 128 --top-k 3 --trace --trace-matvecs 20 --density --density-runs 1".split()
+        drv += "--density-steps 30".split()
+        jg, jc = w("drv_cuda.json"), w("drv_cpu.json")
+        ok_g = sh("driver on cuda", [*drv, "--device", DEV, "--json", jg, "--out-dir", w("dg")], out)
+        ok_c = sh("driver on cpu", [*drv, "--device", "cpu", "--json", jc, "--out-dir", w("dc")], out)
         if ok_g and ok_c:
             eg = json.load(open(jg))["eigen"]["eigenvalues"]
             ec = json.load(open(jc))["eigen"]["eigenvalues"]
             d = max(abs(a - b) / abs(b) for a, b in zip(eg, ec))
             check("driver eigenvalues cuda == cpu (float32 products)", d < 1e-3, f"{eg} vs {ec}: max rel {d:.1e}")
     trun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    sh(
-        "torchrun nproc 1 (NCCL) train.py",
-        [
-            *trun,
-            "train.py",
-            *common,
-            "--epochs",
-            "2",
-            "--save",
-            os.path.join(work, "ddp.pkl"),
-            "--out-dir",
-            os.path.join(work, "ddp"),
-        ],
-        out,
-    )
+    sh("torchrun nproc 1 (NCCL) train.py", [*trun, *train("train.py", c1 + " --epochs 2", "ddp.pkl", "ddp")], out)
     if os.path.exists(ck):
-        sh(
-            "torchrun nproc 1 (NCCL) driver",
-            [
-                *trun,
-                "hessian_eig_driver.py",
-                "--resume",
-                ck,
-                "--hessian-batch-size",
-                "128",
-                "--top-k",
-                "2",
-                "--device",
-                DEV,
-                "--no-progress",
-                "--json",
-                os.path.join(work, "ddp_drv.json"),
-                "--out-dir",
-                os.path.join(work, "ddpd"),
-            ],
-            out,
-        )
+        drv = [*trun, "hessian_eig_driver.py", "--resume", ck, "--hessian-batch-size", "128", "--top-k", "2"]
+        drv += ["--device", DEV, "--no-progress", "--json", w("ddp_drv.json"), "--out-dir", w("ddpd")]
+        sh("torchrun nproc 1 (NCCL) driver", drv, out)
 
 
 def step_pytest(out: str) -> None:

@@ -453,16 +453,15 @@ def test_reads_the_format_train_py_writes():
 
 
 def test_gradient_start(ckpt, capsys):
-    """--start gradient: the library's lanczos with v0="gradient" on the same batch; same seed, same result."""
+    """--start gradient --criterion eigenvalue: the library's lanczos with those arguments on the same batch."""
     out, _ = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--start", "GRADIENT",
-                         "--top-k", "2", "--no-progress"], capsys)  # fmt: skip
+                         "--top-k", "2", "--criterion", "eigenvalue", "--no-progress"], capsys)  # fmt: skip
     _, plain, _ = get_datasets("synthetic", augment=False, seed=DATA_SEED, num_train=256, num_test=128)
     xb, yb = fixed_batch(plain, 8, seed=1)
     H = HessianOperator(ckpt["model"], nn.CrossEntropyLoss(), data=(xb, yb))
-    ref = lanczos(H, k=2, tol=drv.LANCZOS_TOL, seed=1, v0="gradient")
+    ref = lanczos(H, k=2, tol=drv.LANCZOS_TOL, seed=1, v0="gradient", criterion="eigenvalue")
     assert out["eigen"]["eigenvalues"] == ref.eigenvalues.tolist() and out["eigen"]["all_converged"]
     assert out["eigen"]["num_matvecs"] == ref.num_matvecs
-    tight = lanczos(H, k=2, tol=1e-6, seed=7)  # a random start agrees to the residual bound
-    for a, b, ra, rb in zip(out["eigen"]["eigenvalues"], tight.eigenvalues.tolist(), out["eigen"]["residuals"],
-                            tight.residuals.tolist()):  # fmt: skip
-        assert close(a, b, ra, rb), (a, b, ra, rb)
+    tight = lanczos(H, k=2, tol=1e-7, seed=7)  # a random start, tight: within the asked 1e-4 relative
+    for a, b in zip(out["eigen"]["eigenvalues"], tight.eigenvalues.tolist()):
+        assert abs(a - b) <= drv.LANCZOS_TOL * abs(b), (a, b)
