@@ -642,11 +642,11 @@ def lanczos(
             bound with the gap :math:`\\delta_i` estimated by the distance to the nearest other Ritz
             value (Parlett 1998, §11.7). With ``tol`` the accuracy wanted it stops near the fewest
             products that reach it (measured: ResNet-20 top-5 to 1e-4 in 24 products before the
-            multiplicity check, error 6.5e-6, where the residual rule needs ``tol=1e-4`` and 48
-            products in all; benchmarks/README.md). The eigenvectors are then only as good as
-            :math:`r/\\delta`. The gap estimate is optimistic while an eigenvalue between the wanted
-            ones has not appeared yet, which a random start makes unlikely; the ``r`` part of the bound
-            holds regardless.
+            multiplicity check, error 6.6e-6, 42 with the check, where the residual rule needs
+            ``tol=1e-4`` and 48; top-1 from ``v0="gradient"`` in 5; benchmarks/README.md). The
+            eigenvectors are then only as good as :math:`r/\\delta`. The gap estimate is optimistic
+            while an eigenvalue between the wanted ones has not appeared yet, which a random start makes
+            unlikely; the ``r`` part of the bound holds regardless.
 
     Returns:
         An :class:`EigenResult` ordered as ``which`` asks. If ``max_iter`` runs out, the best pairs are
