@@ -91,6 +91,24 @@ def test_power_iteration_dominant_value(lam, seed, sign):
 
 
 @SETTINGS
+@given(lam=spectra(), k=st.integers(1, 4), which=st.sampled_from(["LA", "SA"]), seed=st.integers(0, 2**16))
+def test_lanczos_eigenvalue_criterion_meets_its_accuracy_or_says_not(lam, k, which, seed):
+    # criterion="eigenvalue" (a Kato-Temple bound with an estimated gap): every pair reported converged
+    # is within tol relative of the eigenvalue in its place (the floor tol * max|lambda| near zero; plus
+    # the multiplicity check's resolution, tol * scale, where eigenvalues tie)
+    k = min(k, lam.numel())
+    A = sym_matrix(lam, seed=seed)
+    tol = 1e-6
+    res = quiet(lanczos, A, k=k, which=which, seed=seed, tol=tol, criterion="eigenvalue")
+    scale = float(lam.abs().max())
+    ref = eig_order(lam, which)[:k]
+    bound = tol * torch.clamp(ref.abs(), min=tol * scale) + 2 * tol * scale + 1e-12 * max(scale, 1.0)
+    ok = (res.eigenvalues - ref).abs() <= bound
+    assert bool((ok | ~res.converged).all()), (res.eigenvalues, ref, res.converged, res.residuals)
+    assert res.all_converged
+
+
+@SETTINGS
 @given(lam=spectra(max_n=30), k=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_power_iteration_converged_pairs_are_eigenpairs(lam, k, seed):
     # Any spectrum: a converged pair has the residual it reports, so it is within that residual of
