@@ -55,11 +55,11 @@ _FIELDS = (
 )
 
 
-def _solve(op, method: str, k: int, max_iter: int, tol: float, seed) -> EigenResult:
+def _solve(op, method: str, k: int, max_iter: int, tol: float, seed, v0=None) -> EigenResult:
     if method == "power":
-        res = power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=seed)
+        res = power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=seed, v0=v0)
     elif method == "lanczos":
-        res = lanczos(op, k=k, which="LA", max_iter=max_iter, tol=tol, seed=seed)
+        res = lanczos(op, k=k, which="LA", max_iter=max_iter, tol=tol, seed=seed, v0=v0)
     else:  # pragma: no cover - validated by the callers
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     values = res.eigenvalues.detach().cpu().tolist()
@@ -101,6 +101,7 @@ def top_eigenvalue(
     train_mode: bool = False,
     params=None,
     progress: bool = False,
+    v0=None,
 ) -> EigenResult:
     """The top ``k`` eigenpairs of the Hessian of ``criterion(model(x), y)`` over a batch or a loader.
 
@@ -129,6 +130,8 @@ def top_eigenvalue(
         train_mode: compute the Hessian in train mode (BatchNorm batch statistics); default eval mode.
         params: the parameters to differentiate w.r.t. (default all with ``requires_grad``).
         progress: show a progress bar over the loader's batches.
+        v0: the start vector: ``None`` (random, from ``seed``), a flat tensor, or ``"gradient"`` (the
+            loss gradient plus 1% of a random vector; see :func:`~hessianflow.eigen.lanczos`).
 
     Returns:
         the solver's :class:`~hessianflow.eigen.EigenResult` (``eigenvalues[0]`` is the top one;
@@ -153,7 +156,7 @@ def top_eigenvalue(
         progress=progress,
     )
     try:
-        return _solve(op, method, k, max_iter, tol, seed)
+        return _solve(op, method, k, max_iter, tol, seed, v0)
     finally:
         op.release()
 

@@ -54,6 +54,19 @@ def test_top_eigenvalue_lanczos_matches_dense(problem):
     assert bool(res.converged.all())
 
 
+def test_top_eigenvalue_passes_the_start_vector(problem):
+    from hessianflow.eigen import lanczos
+    from hessianflow.operators import HessianOperator
+
+    model, crit, data, _, evals = problem
+    res = top_eigenvalue(model, crit, data=data, method="lanczos", tol=1e-10, max_iter=200, v0="gradient", seed=3)
+    ref = lanczos(HessianOperator(model, crit, data=data), k=1, tol=1e-10, max_iter=200, v0="gradient", seed=3)
+    assert torch.equal(res.eigenvalues, ref.eigenvalues) and res.num_matvecs == ref.num_matvecs
+    torch.testing.assert_close(res.eigenvalues[0], evals[-1], rtol=1e-9, atol=0)
+    random = top_eigenvalue(model, crit, data=data, method="lanczos", tol=1e-10, max_iter=200, seed=3)
+    assert random.num_matvecs != res.num_matvecs or not torch.equal(random.eigenvalues, res.eigenvalues)
+
+
 def test_top_eigenvalue_power_matches_dense(problem):
     model, crit, data, _, evals = problem
     dominant = evals[evals.abs().argmax()]
