@@ -140,3 +140,91 @@ def forward_over_reverse_hvp(loss_fn, params: Sequence[torch.Tensor], vecs: Sequ
     tangents = tuple(v.to(dtype=p.dtype) for v, p in zip(vecs, primals))
     _, hv = torch.func.jvp(torch.func.grad(loss_fn), (primals,), (tangents,))
     return list(hv)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2-D convolution with an explicit double backward
+# ------------------------------------------------------------------------------------------------
+_conv_backward = torch.ops.aten.convolution_backward
+
+
+class _ConvGrad(torch.autograd.Function):
+    """``(grad_input, grad_weight)`` of a bias-free 2-D convolution, differentiable once more.
+
+    PyTorch's own double backward of a convolution forms the weight-gradient terms as convolutions of
+    batch-transposed tensors (a 32x32 "kernel" for a ResNet stage, plus copies to make them contiguous).
+    Here each term is one of the kernels a plain gradient uses: for ``gx = conv_input_grad(gy, W)`` and
+    ``gW = conv_weight_grad(x, gy)`` with cotangents ``u_x`` and ``u_W``,
+
+    .. math::
+        \\bar{g}_y = \\mathrm{conv}(u_x, W) + \\mathrm{conv}(x, u_W),\\quad
+        \\bar{W} = \\mathrm{conv\\_weight\\_grad}(u_x, g_y),\\quad
+        \\bar{x} = \\mathrm{conv\\_input\\_grad}(g_y, u_W).
+
+    Measured on ResNet-20 (batch 64, CPU, 1 thread): the reused-graph product took 0.409 s instead of
+    0.452 s. The operators use it on the CPU only (not yet timed on a GPU). Products equal PyTorch's to
+    rounding: tests/test_operators.py checks them against ``torch.func.hessian`` for strided, dilated,
+    grouped and bias-free convolutions.
+    """
+
+    @staticmethod
+    def forward(ctx, gy, x, W, conf, need_x):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(gy, x, W)
+        ctx.conf, ctx.need_x = conf, need_x
+        zeros = [0] * len(stride)
+        mask = [need_x, True, False]
+        gx, gW, _ = _conv_backward(gy, x, W, None, stride, padding, dilation, False, zeros, groups, mask)
+        return (gx if need_x else gy.new_zeros(())), gW
+
+    @staticmethod
+    def backward(ctx, u_x, u_W):
+        gy, x, W = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        zeros = [0] * len(stride)
+        ggy = gx2 = gW2 = None
+        if ctx.needs_input_grad[0]:
+            ggy = torch.nn.functional.conv2d(x, u_W, None, stride, padding, dilation, groups)
+            if ctx.need_x:
+                ggy = ggy + torch.nn.functional.conv2d(u_x, W, None, stride, padding, dilation, groups)
+        if ctx.need_x and ctx.needs_input_grad[2]:
+            mask = [False, True, False]
+            _, gW2, _ = _conv_backward(gy, u_x, W, None, stride, padding, dilation, False, zeros, groups, mask)
+        if ctx.needs_input_grad[1]:
+            mask = [True, False, False]
+            gx2, _, _ = _conv_backward(gy, x, u_W, None, stride, padding, dilation, False, zeros, groups, mask)
+        return ggy, gx2, gW2, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward is :class:`_ConvGrad` (so its double backward is the one above)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, conf):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(x, W)
+        ctx.conf, ctx.has_bias = conf, b is not None
+        return torch.nn.functional.conv2d(x, W, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        gx, gW = _ConvGrad.apply(gy, x, W, ctx.conf, need_x)
+        gb = gy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (gx if need_x else None), gW, gb, None
+
+
+def conv2d_forward(module: torch.nn.Conv2d):
+    """A forward for ``module`` with the explicit double backward, or ``None`` where it does not apply
+    (non-zero padding modes and ``padding="same"/"valid"`` keep the module's own)."""
+    if type(module) is not torch.nn.Conv2d or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    conf = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
+
+    def forward(x):
+        if x.dim() != 4:  # unbatched input: the module's own path
+            return torch.nn.Conv2d.forward(module, x)
+        return _Conv2d.apply(x, module.weight, module.bias, conf)
+
+    return forward

@@ -406,3 +406,54 @@ def test_image_batches_go_channels_last_with_a_fallback_for_view_models():
     H = HessianOperator(cnn, crit, data=(torch.randn(5, 2, 6, 6, dtype=DT), torch.randint(0, 4, (5,))))
     H.matvec(torch.ones(H.size, dtype=DT))
     assert seen == [True] and H._nhwc
+
+
+def _conv_zoo(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1),  # strided
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False),  # dilated, grouped, no bias
+        nn.Softplus(),
+        nn.Conv2d(4, 3, 1),  # 1x1
+        nn.Tanh(),
+        nn.Conv2d(3, 3, 3, padding="same"),  # string padding: the module's own forward
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"),  # reflect: the module's own forward
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).to(DT)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_convolutions_with_the_explicit_double_backward(train_mode):
+    model, crit = _conv_zoo(), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(6, 2, 7, 7, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    patched = []
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, a, p=patched: p.append("forward" in mod.__dict__))
+    ref = func_hessian(model, crit, x, y)
+    patched.clear()
+    H = HessianOperator(model, crit, data=(x, y), train_mode=train_mode)
+    dense = H.to_dense()
+    assert patched == [True, True, True, False, False]  # the graph was built once, through the new path
+    assert_close(dense, ref)
+    assert not any("forward" in m.__dict__ for m in model)
+    # the GGN goes through the same convolutions (J^T u, then its derivative in u)
+    base = [p.detach() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+
+    def outputs(flat):
+        return torch.func.functional_call(model, dict(zip(names, unflatten(flat, base))), (x,))
+
+    out = outputs(flatten(base)).detach()
+    J = torch.func.jacrev(outputs)(flatten(base)).reshape(out.numel(), -1)
+    H_out = torch.func.hessian(lambda o: crit(o.view_as(out), y))(out.reshape(-1))
+    assert_close(GGNOperator(model, crit, data=(x, y)).to_dense(), J.T @ H_out @ J)
+    # several vectors at once (vmap over the explicit backward) and a loader of unequal batches
+    V = torch.randn(H.size, 3, dtype=DT, generator=g)
+    assert_close(HessianOperator(model, crit, data=(x, y), batched_matmat=True).matmat(V), ref @ V)
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    assert_close(HessianOperator(model, crit, dataloader=loader).matmat(V), ref @ V)
