@@ -45,7 +45,6 @@ missing one is reported and its rows skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import math
@@ -292,31 +291,6 @@ def compute_reference(w: Workload) -> dict:
 # ------------------------------------------------------------------------------------------------
 # section: cost of a Hessian-vector product
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def affine_batchnorm(model: nn.Module):
-    """PROTOTYPE (not in hessianflow): eval-mode BatchNorm as the affine map it is,
-    ``x * (gamma / sqrt(var + eps)) + (beta - mean * gamma / sqrt(var + eps))``.
-
-    The same function of the same parameters (checked: the HVPs agree to 5e-16 in float64 on a ResNet-8),
-    but its double backward is a few multiplications instead of the generic batch-norm double backward.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training]
-    for m in norms:
-
-        def forward(inp, m=m):
-            scale = m.weight * torch.rsqrt(m.running_var + m.eps)
-            shift = m.bias - m.running_mean * scale
-            shape = (1, -1) + (1,) * (inp.dim() - 2)
-            return inp * scale.view(shape) + shift.view(shape)
-
-        m.forward = forward
-    try:
-        yield
-    finally:
-        for m in norms:
-            del m.forward
-
-
 def section_hvp(w: Workload, repeats: int, peers: dict) -> dict:
     model, crit, x, y = w.model, w.criterion, w.x, w.y
     params = flat_params(model)
@@ -348,12 +322,6 @@ def section_hvp(w: Workload, repeats: int, peers: dict) -> dict:
             key = f"hessianflow matmat of 10 ({name}), graph reused, per vector"
             calls[key] = lambda H_m=H_m: H_m.matmat(V10)
             per_vector[key] = 10
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        with affine_batchnorm(model):
-            g_aff = torch.autograd.grad(crit(model(x), y), params, create_graph=True)
-        calls["prototype: graph reused, eval BatchNorm as its affine map"] = lambda: [
-            h.detach() for h in torch.autograd.grad(g_aff, params, grad_outputs=vlist, retain_graph=True)
-        ]
     ph_h = None
     if peers["pyhessian"]:
         ph_h = _peers.pyhessian_hessian(model, crit, x, y)
