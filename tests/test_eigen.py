@@ -557,3 +557,22 @@ def test_eigenvalue_criterion_saves_products_on_a_separated_top():
     assert float(eig.residuals[0]) > 1e-6 * 10.0  # it stopped on the eigenvalue bound, not the residual
     with pytest.raises(ValueError, match="criterion"):
         lanczos(A, criterion="gap")
+
+
+def test_check_multiplicity_off_is_cheaper_and_misses_copies_as_documented():
+    # simple spectrum: the same values, fewer products
+    lam = torch.cat([torch.tensor([9.0, 7.0, 6.0], dtype=DT), torch.linspace(0, 4, 97, dtype=DT)])
+    A = sym_matrix(lam, seed=2)
+    on = lanczos(A, k=3, tol=1e-8, seed=0)
+    off = lanczos(A, k=3, tol=1e-8, seed=0, check_multiplicity=False)
+    torch.testing.assert_close(off.eigenvalues, torch.tensor([9.0, 7.0, 6.0], dtype=DT), rtol=1e-12, atol=0)
+    assert off.all_converged and off.num_matvecs < on.num_matvecs
+    # a double eigenvalue: without the check the next value takes the copy's place, "converged"
+    # (what the option's docstring warns of); with it, the right values
+    lam = torch.cat([torch.tensor([5.0, 5.0, 4.0], dtype=DT), torch.linspace(0, 3, 97, dtype=DT)])
+    A = sym_matrix(lam, seed=3)
+    off = lanczos(A, k=2, tol=1e-8, seed=0, check_multiplicity=False)
+    on = lanczos(A, k=2, tol=1e-8, seed=0)
+    torch.testing.assert_close(on.eigenvalues, torch.tensor([5.0, 5.0], dtype=DT), rtol=1e-10, atol=0)
+    torch.testing.assert_close(off.eigenvalues, torch.tensor([5.0, 4.0], dtype=DT), rtol=1e-10, atol=0)
+    assert off.all_converged
