@@ -14,16 +14,6 @@ from hessianflow.operators import GGNOperator, HessianOperator, exact_hessian
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These products are tiny: thread start-up dominates, and on a loaded two-core machine two OpenMP
-    threads were measured 30x slower than one (1.9 s against 0.06 s per ResNet-8 product)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def func_hessian(model, criterion, x, y):
     """Dense Hessian with torch.func.hessian (independent of the operators' double backprop), in eval mode
     as the operators default to."""

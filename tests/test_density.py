@@ -16,15 +16,6 @@ except ImportError:  # tests/ imported as a package
     from tests.spectra import CountingOperator, spectrum, sym_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Dense references run far faster on one thread on an oversubscribed 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_weights_are_a_probability_vector_per_run():
     lam = spectrum("indefinite", 150)
     res = spectral_density(sym_matrix(lam, seed=0), num_runs=6, num_steps=40, seed=0)

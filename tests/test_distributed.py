@@ -221,15 +221,6 @@ def _dense_hessian(model, X, y, reduction="mean"):
     return torch.func.hessian(loss)(theta)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny products: on a loaded two-core machine one thread is much faster than two
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ops_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ops")

@@ -29,16 +29,6 @@ BATCH = 16
 DATA_SEED = 3  # the training run's seed: the synthetic data is regenerated from it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These products are tiny: thread start-up dominates, and on a loaded two-core machine two OpenMP
-    threads were measured 30x slower than one (1.9 s against 0.06 s per ResNet-8 product)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_resnet(num_classes=10, seed=0):
     """A ResNet-8 with BatchNorm running statistics from a few train-mode passes (so eval mode is not
     the identity) and weights a few SGD steps away from the initialisation."""

@@ -17,16 +17,6 @@ except ImportError:  # tests/ imported as a package
     from tests.spectra import CountingOperator, eig_order, spectrum, sym_matrix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Dense references (eigvalsh, QR) of a few hundred rows run 10-100x faster on one thread than on
-    # an oversubscribed 2-core machine. Restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_pairs(A, result):
     """Orthonormal vectors and honest residuals."""
     scale = float(A.abs().max())

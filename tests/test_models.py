@@ -6,16 +6,6 @@ from torch import nn
 
 from models import ARCHS, C1, C2, ResNet, canonical_arch, count_parameters, get_model, resnet_num_blocks
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (in_channels, input_size, num_classes) of each data set the scripts support.
 SHAPES = {
     "cifar10": (3, 32, 10),

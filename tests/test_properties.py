@@ -23,15 +23,6 @@ except ImportError:  # tests/ imported as a package
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Dense references run far faster on one thread on an oversubscribed 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @st.composite
 def spectra(draw, min_n=1, max_n=40):
     """Random spectra: continuous values, or values from a small pool (repeated eigenvalues)."""

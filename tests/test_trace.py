@@ -24,15 +24,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Dense products and QRs run far faster on one thread on an oversubscribed 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rms_error(fn, A, exact, seeds, m=60):
     results = [fn(A, num_matvecs=m, seed=s) for s in seeds]
     errors = torch.tensor([r.estimate - exact for r in results], dtype=torch.float64)

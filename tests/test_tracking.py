@@ -23,16 +23,6 @@ def make_problem(seed=0, n_samples=40):
     return model, nn.CrossEntropyLoss(), (x, y)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Products on a 51-parameter model are microseconds of work: with several intra-op threads on a
-    # busy machine they spend most of their time waiting for each other (10x slower, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def problem():
     model, crit, data = make_problem()
