@@ -248,9 +248,6 @@ class CurvatureOperator(LinearOperator):
         # off it also leaves its running statistics alone (and a reused graph holds no reference to
         # them, which restoring them afterwards would invalidate).
         norms = [m for m in _batch_norms(self.model) if m.track_running_stats] if self.train_mode else []
-        # In eval mode a BatchNorm with running statistics is an affine map: run it as one (cheaper
-        # double backward). Not under torch.func (forward-over-reverse), which traces the module's own
-        # forward, and not for a module that already has an instance-level forward of its own.
         # Convolutions with an explicit double backward (hvp._ConvGrad: the same products, cheaper on the
         # CPU, where it was measured; CUDA keeps PyTorch's own until it has been timed there).
         convs = []
@@ -260,6 +257,9 @@ class CurvatureOperator(LinearOperator):
                     fwd = conv2d_forward(m)
                     if fwd is not None:
                         convs.append((m, fwd))
+        # In eval mode a BatchNorm with running statistics is an affine map: run it as one (cheaper
+        # double backward). Not under torch.func (forward-over-reverse), which traces the module's own
+        # forward, and not for a module that already has an instance-level forward of its own.
         folded = []
         if not self.train_mode and self.backend == "double_backprop":
             folded = [
@@ -375,15 +375,15 @@ class CurvatureOperator(LinearOperator):
             if n_b == 0:  # e.g. an empty shard on one rank: it still joins the all-reduce
                 continue
             with self._prepared():
-                if pieces is None:  # the gradient (see gradient())
-                    if reusable and self.reuse_graph and self._graph is None:
-                        self._graph = self._batch_graph(inputs, targets)
-                    graph = self._graph if reusable and self.reuse_graph else None
-                    prod = self._batch_gradient(graph, inputs, targets)
-                elif reusable and self.reuse_graph:
+                graph = None
+                if reusable and self.reuse_graph:
                     if self._graph is None:
                         self._graph = self._batch_graph(inputs, targets)
-                    prod = self._batch_product(self._graph, pieces, batched, retain=True)
+                    graph = self._graph
+                if pieces is None:  # the gradient (see gradient())
+                    prod = self._batch_gradient(graph, inputs, targets)
+                elif graph is not None:
+                    prod = self._batch_product(graph, pieces, batched, retain=True)
                 else:
                     prod = self._batch_product(self._batch_graph(inputs, targets), pieces, batched, retain=False)
             if reusable and not self.distributed:
