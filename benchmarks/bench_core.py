@@ -234,8 +234,8 @@ def mlp_workload(seed: int = 0, steps: int = 300) -> Workload:
 
 def resnet_workload(batch: int = 64, seed: int = 0) -> Workload:
     """ResNet-20 in eval mode on one batch of the synthetic CIFAR-shaped set, float32."""
-    from models import get_model
-    from utils import fixed_batch, get_datasets
+    from hessianflow.models import get_model
+    from hessianflow.data import fixed_batch, get_datasets
 
     _, plain, _ = get_datasets("synthetic", augment=False, seed=seed, num_train=max(1024, batch), num_test=16)
     with torch.random.fork_rng():

@@ -43,12 +43,12 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import train  # noqa: E402
 from hessianflow.absa import evaluate, train_epoch  # noqa: E402
 from hessianflow.adversarial import pixel_eps  # noqa: E402
+from hessianflow.cli import train  # noqa: E402
+from hessianflow.data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
+from hessianflow.models import get_model  # noqa: E402
 from hessianflow.tracking import top_eigenvalue  # noqa: E402
-from models import get_model  # noqa: E402
-from utils import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 

@@ -160,7 +160,7 @@ def step_numerics() -> None:
     check("SLQ nodes cuda == cpu", d < 1e-8, f"rel diff {d:.2e}")
 
     # float32 products: TF32 off by default in the operator (PyTorch turns it on for cuDNN convolutions)
-    from models import get_model
+    from hessianflow.models import get_model
 
     torch.manual_seed(0)
     c1 = get_model("c1").eval()
@@ -222,7 +222,7 @@ def cuda_time(fn, repeats: int = 10) -> float:
 
 def step_timings() -> None:
     import hessianflow as hf
-    from models import get_model
+    from hessianflow.models import get_model
 
     torch.manual_seed(0)
     model = get_model("ResNet", depth=20).to(DEV).eval()

@@ -31,7 +31,7 @@ from hessianflow.eigen import lanczos  # noqa: E402
 from hessianflow.operators import HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.plotting import plot_density, plot_landscape_1d, plot_per_layer  # noqa: E402
 from hessianflow.trace import trace  # noqa: E402
-from utils import make_synthetic  # noqa: E402
+from hessianflow.data import make_synthetic  # noqa: E402
 
 
 def main(out_dir: str) -> dict:

@@ -27,10 +27,6 @@ import time
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 from hessianflow import operators  # noqa: E402
 from hessianflow._random import make_generator, randn  # noqa: E402
 from hessianflow.analysis import loss_landscape  # noqa: E402
@@ -204,7 +200,7 @@ def fault_results(rank: int, world: int) -> dict:
 
 def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dict:
     """Seconds per full-data-set product of a small CIFAR ResNet (float32) over ``n`` synthetic images."""
-    from models import get_model
+    from hessianflow.models import get_model
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, 3, 32, 32, generator=g)
@@ -236,10 +232,10 @@ def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dic
 def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> int:
     import importlib
 
-    import _cli
-    import train
+    from hessianflow.cli import common as _cli
+    from hessianflow.cli import train
 
-    module = importlib.import_module(script)  # train or train_resnet (which runs train.main)
+    module = importlib.import_module(f"hessianflow.cli.{script}")  # train or train_resnet (runs train.main)
 
     fail_rank = os.environ.get("DIST_WORKER_FAIL_RANK")
     if fail_rank is not None and int(fail_rank) == rank:
@@ -259,8 +255,8 @@ def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> i
 
 
 def _driver(out_dir: str, argv: list[str], rank: int) -> int:
-    import _cli
-    import hessian_eig_driver as drv
+    from hessianflow.cli import common as _cli
+    from hessianflow.cli import eig as drv
 
     fail_rank = os.environ.get("DIST_WORKER_FAIL_RANK")
     if fail_rank is not None and int(fail_rank) == rank:

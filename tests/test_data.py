@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import utils
-from utils import (
+import hessianflow.data as utils
+from hessianflow.data import (
     DATASETS,
     DataNotFoundError,
     data_range,

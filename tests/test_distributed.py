@@ -330,11 +330,11 @@ def _read_log(path):
 
 @pytest.mark.slow
 def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
-    import train
     from hessianflow.checkpoint import load_checkpoint
+    from hessianflow.cli import train
+    from hessianflow.data import get_datasets
+    from hessianflow.models import get_model
     from hessianflow.tracking import top_eigenvalue
-    from models import get_model
-    from utils import get_datasets
 
     two, one = tmp_path / "two", tmp_path / "one"
     # the same per-step effective batch: 32 per process x 2 processes = 64 in one process
@@ -390,9 +390,9 @@ def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_resnet_tracks_the_full_set_eigenvalue_of_one_process(tmp_path):
     from hessianflow.checkpoint import load_checkpoint
+    from hessianflow.data import get_datasets
+    from hessianflow.models import get_model
     from hessianflow.tracking import top_eigenvalue
-    from models import get_model
-    from utils import get_datasets
 
     # --eig-batches 2 of 24: the first 48 samples, whatever the world size (each rank holds 24 of them)
     flags = [
@@ -545,7 +545,7 @@ def driver_ckpt(tmp_path_factory):
 
 
 def _one_process_driver(argv, capsys):
-    import hessian_eig_driver as drv
+    from hessianflow.cli import eig as drv
 
     capsys.readouterr()
     result = drv.main(drv.parse_args([str(a) for a in argv]))
@@ -654,8 +654,7 @@ def test_driver_stops_every_rank_when_one_fails(driver_ckpt, tmp_path):
 
 def test_rank_zero_first_orders_the_download():
     """--download under torchrun: rank 0 runs it before the barrier, the others after it."""
-    sys.path.insert(0, ROOT)
-    import _cli
+    from hessianflow.cli import common as _cli
 
     class Ctx:
         def __init__(self, rank, events):

@@ -4,7 +4,6 @@ independent computation, its figures, its JSON against what it prints, and its e
 import json
 import os
 import re
-import sys
 import warnings
 
 import numpy as np
@@ -12,17 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import _cli  # noqa: E402
-import hessian_eig_driver as drv  # noqa: E402
-from hessianflow.checkpoint import save_checkpoint, versions  # noqa: E402
-from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.operators import GGNOperator, HessianOperator  # noqa: E402
-from models import get_model  # noqa: E402
-from utils import fixed_batch, get_datasets  # noqa: E402
+from hessianflow.checkpoint import save_checkpoint, versions
+from hessianflow.cli import common as _cli
+from hessianflow.cli import eig as drv
+from hessianflow.data import fixed_batch, get_datasets
+from hessianflow.eigen import lanczos, power_iteration
+from hessianflow.models import get_model
+from hessianflow.operators import GGNOperator, HessianOperator
 
 SYN = ["--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "128"]
 BATCH = 16
@@ -330,19 +325,25 @@ def one_line_error(err):
 
 
 def test_mismatched_checkpoints_are_one_line_errors(ckpt, capsys, tmp_path):
-    # another architecture: keys missing and unexpected
+    # another architecture: keys unexpected (C2's names are a superset of C1's) and shapes
     c2 = tmp_path / "c2.pkl"
     torch.save(get_model("c2").state_dict(), c2)
     code, err = run_cli(["--resume", str(c2), "--arch", "c1", "--name", "cifar10"], capsys)
     line = one_line_error(err)
-    assert code == 2 and "does not fit a c1 with 10 classes" in line and "missing key(s)" in line
-    assert "unexpected key(s)" in line and "features.3.weight" in line
+    assert code == 2 and "does not fit a c1 with 10 classes" in line and "unexpected key(s)" in line
+    assert "conv3.weight" in line and "conv1.weight is [64, 3, 3, 3] in the checkpoint, [64, 3, 5, 5]" in line
+    # and the other way round: keys missing
+    c1 = tmp_path / "c1.pkl"
+    torch.save(get_model("c1").state_dict(), c1)
+    code, err = run_cli(["--resume", str(c1), "--arch", "c2", "--name", "cifar10"], capsys)
+    line = one_line_error(err)
+    assert code == 2 and "does not fit a c2 with 10 classes" in line and "missing key(s): conv3.weight" in line
     # another class count: the first shape mismatch, with both shapes
     c100 = tmp_path / "c1_100.pkl"
     torch.save({"module." + k: v for k, v in get_model("c1", num_classes=100).state_dict().items()}, c100)
     code, err = run_cli(["--resume", str(c100), "--arch", "c1", "--name", "cifar10"], capsys)
     line = one_line_error(err)
-    assert code == 2 and "classifier.4.weight is [100, 192] in the checkpoint, [10, 192] in the model" in line
+    assert code == 2 and "fc3.weight is [100, 192] in the checkpoint, [10, 192] in the model" in line
     # another ResNet depth given on the command line for a bare file
     legacy = tmp_path / "r8.pkl"
     torch.save(ckpt["model"].state_dict(), legacy)
@@ -437,7 +438,7 @@ def test_hessianflow_command_line_is_accepted():
 
 
 def test_reads_the_format_train_py_writes():
-    import train
+    from hessianflow.cli import train
 
     assert drv.CHECKPOINT_FORMAT == train.CHECKPOINT_FORMAT
 

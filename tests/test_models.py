@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import ARCHS, C1, C2, ResNet, canonical_arch, count_parameters, get_model, resnet_num_blocks
+from hessianflow.models import ARCHS, C1, C2, ResNet, canonical_arch, count_parameters, get_model, resnet_num_blocks
 
 # (in_channels, input_size, num_classes) of each data set the scripts support.
 SHAPES = {
@@ -114,15 +114,18 @@ def test_fc_input_width_follows_input_size():
     assert m(torch.randn(2, 3, 32, 40)).shape == (2, 10)
 
 
-def test_hessianflow_layer_order_relu_before_batchnorm():
-    kinds = [type(m) for m in C1().features]
-    assert kinds == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d] * 2
-    pool = C1().features[3]
-    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
-    kinds2 = [type(m) for m in C2().features]
-    unit = [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
-    assert kinds2 == unit * 2 + [nn.MaxPool2d] + unit * 2 + [nn.MaxPool2d]
-    assert all(m.padding == (0, 0) for m in C2().features if isinstance(m, nn.Conv2d))
+def test_hessianflow_layer_names_and_kinds():
+    # HessianFlow's names in its order (models/c1.py); the function (ReLU before BatchNorm, the pools) is
+    # checked against an independent definition in test_hessianflow_checkpoints.py
+    conv, bn, fc = nn.Conv2d, nn.BatchNorm2d, nn.Linear
+    assert [(n, type(m)) for n, m in C1().named_children()] == [
+        ("conv1", conv), ("bn1", bn), ("conv2", conv), ("bn2", bn), ("fc1", fc), ("fc2", fc), ("fc3", fc)
+    ]  # fmt: skip
+    assert [n for n, _ in C2().named_children()] == [
+        "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "conv4", "bn4", "fc1", "fc2", "fc3"
+    ]  # fmt: skip
+    assert all(m.padding == (0, 0) for m in C2().modules() if isinstance(m, nn.Conv2d))
+    assert C1().conv1.padding == (2, 2) and C1().conv1.kernel_size == (5, 5)
 
 
 def test_resnet_block_computes_residual():

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-import _cli
-import train
 from hessianflow import checkpoint as ckpt_mod
 from hessianflow.checkpoint import load_checkpoint
+from hessianflow.cli import common as _cli
+from hessianflow.cli import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--name", "synthetic", "--synthetic-train", "192", "--synthetic-test", "64", "--no-progress",
@@ -25,7 +25,7 @@ TINY = ["--name", "synthetic", "--synthetic-train", "192", "--synthetic-test", "
 # and before it is renamed, printing a marker, so a test can kill the process inside the write.
 SLOW_SAVE = r"""
 import sys, time, torch
-import _cli, train
+from hessianflow.cli import common as _cli, train
 real = torch.save
 def slow_save(obj, f, *a, **k):
     real(obj, f, *a, **k)

@@ -7,14 +7,13 @@ import os
 import pytest
 import torch
 
-import _cli
-import train
-import train_resnet
 from hessianflow.checkpoint import load_checkpoint
+from hessianflow.cli import common as _cli
+from hessianflow.cli import train, train_resnet
+from hessianflow.data import dataset_info, get_datasets
 from hessianflow.eigen import lanczos
+from hessianflow.models import get_model
 from hessianflow.operators import HessianOperator
-from models import get_model
-from utils import dataset_info, get_datasets
 
 TINY = ["--name", "synthetic", "--synthetic-train", "320", "--synthetic-test", "160", "--no-progress"]
 
@@ -164,7 +163,7 @@ def test_train_resnet_eigen_history_crosses_lr_decay(tmp_path):
     top = max(ref.eigenvalues.tolist(), key=abs)
     assert hist[-1]["eigenvalue"] == pytest.approx(top, rel=1e-4)
     # the driver, given only the checkpoint (and the same batch: size 48, seed 1), reproduces it
-    import hessian_eig_driver as drv
+    from hessianflow.cli import eig as drv
 
     drv.main(drv.parse_args(["--resume", str(tmp_path / "ckpt.pkl"), "--hessian-batch-size", "48",
                                    "--seed", "1", "--method", "power", "--max-iter", "100", "--tol", "1e-6",

@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by train.py, train_resnet.py and hessian_eig_driver.py.
+"""Command-line plumbing shared by the three scripts (train, train-resnet, the eigenvalue driver).
 
 Argument types that reject bad values at parse time (argparse's own error and exit status 2), the
 common flags, device selection, and :func:`run` which turns a user mistake into a one-line error
@@ -24,6 +24,27 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         return text if "(default" in text else super()._get_help_string(action)
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """``--version``: the program, hessianflow's and torch's versions (what a bug report needs)."""
+    from .._version import __version__
+
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s (hessianflow {__version__}, torch {torch.__version__})",
+        help="print the versions and exit",
+    )
+
+
+def entry_point(main, parse_args):
+    """A console script: ``sys.exit`` of :func:`run` over the command line."""
+
+    def cli(argv=None) -> int:
+        return run(main, parse_args, argv)
+
+    return cli
 
 
 def rank_zero_first(ctx, enabled: bool, fn):
@@ -105,7 +126,7 @@ def choice_ci(choices):
 
 
 def add_data_args(parser, name_default="cifar10"):
-    from utils import DATASETS
+    from ..data import DATASETS
 
     g = parser.add_argument_group("data")
     g.add_argument(
@@ -222,11 +243,11 @@ def run(main, parse_args, argv=None) -> int:
     ``error: ...`` and exits 2; a NaN/Inf loss or curvature exits 3; an I/O failure mid-run exits 4.
     Anything else is a bug and keeps its traceback.
     """
-    from hessianflow.checkpoint import CheckpointError
-    from hessianflow.linop import NonFiniteError
+    from ..checkpoint import CheckpointError
+    from ..linop import NonFiniteError
 
     try:
-        from utils import DataNotFoundError
+        from ..data import DataNotFoundError
     except ImportError:  # pragma: no cover
         DataNotFoundError = FileNotFoundError
 

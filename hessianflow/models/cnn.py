@@ -13,9 +13,10 @@ both nets also run on MNIST-shaped (1x28x28) data.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["C1", "C2", "pair"]
+__all__ = ["C1", "C2", "c1_model", "c2_model", "pair"]
 
 
 def pair(input_size) -> tuple[int, int]:
@@ -45,15 +46,6 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-def _classifier(in_features: int, hidden: tuple, num_classes: int) -> nn.Sequential:
-    """Fully connected layers with ReLUs between them: ``in -> hidden[0] -> ... -> num_classes``."""
-    layers, width = [], in_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, num_classes))
-
-
 class C1(nn.Module):
     """HessianFlow's C1: two 5x5 convolutions and three fully connected layers.
 
@@ -78,23 +70,23 @@ class C1(nn.Module):
             "in_channels": in_channels,
             "input_size": input_size,
         }
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 64, kernel_size=5, padding=2),
-            nn.ReLU(),
-            nn.BatchNorm2d(64),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(64, 64, kernel_size=5, padding=2),
-            nn.ReLU(),
-            nn.BatchNorm2d(64),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
+        # HessianFlow's layer names (c1_model in its models/c1.py), so that its checkpoints load as they are
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=5, padding=2)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=5, padding=2)
+        self.bn2 = nn.BatchNorm2d(64)
         for _ in range(2):  # the 5x5 convolutions keep the size; each pool halves it (rounding up)
             h, w = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
         self.flat_features = 64 * h * w
-        self.classifier = _classifier(self.flat_features, (384, 192), num_classes)
+        self.fc1 = nn.Linear(self.flat_features, 384)
+        self.fc2 = nn.Linear(384, 192)
+        self.fc3 = nn.Linear(192, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        x = F.max_pool2d(self.bn1(F.relu(self.conv1(x))), 3, 2, 1)
+        x = F.max_pool2d(self.bn2(F.relu(self.conv2(x))), 3, 2, 1)
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
 class C2(nn.Module):
@@ -124,17 +116,15 @@ class C2(nn.Module):
             "input_size": input_size,
         }
 
-        def unit(cin, cout):
-            return [nn.Conv2d(cin, cout, kernel_size=3), nn.ReLU(), nn.BatchNorm2d(cout)]
-
-        self.features = nn.Sequential(
-            *unit(in_channels, 64),
-            *unit(64, 64),
-            nn.MaxPool2d(2),
-            *unit(64, 128),
-            *unit(128, 128),
-            nn.MaxPool2d(2),
-        )
+        # HessianFlow's layer names (c2_model in its models/c1.py)
+        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, kernel_size=3)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 128, kernel_size=3)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.conv4 = nn.Conv2d(128, 128, kernel_size=3)
+        self.bn4 = nn.BatchNorm2d(128)
         for _ in range(2):  # two unpadded 3x3 convolutions (-4), then a 2x2 pool (halve, rounding down)
             h, w = (h - 4) // 2, (w - 4) // 2
             if min(h, w) < 1:
@@ -143,7 +133,24 @@ class C2(nn.Module):
                     "two 2x2 pools need at least 16x16 inputs)"
                 )
         self.flat_features = 128 * h * w
-        self.classifier = _classifier(self.flat_features, (256, 256), num_classes)
+        self.fc1 = nn.Linear(self.flat_features, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.fc3 = nn.Linear(256, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        x = self.bn1(F.relu(self.conv1(x)))
+        x = F.max_pool2d(self.bn2(F.relu(self.conv2(x))), 2)
+        x = self.bn3(F.relu(self.conv3(x)))
+        x = F.max_pool2d(self.bn4(F.relu(self.conv4(x))), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def c1_model(num_classes: int = 10) -> C1:
+    """HessianFlow's constructor name for :class:`C1` (``from models.c1 import *``)."""
+    return C1(num_classes=num_classes)
+
+
+def c2_model(num_classes: int = 10) -> C2:
+    """HessianFlow's constructor name for :class:`C2` (its ``c2_model()`` had 10 classes)."""
+    return C2(num_classes=num_classes)

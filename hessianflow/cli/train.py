@@ -1,0 +1,552 @@
+"""Train a model with ABSA (adaptive batch size + adversarial training) or a large-batch SGD baseline.
+
+HessianFlow's train.py, with its flags and defaults. Usage::
+
+    python train.py --name cifar10 --epochs 90 --lr 0.02 --lr-decay 0.2 --lr-decay-epoch 30 60 --arch c1
+    python train.py --arch ResNet --lr 0.1 --lr-decay 0.2 --lr-decay-epoch 30 60 80 --large-ratio 128 --method absa
+    python train.py --name synthetic --arch c1 --epochs 6 --large-ratio 8 --duration 2   # offline, minutes
+    python train.py --resume model_param.pkl                                              # continue a run
+    torchrun --nproc_per_node 4 train.py --arch ResNet --method absa                      # data-parallel
+
+Every epoch prints one line and appends it as JSON to ``OUT_DIR/train_log.jsonl``; the checkpoint
+(``--save``, written atomically after every epoch) holds everything needed to resume or to analyse the
+model with hessian_eig_driver.py; ``OUT_DIR/metrics.json`` sums the run up. Exit status: 0 done, 2 a
+user error, 3 a NaN/Inf loss (the last good checkpoint is kept), 4 an I/O failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..absa import ABSAController, evaluate, set_lr, train_epoch
+from ..adversarial import pixel_eps
+from ..checkpoint import (
+    CheckpointError,
+    check_writable_dir,
+    extract_state_dict,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    versions,
+)
+from ..data import dataset_info, get_datasets, set_augmentation_epoch
+from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, shard
+from ..models import ARCHS, canonical_arch, get_model
+from ..tracking import EigenTracker, top_eigenvalue
+from . import common as _cli
+
+CHECKPOINT_FORMAT = "hessianflow.checkpoint/1"
+
+# The flags that define a run: on --resume they come from the checkpoint, and giving a different value
+# is an error (the rest, e.g. --device or --data-dir, may change between the pieces of a run).
+RUN_FLAGS = (
+    "name", "arch", "depth", "method", "batch_size", "large_ratio", "lr", "lr_decay", "lr_decay_epoch",
+    "weight_decay", "momentum", "adv_ratio", "eps", "duration", "hessian_batch_size", "eig_max_iter",
+    "eig_tol", "seed", "track_eigen", "eigen_type", "eig_data", "eig_batches", "synthetic_train",
+    "synthetic_test",
+)  # fmt: skip
+
+TRAIN_DEFAULTS = {
+    "name": "cifar10",
+    "batch_size": 128,
+    "test_batch_size": 200,
+    "epochs": 90,
+    "lr": 0.1,
+    "lr_decay": 0.2,
+    "lr_decay_epoch": [30, 60, 90],
+    "seed": 1,
+    "arch": "ResNet",
+    "large_ratio": 128,
+    "depth": 20,
+    "method": "absa",
+    "weight_decay": 5e-4,
+    "save": "model_param.pkl",
+    "out_dir": "runs",
+    "eigen_type": "approximate",
+}
+
+
+def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) -> argparse.ArgumentParser:
+    """The training flags; ``defaults`` overrides :data:`TRAIN_DEFAULTS` (train_resnet.py has its own)."""
+    d = {**TRAIN_DEFAULTS, **(defaults or {})}
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description or __doc__.split("\n\n")[0],
+        formatter_class=_cli.DefaultsHelpFormatter,
+    )
+    _cli.add_version_flag(p)
+    _cli.add_data_args(p, name_default=d["name"])
+    g = p.add_argument_group("model")
+    if fixed_arch is None:
+        g.add_argument("--arch", type=_cli.choice_ci(ARCHS), default=d["arch"], help=f"model: {', '.join(ARCHS)}")
+    g.add_argument(
+        "--depth", type=_cli.positive_int, default=d["depth"], help="ResNet depth, 6n+2 (20, 32, 44, 56, 110)"
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_cli.positive_int, default=d["batch_size"], help="mini-batch size per process")
+    g.add_argument("--test-batch-size", type=_cli.positive_int, default=d["test_batch_size"], help="test batch size")
+    g.add_argument("--epochs", type=_cli.positive_int, default=d["epochs"], help="number of epochs")
+    g.add_argument("--lr", type=_cli.positive_float, default=d["lr"], help="initial learning rate")
+    g.add_argument("--lr-decay", type=_cli.positive_float, default=d["lr_decay"], help="lr multiplier at each decay")
+    g.add_argument(
+        "--lr-decay-epoch",
+        type=_cli.nonneg_int,
+        nargs="+",
+        default=None,
+        help=f"epochs after which the lr decays (default: {' '.join(map(str, d['lr_decay_epoch']))}, "
+        "those beyond --epochs dropped)",
+    )
+    g.add_argument("--momentum", type=_cli.nonneg_float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", "--wd", type=_cli.nonneg_float, default=d["weight_decay"], help="weight decay")
+    g.add_argument("--seed", type=int, default=d["seed"], help="random seed (data order, init, Hessian batches)")
+    g = p.add_argument_group("ABSA (Yao et al. 2018)")
+    g.add_argument(
+        "--method",
+        type=_cli.choice_ci(("absa", "sgd")),
+        default=d["method"],
+        help="absa: adaptive batch size + adversarial training; sgd: fixed accumulation of --large-ratio batches",
+    )
+    g.add_argument(
+        "--large-ratio",
+        type=_cli.positive_int,
+        default=d["large_ratio"],
+        help="absa: the largest number of mini-batches accumulated per step; sgd: the fixed number",
+    )
+    g.add_argument("--adv-ratio", type=_cli.unit_float, default=0.2, help="initial fraction of FGSM examples (absa)")
+    g.add_argument("--eps", type=_cli.unit_float, default=0.005, help="FGSM radius in [0,1] pixel units")
+    g.add_argument(
+        "--duration",
+        type=_cli.positive_int,
+        default=10,
+        help="epochs without an eigenvalue drop before the batch grows",
+    )
+    g.add_argument(
+        "--hessian-batch-size",
+        type=_cli.positive_int,
+        default=128,
+        help="samples of the fresh, un-augmented batch the top eigenvalue is computed on",
+    )
+    g.add_argument("--eig-max-iter", type=_cli.positive_int, default=10, help="power iterations per eigenvalue check")
+    g.add_argument(
+        "--eig-tol", type=_cli.positive_float, default=1e-2, help="relative tolerance of the power iteration"
+    )
+    g = p.add_argument_group("eigenvalue tracking")
+    g.add_argument(
+        "--track-eigen",
+        action="store_true",
+        default=bool(d.get("track_eigen", False)),
+        help="compute the top Hessian eigenvalue after every epoch (any method) and log/plot it",
+    )
+    g.add_argument(
+        "--eigen-type",
+        type=_cli.choice_ci(("approximate", "full")),
+        default=d["eigen_type"],
+        help="tracking: approximate = one fixed batch of --hessian-batch-size samples drawn once with --seed; "
+        "full = the whole --eig-data set (or its first --eig-batches batches)",
+    )
+    g.add_argument(
+        "--eig-data", type=_cli.choice_ci(("train", "test")), default="train", help="tracking: the data set's split"
+    )
+    g.add_argument(
+        "--eig-batches", type=_cli.positive_int, default=None, help="tracking, full: use the first N batches"
+    )
+    g = p.add_argument_group("run")
+    _cli.add_device_arg(p)
+    g.add_argument("--save", type=str, default=d["save"], help="checkpoint path, written after every epoch")
+    g.add_argument("--resume", type=str, default=None, help="continue the run of this checkpoint")
+    g.add_argument("--out-dir", type=str, default=d["out_dir"], help="directory for the log, metrics and plots")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast for training on CUDA (Hessians stay float32)")
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm progress bars (default: when stderr is a terminal)",
+    )
+    p.set_defaults(fixed_arch=fixed_arch, default_decay=list(d["lr_decay_epoch"]))
+    return p
+
+
+def validate(parser: argparse.ArgumentParser, args, argv=None) -> argparse.Namespace:
+    """Checks that need several flags at once; every failure is ``parser.error`` (exit 2)."""
+    if args.fixed_arch is not None:
+        args.arch = args.fixed_arch
+    if args.lr_decay_epoch is None:
+        args.lr_decay_epoch = [e for e in args.default_decay if e <= args.epochs]
+    else:
+        bad = [e for e in args.lr_decay_epoch if not 1 <= e <= args.epochs]
+        if bad:
+            parser.error(f"argument --lr-decay-epoch: {bad} outside 1..{args.epochs} (--epochs)")
+        args.lr_decay_epoch = sorted(set(args.lr_decay_epoch))
+    if canonical_arch(args.arch) == "ResNet" and (args.depth < 8 or (args.depth - 2) % 6):
+        parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {args.depth}")
+    _cli.check_device(parser, args.device)
+    if args.name != "synthetic" and (args.synthetic_train or args.synthetic_test):
+        parser.error("--synthetic-train/--synthetic-test apply to --name synthetic only")
+    args.explicit = sorted(_cli.explicit_flags(parser, sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    return validate(parser, parser.parse_args(argv), argv)
+
+
+# -- pieces of a run -----------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation per epoch from ``seed`` and the epoch alone: a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def _loader(dataset, batch_size, sampler=None, num_workers=0, device=None):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device is not None and device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def _hessian_batch(dataset, size: int, seed: int, ctx):
+    """``size`` random un-augmented samples chosen by ``seed``; each rank keeps its shard of them."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[: min(size, len(dataset))]
+    idx = idx[shard(len(idx), ctx.rank, ctx.world_size)]
+    xs, ys = zip(*(dataset[int(i)] for i in idx))
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def _evaluate(model, test_set, args, criterion, ctx) -> dict:
+    """Test loss and accuracy; under torchrun each rank takes a contiguous shard and the sums are combined."""
+    part = torch.utils.data.Subset(test_set, range(len(test_set))[shard(len(test_set), ctx.rank, ctx.world_size)])
+    res = evaluate(getattr(model, "module", model), _loader(part, args.test_batch_size), criterion, ctx.device)
+    n = len(part)
+    sums = torch.tensor([res["loss"] * n, (res["accuracy"] or 0.0) * n, n], dtype=torch.float64, device=ctx.device)
+    if ctx.enabled:
+        torch.distributed.all_reduce(sums)
+    return {"loss": (sums[0] / sums[2]).item(), "accuracy": (sums[1] / sums[2]).item()}
+
+
+def _checkpoint(args, model, optimizer, controller, tracker, state, info) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": extract_state_dict({"state_dict": getattr(model, "module", model).state_dict()}),
+        "arch": canonical_arch(args.arch),
+        "depth": args.depth,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "input_size": info.input_size,
+        "dataset": args.name,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "versions": versions(),
+        "epoch": state["epoch"],
+        "optimizer": optimizer.state_dict(),
+        "absa": controller.state_dict(),
+        "tracker": tracker.state_dict() if tracker is not None else None,
+        "rng": rng_state(),
+        "history": state["history"],
+        "updates": state["updates"],
+        "best_test_acc": state["best_test_acc"],
+        "elapsed": state["elapsed"],
+    }
+
+
+def _load_resume(args, explicit):
+    """The checkpoint to resume from, its run flags checked against the command line."""
+    ckpt = load_checkpoint(args.resume)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise _cli.UsageError(
+            f"{args.resume} is not a training checkpoint of train.py/train_resnet.py (a bare state_dict "
+            "cannot be resumed; analyse it with hessian_eig_driver.py)"
+        )
+    saved = ckpt.get("args", {})
+    conflicts = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
+        for k in RUN_FLAGS
+        if k in explicit and k in saved and getattr(args, k) != saved[k]
+    ]
+    if conflicts:
+        raise _cli.UsageError(f"resuming {args.resume}, which was run with other settings: " + "; ".join(conflicts))
+    for k in RUN_FLAGS:
+        if k in saved:
+            setattr(args, k, saved[k])
+    if "epochs" not in explicit:
+        args.epochs = saved.get("epochs", args.epochs)
+    if ckpt["epoch"] > args.epochs:
+        raise _cli.UsageError(f"{args.resume} already holds {ckpt['epoch']} epochs, more than --epochs {args.epochs}")
+    return ckpt
+
+
+def _write_json(path, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(args) -> dict:
+    """Run the training described by ``args`` (from :func:`parse_args`); return the final metrics."""
+    ctx = init_distributed(args.device)
+    try:
+        return _main(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _main(args, ctx) -> dict:
+    explicit = set(getattr(args, "explicit", []))
+    ckpt = _load_resume(args, explicit) if args.resume else None
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = progress and ctx.is_main
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if not ctx.is_main:
+        warnings.simplefilter("ignore")  # the collective computations warn alike on every rank: rank 0 speaks
+
+    # Fail on an unwritable output before any work.
+    out_dir = check_writable_dir(args.out_dir)
+    check_writable_dir(os.path.dirname(os.path.abspath(args.save)))
+    if ctx.is_main:
+        remove_stale_temporaries(args.save)  # left by a run killed while writing its checkpoint
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+
+    _seed_everything(args.seed)
+    info = dataset_info(args.name)
+    train_set, plain_set, test_set = _cli.rank_zero_first(
+        ctx,
+        ctx.world_size > 1 and args.download and args.name != "synthetic",  # --download under torchrun
+        lambda: get_datasets(
+            args.name, data_dir=args.data_dir, download=args.download, augment=True, seed=args.seed,
+            **_cli.synthetic_kwargs(args),
+        ),
+    )  # fmt: skip
+    model = get_model(
+        args.arch, depth=args.depth, num_classes=info.num_classes, in_channels=info.in_channels,
+        input_size=info.input_size,
+    ).to(ctx.device)  # fmt: skip
+    criterion = nn.CrossEntropyLoss()
+    controller = ABSAController(
+        large_ratio_cap=args.large_ratio, base_lr=args.lr, lr_decay=args.lr_decay,
+        lr_decay_epochs=args.lr_decay_epoch, epochs=args.epochs, adv_ratio=args.adv_ratio,
+        duration=args.duration, method=args.method,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=controller.lr(0), momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    tracker = _make_tracker(args, criterion, plain_set, test_set, ctx) if args.track_eigen else None
+    state = {"epoch": 0, "history": [], "updates": 0, "best_test_acc": None, "elapsed": 0.0}
+    if ckpt is not None:
+        _cli.load_state_into(
+            model, extract_state_dict(ckpt), args.resume, f"{canonical_arch(args.arch)} for {args.name}",
+            "the checkpoint's weights contradict its own settings",
+        )  # fmt: skip
+        optimizer.load_state_dict(ckpt["optimizer"])
+        # the run flags were checked against the checkpoint above; only --epochs may have grown
+        controller.load_state_dict(ckpt["absa"], strict=False)
+        if tracker is not None and ckpt.get("tracker"):
+            tracker.load_state_dict(ckpt["tracker"])
+        set_rng_state(ckpt["rng"])
+        for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
+            state[k] = ckpt[k]
+        say(f"resuming {args.resume} after epoch {state['epoch']}")
+        last = state["history"][-1] if state["history"] else None
+        if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
+            say(
+                f"note: written by {last['batch_size'] // (args.batch_size * last['large_ratio'])} process(es), "
+                f"resumed by {ctx.world_size}: the effective batch (batch size x large ratio x processes) "
+                f"changes from {last['batch_size']} to {args.batch_size * last['large_ratio'] * ctx.world_size}"
+            )
+
+    train_model = model
+    if ctx.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
+    if ctx.enabled:
+        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=False)
+    else:
+        sampler = EpochSampler(len(train_set), args.seed)
+    train_loader = _loader(train_set, args.batch_size, sampler, args.num_workers, ctx.device)
+    eps = pixel_eps(args.eps, info.std).to(ctx.device)
+    lo = (0 - torch.tensor(info.mean)) / torch.tensor(info.std)
+    hi = (1 - torch.tensor(info.mean)) / torch.tensor(info.std)
+    clamp = (lo.view(-1, 1, 1).to(ctx.device), hi.view(-1, 1, 1).to(ctx.device))
+    # bf16 autocast per forward pass, inside train_epoch (see its docstring for why not around the epoch)
+    amp_dtype = torch.bfloat16 if args.amp and ctx.device.type == "cuda" else None
+    if args.amp and amp_dtype is None:
+        say("--amp: mixed precision is for CUDA devices; training on the CPU in float32")
+
+    if state["epoch"] == 0:
+        say(
+            f"training {canonical_arch(args.arch)}{args.depth if canonical_arch(args.arch) == 'ResNet' else ''} "
+            f"on {args.name} ({len(train_set)} train / {len(test_set)} test), method {args.method}, "
+            f"batch {args.batch_size} x up to {args.large_ratio} accumulated x {ctx.world_size} process(es) "
+            f"= effective batch up to {args.batch_size * args.large_ratio * ctx.world_size}, device {ctx.device}"
+        )
+    for epoch in range(state["epoch"], args.epochs):
+        t0 = time.time()
+        lr = controller.lr(epoch)
+        set_lr(optimizer, lr)
+        ratio, adv = controller.large_ratio, controller.current_adv_ratio(epoch)
+        sampler.set_epoch(epoch)
+        set_augmentation_epoch(train_set, epoch)  # crops/flips from (seed, epoch): a resumed run repeats them
+        stats = train_epoch(
+            train_model, train_loader, optimizer, criterion, ratio, adv_ratio=adv, eps=eps, clamp=clamp,
+            device=ctx.device, progress=progress, epoch=epoch + 1, autocast_dtype=amp_dtype,
+        )  # fmt: skip
+        t_train = time.time() - t0
+        # DDP syncs BatchNorm statistics before each forward, then every rank updates its own copy:
+        # evaluate, take the eigenvalue and save one model, rank 0's
+        broadcast_buffers(model)
+        steps = torch.tensor([stats["optimizer_steps"]], device=ctx.device)
+        state["updates"] += int(steps.item())  # every rank steps together under DDP
+        test = _evaluate(model, test_set, args, criterion, ctx)
+
+        t1 = time.time()
+        eig = None
+        if controller.needs_eigenvalue(epoch):
+            x, y = _hessian_batch(plain_set, args.hessian_batch_size, args.seed * 7919 + epoch, ctx)
+            res = top_eigenvalue(
+                model, criterion, dataloader=[(x, y)], method="power", max_iter=args.eig_max_iter,
+                tol=args.eig_tol, seed=args.seed + epoch,
+            )  # fmt: skip
+            eig = float(res.eigenvalues[0])
+        decision = controller.end_of_epoch(epoch, eig)
+        # the eigenvalue is collective (bit-identical on every rank): a rank that decided otherwise
+        # would dead-lock the next epoch's collectives, so make that an error instead
+        assert_same_on_all_ranks([eig, controller.large_ratio], "the eigenvalue and the next batch size")
+        metrics = {
+            "lr": lr,
+            "batch_size": args.batch_size * ratio * ctx.world_size,
+            "train_loss": stats["loss"],
+            "train_acc": stats["accuracy"],
+            "test_loss": test["loss"],
+            "test_acc": test["accuracy"],
+        }
+        if tracker is not None:
+            tracker.step(model, epoch + 1, **metrics)
+            if eig is None:
+                eig = tracker.history[-1]["eigenvalue"]
+        t_eig = time.time() - t1
+
+        record = {
+            "epoch": epoch + 1,
+            **metrics,
+            "large_ratio": ratio,
+            "adv_ratio": adv,
+            "updates": state["updates"],
+            "eigenvalue": eig,
+            "decision": decision.reason,
+            "next_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
+            "seconds": time.time() - t0,
+            "seconds_train": t_train,
+            "seconds_eigen": t_eig,
+        }
+        best = state["best_test_acc"]
+        state["best_test_acc"] = test["accuracy"] if best is None else max(best, test["accuracy"])
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        state["elapsed"] += record["seconds"]
+        if ctx.is_main:
+            say(
+                f"epoch {epoch + 1:3d}/{args.epochs}  lr {lr:.4g}  batch {record['batch_size']:5d}  "
+                f"train loss {_fmt(stats['loss'])} acc {_fmt(stats['accuracy'], '.3f')}  "
+                f"test loss {_fmt(test['loss'])} acc {test['accuracy']:.3f}  "
+                f"eig {_fmt(eig, '.4g')}  updates {state['updates']}  {record['seconds']:.1f}s"
+                + (f"  -> batch {record['next_batch_size']} ({decision.reason})" if decision.grew else "")
+            )
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            try:
+                save_checkpoint(_checkpoint(args, model, optimizer, controller, tracker, state, info), args.save)
+            except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
+                raise OSError(f"{exc} (the checkpoint of epoch {epoch} is kept)") from exc
+        ctx.barrier()
+
+    metrics = {
+        "updates": state["updates"],
+        "final_test_acc": state["history"][-1]["test_acc"] if state["history"] else None,
+        "best_test_acc": state["best_test_acc"],
+        "final_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
+        "epochs": state["epoch"],
+        "wall_time": state["elapsed"],
+        "world_size": ctx.world_size,
+        "checkpoint": os.path.abspath(args.save),
+        "eigenvalues": [r["eigenvalue"] for r in state["history"]],
+    }
+    if ctx.is_main:
+        _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+        if tracker is not None and tracker.history:
+            try:
+                tracker.plot(
+                    os.path.join(out_dir, "eigen_history.png"),
+                    lr_decay_epochs=args.lr_decay_epoch,
+                    title=f"{canonical_arch(args.arch)} on {args.name}: top Hessian eigenvalue ({args.eigen_type})",
+                )
+            except ImportError as exc:
+                say(f"(no plot: {exc})")
+        say(
+            f"done: {state['updates']} updates, final test acc {_fmt(metrics['final_test_acc'], '.3f')}, "
+            f"best {_fmt(metrics['best_test_acc'], '.3f')}, checkpoint {args.save}"
+        )
+    return metrics
+
+
+def _make_tracker(args, criterion, plain_set, test_set, ctx):
+    """The per-epoch eigenvalue tracker (train_resnet.py and --track-eigen)."""
+    source = plain_set if args.eig_data == "train" else test_set
+    common = dict(criterion=criterion, method="power", max_iter=args.eig_max_iter, tol=args.eig_tol, seed=args.seed)
+    common["out_dir"] = args.out_dir if ctx.is_main else None  # the tracker rewrites its files each epoch
+    if args.eigen_type == "approximate":
+        # a one-batch "loader", so that under torchrun the ranks' shards of the batch are summed
+        return EigenTracker(dataloader=[_hessian_batch(source, args.hessian_batch_size, args.seed, ctx)], **common)
+    # --eig-batches N: the first N batches of the whole set whatever the world size, so shard those samples
+    # (a rank's shard then has at most N batches: num_batches never cuts it, and stays in the config)
+    n = len(source) if args.eig_batches is None else min(len(source), args.eig_batches * args.hessian_batch_size)
+    part = torch.utils.data.Subset(source, range(n)[shard(n, ctx.rank, ctx.world_size)])
+    return EigenTracker(dataloader=_loader(part, args.hessian_batch_size), num_batches=args.eig_batches, **common)
+
+
+cli = _cli.entry_point(main, parse_args)
+
+if __name__ == "__main__":
+    sys.exit(cli())
