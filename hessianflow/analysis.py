@@ -23,13 +23,21 @@ import torch
 from torch import nn
 
 from ._random import make_generator
+from .batches import LossSpec, move_batch
 from .eigen import lanczos
-from .operators import GGNOperator, HessianOperator, _split_batch, resolve_params, unwrap_model
+from .operators import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    _LossModule,
+    resolve_params,
+    unwrap_model,
+)
 from .trace import trace as _trace
 
 __all__ = ["LayerResult", "layer_blocks", "per_layer", "loss_landscape"]
 
-_OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator}
+_OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ def _dense(op, chunk: int) -> torch.Tensor:
 
 def per_layer(
     model: nn.Module,
-    criterion,
+    criterion=None,
     data=None,
     dataloader: Iterable | None = None,
     *,
@@ -192,8 +200,10 @@ def per_layer(
 
     Args:
         model: the network.
-        criterion: the loss, as for the operators.
-        data: one batch ``(inputs, targets)``.
+        criterion: the loss, as for the operators; or ``None`` with ``loss_fn=`` (and ``reduction=``,
+            ``batch_weight=``) in ``operator_kwargs``, or neither for the model output's ``.loss``
+            (see :class:`~hessianflow.operators.CurvatureOperator`).
+        data: one batch (any form the operators take).
         dataloader: or an iterable of batches (exactly one of the two).
         top_k: eigenvalues per block (capped at each block's size).
         trace_matvecs: products for each estimated trace (at least 4).
@@ -203,12 +213,14 @@ def per_layer(
             is enough for a table and a bar plot; the eigenvalue error is about ``tol**2`` relative
             for a separated eigenvalue.
         max_iter: Lanczos's product budget per block (its default when ``None``).
-        operator: ``"hessian"`` or ``"ggn"`` (the generalised Gauss-Newton blocks).
+        operator: ``"hessian"``, ``"ggn"`` (the generalised Gauss-Newton blocks) or ``"fisher"`` (the
+            empirical Fisher's).
         trace_method: the ``method`` of :func:`~hessianflow.trace.trace` for estimated traces.
         blocks: the blocks to analyse (default :func:`layer_blocks`), e.g. a subset of them.
         dense_chunk: columns per batched product when a block is formed densely.
         progress: show a tqdm bar over the blocks.
-        **operator_kwargs: passed to the operator (``train_mode``, ``num_batches``, ``backend``...).
+        **operator_kwargs: passed to the operator (``loss_fn``, ``reduction``, ``batch_weight``,
+            ``train_mode``, ``num_batches``, ``backend``...).
 
     Returns:
         One :class:`LayerResult` per block, in model order.
@@ -322,7 +334,7 @@ def _steps(values, name: str) -> torch.Tensor:
 
 def loss_landscape(
     model: nn.Module,
-    criterion,
+    criterion=None,
     data=None,
     directions=None,
     alphas=None,
@@ -332,6 +344,9 @@ def loss_landscape(
     params=None,
     num_batches: int | None = None,
     distributed: bool | None = None,
+    loss_fn=None,
+    reduction: str | None = None,
+    batch_weight=None,
 ) -> torch.Tensor:
     """The loss on a line or a plane through the parameters.
 
@@ -350,9 +365,10 @@ def loss_landscape(
 
     Args:
         model: the network (a ``DataParallel``/``DDP`` wrapper is looked through).
-        criterion: the loss; with ``reduction="mean"`` the loss over a loader is the sample-weighted
-            mean of the batch losses, with ``"sum"`` their sum.
-        data: one batch ``(inputs, targets)``.
+        criterion: the loss; with ``reduction="mean"`` the loss over a loader is the weighted mean of
+            the batch losses (weights: sample counts or ``batch_weight``), with ``"sum"`` their sum.
+            ``None``: ``loss_fn=`` or the model output's ``.loss``, as for the operators.
+        data: one batch (any form the operators take).
         directions: one flat ``[n]`` vector (or ``[n, 1]``) for a curve; two (``[n, 2]`` or a pair of
             ``[n]`` vectors) for a surface.
         alphas: the steps along ``d1`` (1-D).
@@ -367,6 +383,8 @@ def loss_landscape(
             one rank is initialised and a loader is given (a one-batch list ``[(x, y)]`` included).
             Every rank must then call with the same directions and steps; shards may be empty, and a
             failure on one rank raises on all of them.
+        loss_fn, reduction, batch_weight: as for :class:`~hessianflow.operators.HessianOperator`
+            (``reduction`` is required over a loader for a loss whose reduction is not declared).
 
     Returns:
         float64 CPU tensor of losses, ``[len(alphas)]`` or ``[len(alphas), len(betas)]``.
@@ -377,7 +395,7 @@ def loss_landscape(
             ``distributed=True`` without a process group.
     """
     if (data is None) == (dataloader is None):
-        raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
+        raise ValueError("pass exactly one of data=batch or dataloader=")
     if directions is None or alphas is None:
         raise ValueError("loss_landscape needs directions and alphas")
     bad_nb = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
@@ -390,20 +408,19 @@ def loss_landscape(
     dirs = _directions(directions, 1 if betas is None else 2, n, dtype, device)
     a = _steps(alphas, "alphas")
     b = None if betas is None else _steps(betas, "betas")
-    reduction = getattr(criterion, "reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {reduction!r}")
+    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed is None:
         distributed = dataloader is not None and group and torch.distributed.get_world_size() > 1
     elif distributed and not group:
         raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
+    if dataloader is not None or distributed:
+        spec.require_reduction()
+    reduction = spec.reduction or "mean"
 
     def to_device(batch):
-        x, y = _split_batch(batch)
-        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-        y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
-        return x, y
+        spec.check_batch(batch)
+        return move_batch(batch, device, dtype=dtype)
 
     if data is not None:
         batches = [to_device(data)]
@@ -414,6 +431,7 @@ def loss_landscape(
     shapes = [p.shape for p in chosen]
     fixed = {k: v for k, v in model.named_parameters() if k not in set(names)}
     fixed.update(dict(model.named_buffers()))
+    wrapper = _LossModule(model, spec)
 
     def pieces(vec):
         out, off = [], 0
@@ -433,7 +451,7 @@ def loss_landscape(
                 if c != 0.0:
                     q = q + c * dp[i]
             perturbed[name] = q
-        state = {**fixed, **perturbed}
+        state = {"model." + k: v for k, v in {**fixed, **perturbed}.items()}
         total, count = 0.0, 0
         source = batches if batches is not None else dataloader
         for j, batch in enumerate(source):
@@ -441,13 +459,13 @@ def loss_landscape(
                 if num_batches is not None and j >= num_batches:
                     break
                 batch = to_device(batch)
-            x, y = batch
-            nb = int(x.shape[0])
+            nb = spec.weight(batch)
             if nb == 0:
                 continue
-            loss = criterion(torch.func.functional_call(model, state, (x,)), y)
-            if loss.dim() != 0:
-                raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
+            loss = torch.func.functional_call(wrapper, state, (batch,))
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"the loss must be a scalar, got {shape}")
             total += float(loss) * (nb if reduction == "mean" else 1.0)
             count += nb
         if count == 0 and not distributed:

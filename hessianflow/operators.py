@@ -8,11 +8,14 @@ package accepts them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .batches import LossSpec, move_batch, split_samples
 from .hvp import (
     conv2d_forward,
     double_backprop_hmm,
@@ -24,7 +27,15 @@ from .hvp import (
 )
 from .linop import LinearOperator, NonFiniteError
 
-__all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "exact_hessian", "resolve_params", "unwrap_model"]
+__all__ = [
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "EmpiricalFisherOperator",
+    "exact_hessian",
+    "resolve_params",
+    "unwrap_model",
+]
 
 
 class _NoBatchingRule(Exception):
@@ -65,29 +76,58 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _matches(pattern, name: str) -> bool:
+    if isinstance(pattern, re.Pattern):
+        return pattern.fullmatch(name) is not None
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _is_pattern(item) -> bool:
+    if isinstance(item, re.Pattern):
+        return True
+    return isinstance(item, str) and (item.startswith("re:") or any(c in item for c in "*?["))
+
+
 def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], list[str]]:
     """The parameters an operator acts on, and their names, in a stable order without duplicates.
 
     Args:
         model: the model.
-        params: ``None`` (every parameter with ``requires_grad``), or an iterable mixing parameters,
-            parameter or module names (``"fc.weight"``, ``"layer1"``) and submodules.
+        params: ``None`` (every parameter with ``requires_grad``), or an iterable (or one) of:
+            parameters; submodules; parameter or module names (``"fc.weight"``, ``"layer1"``); glob
+            patterns (``"transformer.h.*.attn.*"``, ``fnmatch`` rules: ``*`` also crosses dots); regular
+            expressions, as ``re.compile(...)`` objects or strings prefixed ``"re:"``
+            (``"re:transformer\\.h\\.[01]\\..*"``), which must match the *whole* name
+            (``re.fullmatch``). A pattern selects every parameter whose name matches it and every
+            parameter of a module whose name matches it. A string is a pattern when it starts with
+            ``"re:"`` or contains ``*``, ``?`` or ``[``.
+
+    Tied parameters (GPT-2's ``transformer.wte.weight`` and ``lm_head.weight``) are one tensor: they are
+    chosen once, under their first name, whichever of their names selects them.
+
+    Raises:
+        ValueError: a name or a pattern that selects nothing (the message lists some names), an object
+            that is not a parameter or a module of the model, or an empty selection.
     """
-    named = list(model.named_parameters())
+    named = list(model.named_parameters())  # one entry per tensor: tied weights once
     name_of = {id(p): n for n, p in named}
-    modules = dict(model.named_modules())
+    every = list(model.named_parameters(remove_duplicate=False))  # all names, a tied weight's too
+    by_name = dict(every)
+    modules = dict(model.named_modules(remove_duplicate=False))
     if params is None:
         chosen = [p for _, p in named if p.requires_grad]
         if not chosen:
             raise ValueError("the model has no parameter with requires_grad=True; pass params= explicitly")
     else:
-        if isinstance(params, (str, nn.Module, torch.Tensor)):
+        if isinstance(params, (str, nn.Module, torch.Tensor, re.Pattern)):
             params = [params]
         chosen = []
         for item in params:
-            if isinstance(item, str):
-                if item in dict(named):
-                    chosen.append(dict(named)[item])
+            if isinstance(item, str) and not _is_pattern(item):
+                if item in by_name:
+                    chosen.append(by_name[item])
                 elif item in modules:
                     found = list(modules[item].parameters())
                     if not found:
@@ -98,6 +138,19 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
                         f"{item!r} is neither a parameter nor a module of the model; "
                         f"parameters are e.g. {[n for n, _ in named[:5]]}"
                     )
+            elif _is_pattern(item):
+                found = [p for n, p in every if _matches(item, n)]
+                for m_name, m in modules.items():
+                    if m_name and _matches(item, m_name):
+                        found.extend(m.parameters())
+                if not found:
+                    shown = item.pattern if isinstance(item, re.Pattern) else item
+                    raise ValueError(
+                        f"the pattern {shown!r} matches no parameter or module name; parameters are e.g. "
+                        f"{[n for n, _ in named[:8]]}"
+                    )
+                order = {id(p): i for i, (_, p) in enumerate(named)}
+                chosen.extend(sorted(found, key=lambda p: order[id(p)]))  # model order within a pattern
             elif isinstance(item, nn.Module):
                 found = list(item.parameters())
                 if not found or any(id(p) not in name_of for p in found):
@@ -108,7 +161,10 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
                     raise ValueError("a tensor in params= is not a parameter of the model")
                 chosen.append(item)
             else:
-                raise ValueError(f"params= takes parameters, names or modules, got {type(item).__name__}")
+                raise ValueError(
+                    f"params= takes parameters, modules, names, glob patterns or regular expressions, "
+                    f"got {type(item).__name__}"
+                )
         if not chosen:
             raise ValueError("params= selects no parameter")
     seen, unique = set(), []
@@ -119,28 +175,32 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
     return unique, [name_of[id(p)] for p in unique]
 
 
-def _split_batch(batch):
-    if isinstance(batch, dict):
-        keys = [k for k in ("inputs", "input", "x", "image", "images") if k in batch]
-        tkeys = [k for k in ("targets", "target", "y", "label", "labels") if k in batch]
-        if keys and tkeys:
-            return batch[keys[0]], batch[tkeys[0]]
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError("a batch must be (inputs, targets) (further elements are ignored)")
-
-
 class CurvatureOperator(LinearOperator):
-    """Common machinery of :class:`HessianOperator` and :class:`GGNOperator`.
+    """Common machinery of :class:`HessianOperator`, :class:`GGNOperator` and :class:`EmpiricalFisherOperator`.
+
+    The loss of a batch is given one of three ways (:class:`~hessianflow.batches.LossSpec`):
+
+    - ``criterion`` (positional, as before): batches ``(inputs, targets)`` (or a dict with an input and
+      a target key), loss ``criterion(model(inputs), targets)``;
+    - ``loss_fn=fn``: ``fn(model, batch) -> scalar`` for any batch (any nesting of dicts, lists, tuples
+      and tensors), e.g. :func:`hessianflow.losses.causal_lm_loss`;
+    - neither: ``model(**batch)`` (a dict), ``model(*batch)`` (a list or tuple) or ``model(batch)``, and
+      the output's ``.loss`` (a HuggingFace model given ``labels``; a mean).
+
+    Every tensor of a batch is moved to the parameters' device (floating-point ones also cast to their
+    dtype), recursively; other leaves are untouched.
 
     Args:
         model: the network (a ``DataParallel``/``DDP`` wrapper is looked through).
-        criterion: the loss, ``criterion(outputs, targets)``; its ``reduction`` (``"mean"``, the default,
-            or ``"sum"``) says how per-batch curvatures combine over a data loader.
-        data: one batch ``(inputs, targets)``.
+        criterion: the loss, ``criterion(outputs, targets)``; its ``reduction`` (``"mean"`` or
+            ``"sum"``) says how per-batch curvatures combine over a data loader.
+        data: one batch.
         dataloader: an iterable of batches; the operator is the curvature of the loss over all of its
-            samples: batch products are weighted by batch size, a smaller last batch included.
-        params: the parameters to differentiate w.r.t. (see :func:`resolve_params`); others are fixed.
+            samples: a mean-reduced loss's batch products are weighted by the batch weight (the sample
+            count, a smaller last batch included, or ``batch_weight``) and divided by the total weight;
+            a sum-reduced loss's are summed.
+        params: the parameters to differentiate w.r.t. (names, modules, glob patterns, regular
+            expressions: see :func:`resolve_params`); others are fixed.
         train_mode: run the model in train mode (BatchNorm batch statistics, dropout on). Default
             ``False``: eval mode, the deterministic function whose curvature one usually means. The
             model's modes and ``requires_grad`` flags are restored after every product.
@@ -163,10 +223,29 @@ class CurvatureOperator(LinearOperator):
             of the data). ``None``: on when a process group is initialised with more than one rank and
             a loader is given (a one-batch list ``[(x, y)]`` included: a rank's shard of one batch).
             Every rank must then make the same calls with the same vectors (the algorithms do, given
-            the same seed); the result equals the one-process product over the union of the shards,
-            is the same on every rank, and a failure on one rank raises on all of them. Shards may
-            differ in size, or be empty. ``num_batches`` counts per rank, and ``train_mode=True`` uses
-            each rank's own batch statistics.
+            the same seed); the result equals the one-process product over the union of the shards
+            (batch weights, token counts included, summed over the ranks), is the same on every rank,
+            and a failure on one rank raises on all of them. Shards may differ in size, or be empty.
+            ``num_batches`` counts per rank, and ``train_mode=True`` uses each rank's own batch
+            statistics.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``, instead of a criterion.
+        reduction: ``"mean"`` or ``"sum"``, the loss's reduction over a batch's samples (or over the
+            units ``batch_weight`` counts). Needed over a data loader when it cannot be read off the
+            loss (a plain function, or a criterion without ``.reduction``): it is never guessed. A
+            criterion's ``.reduction`` and the :mod:`hessianflow.losses` helpers' declared ``"mean"`` are
+            used otherwise; a model's ``.loss`` counts as a mean.
+        batch_weight: ``batch_weight(batch) -> number``, the weight of a batch in a mean over a loader;
+            default: the leading dimension of the batch's first tensor (found depth-first). For a
+            token-level mean loss with padding (labels ``-100``),
+            ``batch_weight=lambda b: (b["labels"][:, 1:] != -100).sum()`` makes the operator the
+            curvature of the mean over all counted tokens (a causal LM's shifted labels).
+        forward_fn, loss_of_output: a split loss (together, instead of ``loss_fn``):
+            ``loss_of_output(forward_fn(model, batch), batch)``; see :class:`GGNOperator`.
+
+    Attributes:
+        num_samples: the total weight of the data of the last product (samples, or what
+            ``batch_weight`` counts; summed over the ranks).
+        spec: the :class:`~hessianflow.batches.LossSpec`.
     """
 
     _backends = ("double_backprop",)
@@ -174,7 +253,7 @@ class CurvatureOperator(LinearOperator):
     def __init__(
         self,
         model: nn.Module,
-        criterion,
+        criterion=None,
         data=None,
         dataloader: Iterable | None = None,
         params=None,
@@ -186,15 +265,20 @@ class CurvatureOperator(LinearOperator):
         distributed: bool | None = None,
         batched_matmat: bool | None = None,
         allow_tf32: bool = False,
+        *,
+        loss_fn: Callable | None = None,
+        reduction: str | None = None,
+        batch_weight: Callable | None = None,
+        forward_fn: Callable | None = None,
+        loss_of_output: Callable | None = None,
     ):
         if (data is None) == (dataloader is None):
-            raise ValueError("pass exactly one of data=(inputs, targets) or dataloader=")
+            raise ValueError("pass exactly one of data=batch or dataloader=")
         if backend not in self._backends:
             raise ValueError(f"backend must be one of {self._backends}, got {backend!r}")
         if num_batches is not None and int(num_batches) < 1:
             raise ValueError(f"num_batches must be a positive integer, got {num_batches}")
-        if not callable(criterion):
-            raise ValueError("criterion must be callable as criterion(outputs, targets)")
+        self.spec = LossSpec(criterion, loss_fn, reduction, batch_weight, forward_fn, loss_of_output)
         self.model = unwrap_model(model)
         self.criterion = criterion
         self.params, self.param_names = resolve_params(self.model, params)
@@ -202,9 +286,6 @@ class CurvatureOperator(LinearOperator):
         devices = {p.device for p in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
             raise ValueError(f"the chosen parameters mix dtypes {dtypes} or devices {devices}")
-        self.reduction = getattr(criterion, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {self.reduction!r}")
         super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
         if dataloader is not None and isinstance(dataloader, (list, tuple)) and len(dataloader) == 1:
             # a one-batch "loader" (e.g. a rank's shard of a batch): reuse its graph like data=
@@ -212,7 +293,9 @@ class CurvatureOperator(LinearOperator):
             single_from_loader = True
         else:
             single_from_loader = False
-        self.data = None if data is None else self._to_device(_split_batch(data))
+        if data is not None:
+            self.spec.check_batch(data)
+        self.data = None if data is None else self._to_device(data)
         self.dataloader = dataloader
         self.train_mode = bool(train_mode)
         self.num_batches = None if num_batches is None else int(num_batches)
@@ -229,6 +312,10 @@ class CurvatureOperator(LinearOperator):
         elif distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
         self.distributed = bool(distributed)
+        if self.dataloader is not None or self.distributed:
+            self.spec.require_reduction()  # batches (or ranks) combine: how depends on it
+        # one batch: the reduction does not change the operator (the batch's own loss)
+        self.reduction = self.spec.reduction or "mean"
         self._graph = None
         # matmat as one vmapped backward (is_grads_batched) or a loop of products. Measured on this
         # project's 2-core CPU machine (benchmarks/): per vector, the batched product of a ResNet-20 took
@@ -236,7 +323,7 @@ class CurvatureOperator(LinearOperator):
         self._batched_ok = (self.device.type == "cuda") if batched_matmat is None else bool(batched_matmat)
         self.allow_tf32 = bool(allow_tf32)
         self._nhwc = True  # see _forward
-        self.num_samples = None if data is None else int(self.data[0].shape[0])
+        self.num_samples = None if self.data is None else self.spec.weight(self.data)
 
     # -- model state ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -299,14 +386,7 @@ class CurvatureOperator(LinearOperator):
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def _to_device(self, batch):
-        inputs, targets = batch
-        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-            raise ValueError("inputs and targets must be tensors")
-        kw = {"device": self.device, "non_blocking": True}
-        # A float64 model is fed float64 inputs: the curvature is computed in the parameters' precision.
-        inputs = inputs.to(dtype=self.dtype, **kw) if inputs.is_floating_point() else inputs.to(**kw)
-        targets = targets.to(dtype=self.dtype, **kw) if targets.is_floating_point() else targets.to(**kw)
-        return inputs, targets
+        return move_batch(batch, self.device, dtype=self.dtype, non_blocking=True)
 
     def _forward(self, inputs):
         """The model's outputs; image batches on the CPU go in channels-last (NHWC) memory order.
@@ -324,17 +404,19 @@ class CurvatureOperator(LinearOperator):
                 self._nhwc = False
         return self.model(inputs)
 
-    def _loss(self, inputs, targets, outputs=None):
-        """The checked scalar loss of a batch (``outputs``: the model's, when the caller needs them)."""
-        loss = self.criterion(self._forward(inputs) if outputs is None else outputs, targets)
-        if loss.dim() != 0:
-            raise ValueError(f"the criterion must return a scalar, got shape {tuple(loss.shape)}")
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss is not finite ({loss.item()}); cannot compute curvature")
-        return loss
+    def _loss(self, batch):
+        """The checked scalar loss of a batch."""
+        return self.spec.loss(self.model, batch, run=self._forward)
+
+    def _output(self, batch):
+        """The model's output on a batch (for the GGN: the criterion's input, or ``forward_fn``'s value)."""
+        out = self.spec.output(self.model, batch, run=self._forward)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"the GGN needs the model's output as one tensor, got {type(out).__name__}")
+        return out
 
     # -- the per-batch product, implemented by subclasses ----------------------------------------
-    def _batch_graph(self, inputs, targets):  # pragma: no cover - abstract
+    def _batch_graph(self, batch):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _batch_product(self, graph, vecs, batched: bool, retain: bool):  # pragma: no cover - abstract
@@ -361,34 +443,35 @@ class CurvatureOperator(LinearOperator):
         for b, batch in enumerate(batches):
             if self.num_batches is not None and b >= self.num_batches:
                 break
-            yield self._to_device(_split_batch(batch)), False
+            self.spec.check_batch(batch)
+            yield self._to_device(batch), False
 
     def _local_products(self, pieces, batched: bool):
-        """This process's size-weighted sum of batch products and its sample count.
+        """This process's weighted sum of batch products and its total weight.
 
         Returns ``(acc, count, single)``: ``single`` is the product of the one reusable batch, returned
         unweighted (``acc`` is then ``None``) when no reduction over batches or ranks follows.
         """
         acc, count = None, 0
-        for (inputs, targets), reusable in self._batches():
-            n_b = int(inputs.shape[0])
-            if n_b == 0:  # e.g. an empty shard on one rank: it still joins the all-reduce
+        for batch, reusable in self._batches():
+            n_b = self.spec.weight(batch)
+            if n_b == 0:  # e.g. an empty shard on one rank, or all padding: it still joins the all-reduce
                 continue
             with self._prepared():
                 graph = None
                 if reusable and self.reuse_graph:
                     if self._graph is None:
-                        self._graph = self._batch_graph(inputs, targets)
+                        self._graph = self._batch_graph(batch)
                     graph = self._graph
                 if pieces is None:  # the gradient (see gradient())
-                    prod = self._batch_gradient(graph, inputs, targets)
+                    prod = self._batch_gradient(graph, batch)
                 elif graph is not None:
                     prod = self._batch_product(graph, pieces, batched, retain=True)
                 else:
-                    prod = self._batch_product(self._batch_graph(inputs, targets), pieces, batched, retain=False)
+                    prod = self._batch_product(self._batch_graph(batch), pieces, batched, retain=False)
             if reusable and not self.distributed:
                 return None, n_b, prod  # one batch: no weighting (and no rounding from it)
-            # mean-reduced losses: the whole-data Hessian is the size-weighted mean of batch Hessians
+            # mean-reduced losses: the whole-data Hessian is the weight-weighted mean of batch Hessians
             weight = float(n_b) if self.reduction == "mean" else 1.0
             if acc is None:
                 acc = [weight * t for t in prod]
@@ -411,9 +494,9 @@ class CurvatureOperator(LinearOperator):
         grads = self._products(None, batched=False)
         return flatten(grads, like=self.params)
 
-    def _batch_gradient(self, graph, inputs, targets):
+    def _batch_gradient(self, graph, batch):
         """The loss gradient of one batch; ``graph`` is the batch's reused first-order graph or ``None``."""
-        loss = self._loss(inputs, targets)
+        loss = self._loss(batch)
         g = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [t.detach() if t is not None else torch.zeros_like(p) for t, p in zip(g, self.params)]
 
@@ -438,8 +521,9 @@ class CurvatureOperator(LinearOperator):
     def _reduced_products(self, pieces, batched: bool):
         """The products summed over the ranks: two all-reduces, a status and the payload.
 
-        The status (sample count, failed ranks, ranks without a batching rule; int64, so the count is
-        exact) comes first, so that a rank whose local products failed makes *every* rank raise
+        The status (total weight, failed ranks, ranks without a batching rule; float64, exact for
+        integer weights such as sample and token counts up to 2**53) comes first, so that a rank whose
+        local products failed makes *every* rank raise
         (instead of the others waiting in the payload's all-reduce until the timeout), and a batched
         product that one rank cannot do makes every rank fall back to single products together.
         """
@@ -458,11 +542,13 @@ class CurvatureOperator(LinearOperator):
         failed = error is not None and not no_batching
         status = torch.tensor(
             [count, int(failed and isinstance(error, NonFiniteError)), int(failed), int(no_batching)],
-            dtype=torch.int64,
+            dtype=torch.float64,
             device=self.device if dist.get_backend() == "nccl" else "cpu",
         )
         dist.all_reduce(status)
-        total, nonfinite, failures, fallbacks = (int(x) for x in status.tolist())
+        total, nonfinite, failures, fallbacks = status.tolist()
+        total = int(total) if total.is_integer() else total
+        nonfinite, failures, fallbacks = int(nonfinite), int(failures), int(fallbacks)
         if failures:
             if failed:
                 raise error
@@ -510,35 +596,41 @@ class CurvatureOperator(LinearOperator):
 class HessianOperator(CurvatureOperator):
     """The Hessian :math:`H = \\nabla^2_\\theta L(\\theta)` of the loss w.r.t. the chosen parameters.
 
-    .. math:: L(\\theta) = \\frac{1}{N} \\sum_{i=1}^N \\ell(f_\\theta(x_i), y_i)
+    .. math:: L(\\theta) = \\frac{1}{W} \\sum_b w_b L_b(\\theta), \\qquad W = \\sum_b w_b
 
-    over one batch or all samples of a loader (``reduction="sum"`` criteria: the sum). Products use
-    double backprop (Pearlmutter 1994) by default, reusing the first-order graph on one batch, or
-    forward-over-reverse through ``torch.func`` (``backend="forward_over_reverse"``).
+    over one batch or all batches :math:`b` of a loader, :math:`L_b` the loss of batch :math:`b` and
+    :math:`w_b` its weight (its number of samples, or ``batch_weight``); ``reduction="sum"``:
+    :math:`L = \\sum_b L_b`. Products use double backprop (Pearlmutter 1994) by default, reusing the
+    first-order graph on one batch, or forward-over-reverse through ``torch.func``
+    (``backend="forward_over_reverse"``). The loss: a criterion, ``loss_fn=``, or the model output's
+    ``.loss`` (see :class:`CurvatureOperator`).
 
     Example::
 
         H = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
+        H = HessianOperator(gpt2, data={"input_ids": ids, "labels": ids})          # the output's .loss
+        H = HessianOperator(gpt2, loss_fn=causal_lm_loss, dataloader=loader,
+                            batch_weight=lambda b: (b["labels"][:, 1:] != -100).sum())
         Hv = H @ v   # v: flat tensor of H.size
     """
 
     _backends = ("double_backprop", "forward_over_reverse")
 
-    def __init__(self, model, criterion, data=None, dataloader=None, params=None, **kwargs):
+    def __init__(self, model, criterion=None, data=None, dataloader=None, params=None, **kwargs):
         super().__init__(model, criterion, data=data, dataloader=dataloader, params=params, **kwargs)
         if self.backend == "forward_over_reverse":
             self.reuse_graph = False
 
-    def _batch_graph(self, inputs, targets):
+    def _batch_graph(self, batch):
         if self.backend == "forward_over_reverse":
-            return (inputs, targets)
-        loss = self._loss(inputs, targets)
+            return batch
+        loss = self._loss(batch)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         return grads
 
-    def _batch_gradient(self, graph, inputs, targets):
+    def _batch_gradient(self, graph, batch):
         if graph is None or self.backend == "forward_over_reverse":
-            return super()._batch_gradient(graph, inputs, targets)
+            return super()._batch_gradient(graph, batch)
         # the reused first-order graph is the gradient itself
         return [t.detach() if t is not None else torch.zeros_like(p) for t, p in zip(graph, self.params)]
 
@@ -550,13 +642,11 @@ class HessianOperator(CurvatureOperator):
         return double_backprop_hvp(graph, self.params, pieces, retain_graph=retain)
 
     def _fwd_over_rev(self, batch, pieces, batched):
-        inputs, targets = batch
-        model, names = self.model, self.param_names
-        buffers = dict(model.named_buffers())
+        wrapper = _LossModule(self.model, self.spec)
+        names = ["model." + n for n in self.param_names]
 
         def loss_fn(ps):
-            out = torch.func.functional_call(model, ({**dict(zip(names, ps)), **buffers}), (inputs,))
-            return self.criterion(out, targets)
+            return torch.func.functional_call(wrapper, dict(zip(names, ps)), (batch,))
 
         # (in train mode, _prepared has switched BatchNorm's running statistics off: nothing is mutated)
         if not batched:
@@ -565,33 +655,119 @@ class HessianOperator(CurvatureOperator):
         return list(hmm(*pieces))
 
 
+class _LossModule(nn.Module):
+    """The loss of a batch as a module around the model, so ``torch.func.functional_call`` can swap the
+    model's parameters (``"model." + name``) under any loss form, a ``loss_fn`` calling the model too."""
+
+    def __init__(self, model: nn.Module, spec: LossSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, batch):
+        return self.spec.raw_loss(self.model, batch)
+
+
+def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(p, coef, dim)`` of the cross-entropy's output Hessian ``coef * (diag(p) - p p^T)`` per position.
+
+    ``p`` is the softmax of ``logits`` along the class dimension ``dim`` (negative, so the same ``dim``
+    serves a batched ``[k, *logits.shape]`` vector); ``coef`` is 0 at ignored positions and ``1/count``
+    (mean over the counted positions) or 1 (sum) elsewhere, broadcastable against ``p``.
+    """
+    dim = ce.class_dim if ce.class_dim < 0 else ce.class_dim - logits.dim()
+    expected = logits.shape[: logits.dim() + dim] + logits.shape[logits.dim() + dim + 1 :]
+    if tuple(ce.targets.shape) != tuple(expected):
+        raise ValueError(
+            f"cross-entropy targets of shape {tuple(ce.targets.shape)} do not fit logits of shape "
+            f"{tuple(logits.shape)} with classes along dim {ce.class_dim}"
+        )
+    if ce.reduction not in ("mean", "sum"):
+        raise ValueError(f"the cross-entropy's reduction must be 'mean' or 'sum', got {ce.reduction!r}")
+    work = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    p = torch.softmax(logits.detach().to(work), dim=dim)
+    mask = (ce.targets != ce.ignore_index).to(work).unsqueeze(dim)
+    if ce.reduction == "mean":
+        mask = mask / mask.sum()
+    return p, mask, dim
+
+
+def _softmax_ce_product(p, coef, dim, u):
+    """``coef * (diag(p) - p p^T) u`` along ``dim``: three tensors the size of the logits at most."""
+    h = p * u.to(p.dtype)  # [.., V, ..]
+    s = h.sum(dim=dim, keepdim=True)  # [.., 1, ..]
+    h.addcmul_(p, s, value=-1)
+    h.mul_(coef)
+    return h.to(u.dtype)
+
+
 class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix :math:`G = J^\\top H_{\\mathrm{out}} J` (Schraudolph 2002).
 
     :math:`J` is the Jacobian of the network outputs w.r.t. the parameters and :math:`H_{\\mathrm{out}}`
     the Hessian of the loss w.r.t. the outputs; :math:`G` is positive semi-definite for convex losses
     (cross-entropy, squared error) and equals the Hessian minus the term with the second derivatives
-    of the network. Same interface as :class:`HessianOperator`.
+    of the network. Same interface and whole-data weighting as :class:`HessianOperator`.
+
+    The GGN needs the model's *output* and a *loss of it*, which it gets from:
+
+    - a ``criterion``: output ``model(inputs)``, loss ``criterion(output, targets)``;
+    - ``forward_fn=(model, batch) -> output`` with ``loss_of_output=(output, batch) -> loss``, or a
+      :class:`~hessianflow.losses.OutputLoss` as ``loss_fn`` (the same two functions), e.g.
+      :func:`~hessianflow.losses.causal_lm_loss` for a HuggingFace causal LM: output
+      ``model(**batch).logits`` (without ``labels``), loss the shifted cross-entropy recomputed from the
+      logits. A plain ``loss_fn`` or a model's ``.loss`` hides the output and is refused.
+
+    **Softmax cross-entropy** (an ``nn.CrossEntropyLoss`` criterion, mean or sum, without class weights
+    or label smoothing, with class-index targets; or an ``OutputLoss`` that declares ``cross_entropy``,
+    as the :mod:`hessianflow.losses` helpers do): the output Hessian is applied analytically,
+
+    .. math:: H_{\\mathrm{out}} u = c_t \\left(p_t \\odot u_t - p_t (p_t^\\top u_t)\\right)
+
+    per position :math:`t`, with :math:`p_t` the softmax of the logits and :math:`c_t` 0 at ignored
+    positions (``ignore_index``, ``-100``) and :math:`1/\\#\\mathrm{counted}` (mean) or 1 (sum)
+    elsewhere, instead of a double backward through ``log_softmax`` (which keeps several logits-sized
+    tensors per product: what makes the GGN costly at a language model's vocabulary size).
+    ``analytic_cross_entropy=False`` forces the autograd path, ``True`` requires the analytic one.
     """
 
-    def _batch_graph(self, inputs, targets):
-        out = self._forward(inputs)
-        loss = self._loss(inputs, targets, outputs=out)
-        (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
+    def __init__(self, model, criterion=None, data=None, dataloader=None, params=None, *,
+                 analytic_cross_entropy: bool | None = None, **kwargs):  # fmt: skip
+        super().__init__(model, criterion, data=data, dataloader=dataloader, params=params, **kwargs)
+        if not self.spec.has_output:
+            self.spec.output(None, None)  # raises: says what the GGN needs
+        self.analytic_cross_entropy = analytic_cross_entropy
+
+    def _batch_graph(self, batch):
+        out = self._output(batch)
+        ce = None if self.analytic_cross_entropy is False else self.spec.cross_entropy(out, batch)
+        if ce is None and self.analytic_cross_entropy:
+            raise ValueError("analytic_cross_entropy=True, but the loss is not a plain softmax cross-entropy")
+        g_out = hout = None
+        if ce is not None:
+            with torch.no_grad():
+                self.spec.loss_of_output(out.detach(), batch)  # the checks (a scalar, finite) only
+            hout = _softmax_ce_curvature(out, ce)
+        else:
+            loss = self.spec.loss_of_output(out, batch)
+            (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
         # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, self.params, grad_outputs=u, create_graph=True, allow_unused=True)
-        return out, g_out, u, jtu
+        return out, g_out, hout, u, jtu
 
     def _batch_product(self, graph, pieces, batched, retain):
-        out, g_out, u, jtu = graph
+        out, g_out, hout, u, jtu = graph
         live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
         kw = {"retain_graph": True, "is_grads_batched": batched}
         shape = (pieces[0].shape[0], *out.shape) if batched else out.shape
         if not live:
             return [torch.zeros_like(t) for t in pieces]
         (jv,) = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[pieces[i] for i in live], **kw)
-        if g_out.requires_grad:
+        if hout is not None:
+            hjv = _softmax_ce_product(*hout, jv)
+            del jv
+        elif g_out.requires_grad:
             (hjv,) = torch.autograd.grad(g_out, out, grad_outputs=jv, allow_unused=True, **kw)
             hjv = torch.zeros(shape, dtype=out.dtype, device=out.device) if hjv is None else hjv
         else:  # a loss linear in the outputs has no output curvature
@@ -602,7 +778,101 @@ class GGNOperator(CurvatureOperator):
         return [r.detach() if r is not None else torch.zeros_like(t) for r, t in zip(res, pieces)]
 
 
-def exact_hessian(model, criterion, data=None, dataloader=None, params=None, **kwargs) -> torch.Tensor:
+class EmpiricalFisherOperator(CurvatureOperator):
+    """The empirical Fisher matrix: per-sample gradient outer products (Kunstner, Hennig & Balles 2019).
+
+    .. math::
+        F = \\frac{1}{W} \\sum_i \\nabla_\\theta s_i \\, \\nabla_\\theta s_i^\\top, \\qquad
+        s_i = w_i\\, \\ell_i(\\theta), \\quad W = \\sum_i w_i
+
+    for a mean-reduced loss, and :math:`F = \\sum_i \\nabla s_i \\nabla s_i^\\top` with
+    :math:`s_i = \\ell_i` for a sum-reduced one, the sums running over every sample :math:`i` of the
+    batch or of the loader. **A sample** is a leading-dimension slice: slice ``i:i+1`` of every tensor
+    of the batch whose leading dimension is that of the batch's first tensor (other leaves are shared;
+    see :func:`~hessianflow.batches.split_samples`); :math:`\\ell_i` is the loss of that one-sample
+    batch (the same criterion, ``loss_fn`` or ``.loss``) and :math:`w_i` its weight (1, or
+    ``batch_weight`` of the sample, e.g. its counted tokens, so that :math:`s_i` is the sample's share
+    of the summed loss). With the default weights this is the usual
+    :math:`\\frac1N \\sum_i g_i g_i^\\top`. ``batch_weight`` must then add up over a batch's samples.
+    Samples of weight 0 (all padding) are left out.
+
+    The per-sample gradients of a batch (``[n, size]``, kept for reuse on one batch) are computed with
+    ``torch.func.vmap`` over ``torch.func.grad`` (``per_sample="vmap"``) or one backward pass per
+    sample (``"loop"``); ``"auto"`` tries the first and falls back to the second for a model or loss
+    that vmap cannot trace (e.g. data-dependent control flow).
+    """
+
+    def __init__(self, model, criterion=None, data=None, dataloader=None, params=None, *,
+                 per_sample: str = "auto", **kwargs):  # fmt: skip
+        if per_sample not in ("auto", "vmap", "loop"):
+            raise ValueError(f"per_sample must be 'auto', 'vmap' or 'loop', got {per_sample!r}")
+        super().__init__(model, criterion, data=data, dataloader=dataloader, params=params, **kwargs)
+        self.per_sample = per_sample
+
+    def _batch_graph(self, batch):
+        samples = split_samples(batch)
+        mean = self.reduction == "mean"
+        weights = [self.spec.weight(s) for s in samples] if mean else [1.0] * len(samples)
+        total = sum(weights)
+        if mean and abs(total - self.spec.weight(batch)) > 1e-9 * max(1.0, abs(total)):
+            raise ValueError(
+                f"batch_weight must add up over a batch's samples for the empirical Fisher: the samples' "
+                f"weights sum to {total}, the batch's is {self.spec.weight(batch)}"
+            )
+        keep = [i for i, w in enumerate(weights) if w != 0]
+        G = None
+        if self.per_sample != "loop":
+            try:
+                G = self._vmap_grads(batch, len(samples))
+            except Exception:
+                if self.per_sample == "vmap":
+                    raise
+        if G is None:
+            G = torch.stack([self._sample_grad(samples[i]) for i in keep])  # [n_kept, size]
+        else:
+            G = G[keep]
+        G = G * torch.tensor([weights[i] for i in keep], dtype=G.dtype, device=G.device)[:, None]
+        if not torch.isfinite(G).all():
+            raise NonFiniteError("a per-sample gradient is not finite; cannot compute the empirical Fisher")
+        return G, (1.0 / total if mean else 1.0)
+
+    def _sample_grad(self, sample) -> torch.Tensor:
+        g = torch.autograd.grad(self._loss(sample), self.params, allow_unused=True)
+        return flatten([t.detach() if t is not None else None for t in g], like=self.params)
+
+    def _vmap_grads(self, batch, n: int) -> torch.Tensor:
+        """``[n, size]`` per-sample gradients of the raw loss by ``vmap(grad(...))``."""
+        from torch.utils._pytree import tree_flatten, tree_unflatten
+
+        leaves, treedef = tree_flatten(batch)
+        idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n]
+        if not idx:
+            raise ValueError("no batched tensor for vmap")
+        wrapper = _LossModule(self.model, self.spec)
+        names = ["model." + name for name in self.param_names]
+
+        def loss(ps, *sliced):
+            current = list(leaves)
+            for i, t in zip(idx, sliced):
+                current[i] = t.unsqueeze(0)
+            return torch.func.functional_call(wrapper, dict(zip(names, ps)), (tree_unflatten(current, treedef),))
+
+        detached = tuple(p.detach() for p in self.params)
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, *[0] * len(idx)))
+        grads = per_sample(detached, *[leaves[i] for i in idx])
+        return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+
+    def _batch_product(self, graph, pieces, batched, retain):
+        G, scale = graph
+        if batched:
+            k = pieces[0].shape[0]
+            V = flatten_batched(pieces, k)  # [size, k]
+            return unflatten((G.T @ (G @ V)) * scale, self.params)
+        v = flatten(pieces)
+        return unflatten((G.T @ (G @ v)) * scale, self.params)
+
+
+def exact_hessian(model, criterion=None, data=None, dataloader=None, params=None, **kwargs) -> torch.Tensor:
     """The dense Hessian ``[n, n]`` (``n`` products, batched: for small models and for testing).
 
     Takes the same arguments as :class:`HessianOperator`. The result is symmetrised

@@ -1,0 +1,376 @@
+"""Batches and losses: how a batch reaches the model and becomes a scalar loss, in one place.
+
+A *batch* is any nesting of dicts, lists, tuples (named tuples included) and tensors; other leaves
+(strings, numbers, ``None``) pass through untouched. Three ways make a loss of it (:class:`LossSpec`):
+
+1. ``criterion``: the batch is ``(inputs, targets)`` (a tuple or list; further elements ignored) or a
+   dict with one input key and one target key (:data:`INPUT_KEYS`, :data:`TARGET_KEYS`);
+   the loss is ``criterion(model(inputs), targets)``.
+2. ``loss_fn``: ``loss_fn(model, batch) -> scalar``, for any batch and any model call (a model taking
+   ``(x, mask)``, a custom objective). :class:`~hessianflow.losses.OutputLoss` objects (e.g.
+   :func:`~hessianflow.losses.causal_lm_loss`) also say what the model's output is, for the GGN.
+3. neither: the model is called as ``model(**batch)`` (a dict), ``model(*batch)`` (a list or tuple) or
+   ``model(batch)``, and its output's ``.loss`` (or ``output["loss"]``) is the loss: a HuggingFace
+   model given ``labels``. That loss is a mean (HuggingFace's convention).
+
+The *weight* of a batch says how batch losses combine over a data loader: by default the leading
+dimension of its first tensor (found depth-first; the number of samples), or ``batch_weight(batch)``,
+e.g. the number of counted tokens of a token-level mean loss. A mean-reduced loss over a loader is
+then :math:`L = \\sum_b w_b L_b / \\sum_b w_b`, which is the mean over all samples (or tokens) exactly
+when :math:`L_b` is the mean over the :math:`w_b` units of batch :math:`b`; a sum-reduced one is
+:math:`\\sum_b L_b`. The reduction of a criterion object is its ``.reduction``; that of a plain
+function cannot be known and is never guessed (``reduction=`` must say it over a data loader).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .linop import NonFiniteError
+from .losses import CrossEntropyTargets, OutputLoss
+
+__all__ = [
+    "INPUT_KEYS",
+    "TARGET_KEYS",
+    "LossSpec",
+    "move_batch",
+    "first_tensor",
+    "default_weight",
+    "split_samples",
+    "split_inputs_targets",
+    "call_model",
+    "model_output_loss",
+]
+
+INPUT_KEYS = ("inputs", "input", "x", "image", "images", "pixel_values", "input_ids")
+TARGET_KEYS = ("targets", "target", "y", "label", "labels")
+REDUCTIONS = ("mean", "sum")
+
+THREE_WAYS = (
+    "pass criterion= (criterion(model(inputs), targets)), loss_fn= (loss_fn(model, batch) -> scalar, e.g. "
+    "hessianflow.losses.causal_lm_loss), or a batch for which the model's output has a .loss "
+    "(a HuggingFace model given labels)"
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------------------------
+def _rebuild(batch, items):
+    """A container of ``batch``'s type holding ``items`` (a plain dict/list when the type refuses)."""
+    if isinstance(batch, Mapping):
+        try:
+            return type(batch)(items)
+        except Exception:  # noqa: BLE001 - e.g. a Mapping type without a dict constructor
+            return dict(items)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*items)
+    try:
+        return type(batch)(items)
+    except Exception:  # noqa: BLE001
+        return list(items)
+
+
+def _map(batch, fn):
+    """``fn`` applied to every tensor leaf of ``batch``; containers rebuilt, other leaves kept."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return _rebuild(batch, {k: _map(v, fn) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return _rebuild(batch, [_map(v, fn) for v in batch])
+    return batch
+
+
+def move_batch(batch, device, dtype: torch.dtype | None = None, non_blocking: bool = False):
+    """``batch`` with every tensor moved to ``device``, recursively; other leaves untouched.
+
+    Floating-point tensors are also cast to ``dtype`` when given (a float64 model is fed float64
+    inputs: the curvature is computed in the parameters' precision); integer and boolean tensors (token
+    ids, masks, labels) keep theirs.
+    """
+    device = torch.device(device)
+
+    def move(t):
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+        return t.to(device=device, non_blocking=non_blocking)
+
+    return _map(batch, move)
+
+
+def _tensors(batch):
+    """The tensor leaves of ``batch``, depth-first in order (dicts in their key order)."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from _tensors(v)
+
+
+def first_tensor(batch) -> torch.Tensor:
+    """The batch's first tensor, depth-first (``ValueError`` when it holds none)."""
+    for t in _tensors(batch):
+        return t
+    raise ValueError(f"the batch holds no tensor (got {_describe(batch)})")
+
+
+def default_weight(batch) -> int:
+    """The leading dimension of the batch's first tensor: its number of samples."""
+    t = first_tensor(batch)
+    if t.dim() == 0:
+        raise ValueError(
+            "the batch's first tensor is a scalar: it has no leading (sample) dimension; pass batch_weight="
+        )
+    return int(t.shape[0])
+
+
+def split_samples(batch) -> list:
+    """The batch's samples: slice ``i:i+1`` of every tensor whose leading dimension is the batch's.
+
+    ``n`` is :func:`default_weight` (the first tensor's leading dimension); every tensor leaf with that
+    leading dimension is sliced (keeping the dimension, so a sample is a batch of one), other leaves
+    (scalars, tensors of another leading size, non-tensors) are shared by all samples.
+    """
+    n = default_weight(batch)
+
+    def take(i):
+        return _map(batch, lambda t: t[i : i + 1] if t.dim() > 0 and t.shape[0] == n else t)
+
+    return [take(i) for i in range(n)]
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {list(batch)[:8]}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} element(s)"
+    return f"a {type(batch).__name__}"
+
+
+def split_inputs_targets(batch):
+    """``(inputs, targets)`` of a batch for ``criterion(model(inputs), targets)``."""
+    if isinstance(batch, Mapping):
+        keys = [k for k in INPUT_KEYS if k in batch]
+        tkeys = [k for k in TARGET_KEYS if k in batch]
+        if keys and tkeys:
+            return batch[keys[0]], batch[tkeys[0]]
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"with a criterion, a batch must be (inputs, targets) (a tuple or list; further elements are "
+        f"ignored) or a dict with an input key {INPUT_KEYS} and a target key {TARGET_KEYS}; got "
+        f"{_describe(batch)}. For any other batch pass loss_fn=fn(model, batch) instead of the criterion, "
+        "or no criterion at all to use the model output's .loss (a HuggingFace model given labels)"
+    )
+
+
+def call_model(model, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a list or tuple, ``model(batch)`` otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(*batch)
+    return model(batch)
+
+
+def model_output_loss(output):
+    """The ``.loss`` (or ``["loss"]``) of a model's output; ``ValueError`` naming the ways when none."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None:
+        raise ValueError(
+            f"the model's output ({type(output).__name__}) has no .loss, and neither a criterion nor a "
+            f"loss_fn was given: {THREE_WAYS}"
+        )
+    return loss
+
+
+def _as_weight(value, what: str):
+    """A batch weight as a Python int (integral) or float; non-negative and finite."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be finite and >= 0, got {value}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value)
+
+
+def check_loss(loss, what: str = "the loss") -> torch.Tensor:
+    """``loss`` if it is a finite scalar tensor; ``ValueError`` / :class:`NonFiniteError` otherwise."""
+    if not isinstance(loss, torch.Tensor):
+        raise ValueError(f"{what} must be a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{what} must be a scalar, got shape {tuple(loss.shape)} (a reduction='none' loss? reduce it "
+            "to a mean or a sum)"
+        )
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is not finite ({loss.item()}); cannot compute curvature")
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss specification
+# ------------------------------------------------------------------------------------------------
+class LossSpec:
+    """Which loss of which batch: a criterion, a ``loss_fn``, or the model output's ``.loss``.
+
+    Args:
+        criterion: ``criterion(outputs, targets)``; batches ``(inputs, targets)``.
+        loss_fn: ``loss_fn(model, batch) -> scalar``; any batch.
+        reduction: ``"mean"`` or ``"sum"``: how the loss reduces over a batch's samples (or weight
+            units). Default: the criterion's ``.reduction``; a ``loss_fn``'s ``.reduction`` attribute
+            (the :mod:`hessianflow.losses` helpers declare ``"mean"``); ``"mean"`` for a model's
+            ``.loss``. Otherwise unknown (``None``): fine for one batch, refused over a data loader.
+        batch_weight: ``batch_weight(batch) -> number``; default :func:`default_weight`.
+        forward_fn, loss_of_output: a split loss, ``loss_of_output(forward_fn(model, batch), batch)``
+            (together, instead of ``loss_fn``); what the GGN needs with batches other than
+            ``(inputs, targets)``.
+    """
+
+    def __init__(
+        self,
+        criterion=None,
+        loss_fn: Callable | None = None,
+        reduction: str | None = None,
+        batch_weight: Callable | None = None,
+        forward_fn: Callable | None = None,
+        loss_of_output: Callable | None = None,
+    ):
+        if (forward_fn is None) != (loss_of_output is None):
+            raise ValueError("forward_fn= and loss_of_output= go together (the GGN needs both)")
+        if forward_fn is not None:
+            if loss_fn is not None:
+                raise ValueError("pass loss_fn= or forward_fn= with loss_of_output=, not both")
+            loss_fn = OutputLoss(forward_fn, loss_of_output, reduction=getattr(loss_of_output, "reduction", None))
+        if criterion is not None and loss_fn is not None:
+            raise ValueError("pass a criterion or a loss_fn, not both")
+        for name, fn in (("criterion", criterion), ("loss_fn", loss_fn), ("batch_weight", batch_weight)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+        if reduction is not None and reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.criterion, self.loss_fn, self.batch_weight = criterion, loss_fn, batch_weight
+        if criterion is not None:
+            self.kind = "criterion"
+            declared = getattr(criterion, "reduction", None)
+            if declared is not None and declared not in REDUCTIONS:
+                raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {declared!r}")
+            if declared is not None and reduction is not None and declared != reduction:
+                raise ValueError(f"reduction={reduction!r} contradicts the criterion's reduction {declared!r}")
+        elif loss_fn is not None:
+            self.kind = "loss_fn"
+            declared = getattr(loss_fn, "reduction", None)
+        else:
+            self.kind = "model_loss"
+            declared = "mean"  # HuggingFace's .loss is a mean over the batch (its tokens)
+        self.reduction = reduction if reduction is not None else declared
+
+    # -- the pieces ------------------------------------------------------------------------------
+    @property
+    def has_output(self) -> bool:
+        """Whether the model's output and a loss of it are known separately (what the GGN needs)."""
+        return self.kind == "criterion" or isinstance(self.loss_fn, OutputLoss)
+
+    def require_reduction(self) -> None:
+        """Raise unless the reduction is known (it must be, to combine several batches or ranks)."""
+        if self.reduction is None:
+            what = "criterion has no .reduction attribute" if self.kind == "criterion" else "loss has no declared one"
+            raise ValueError(
+                f"over a data loader the loss's reduction must be known, and this {what}: pass "
+                "reduction='mean' (the loss is the mean over a batch's samples, or over the units that "
+                "batch_weight= counts) or reduction='sum'; it is not guessed"
+            )
+
+    def check_batch(self, batch) -> None:
+        """Fail early on a batch this loss cannot take."""
+        if self.kind == "criterion":
+            split_inputs_targets(batch)
+
+    def weight(self, batch):
+        """The batch's weight (an int or a float): ``batch_weight(batch)`` or its sample count."""
+        if self.batch_weight is None:
+            return default_weight(batch)
+        return _as_weight(self.batch_weight(batch), "batch_weight(batch)")
+
+    def output(self, model, batch, run: Callable | None = None):
+        """The model's output on ``batch`` (``run(inputs)`` replaces ``model(inputs)`` for a criterion)."""
+        if self.kind == "criterion":
+            inputs, _ = split_inputs_targets(batch)
+            return (run or model)(inputs)
+        if isinstance(self.loss_fn, OutputLoss):
+            return self.loss_fn.forward(model, batch)
+        if self.kind == "loss_fn":
+            raise ValueError(
+                "the GGN needs the model's output and a loss of it, and a plain loss_fn(model, batch) is "
+                "one function: pass forward_fn=(model, batch) -> output and loss_of_output=(output, batch) "
+                "-> loss, a hessianflow.losses.OutputLoss, or a criterion with (inputs, targets) batches"
+            )
+        raise ValueError(
+            "the GGN needs the model's output and a loss of it, and a model output's .loss hides the "
+            "loss's form: pass loss_fn=hessianflow.losses.causal_lm_loss (or seq2seq_loss, "
+            "sequence_classification_loss), forward_fn= with loss_of_output=, or a criterion"
+        )
+
+    def loss_of_output(self, output, batch) -> torch.Tensor:
+        """The checked scalar loss of the model's ``output`` on ``batch``."""
+        if self.kind == "criterion":
+            _, targets = split_inputs_targets(batch)
+            loss = self.criterion(output, targets)
+        else:
+            loss = self.loss_fn.loss_of_output(output, batch)
+        return check_loss(loss, "the criterion's value" if self.kind == "criterion" else "the loss")
+
+    def loss(self, model, batch, run: Callable | None = None) -> torch.Tensor:
+        """The checked scalar loss of ``model`` on ``batch``."""
+        if self.kind == "criterion" or isinstance(self.loss_fn, OutputLoss):
+            return self.loss_of_output(self.output(model, batch, run), batch)
+        if self.kind == "loss_fn":
+            return check_loss(self.loss_fn(model, batch), "loss_fn(model, batch)")
+        return check_loss(model_output_loss(call_model(model, batch)), "the model's .loss")
+
+    def raw_loss(self, model, batch):
+        """The loss without checks (traceable by ``torch.func.vmap``: no data-dependent branches)."""
+        if self.kind == "criterion":
+            inputs, targets = split_inputs_targets(batch)
+            return self.criterion(model(inputs), targets)
+        if self.kind == "loss_fn":
+            return self.loss_fn(model, batch)
+        return model_output_loss(call_model(model, batch))
+
+    def cross_entropy(self, output, batch) -> CrossEntropyTargets | None:
+        """How the loss is a plain softmax cross-entropy of ``output``, or ``None`` when it is not one."""
+        if self.kind == "criterion":
+            crit = self.criterion
+            if type(crit) is not torch.nn.CrossEntropyLoss or crit.weight is not None or crit.label_smoothing != 0:
+                return None
+            _, targets = split_inputs_targets(batch)
+            if not isinstance(output, torch.Tensor) or output.dim() < 2 or targets.is_floating_point():
+                return None
+            if targets.shape != output.shape[:1] + output.shape[2:]:
+                return None
+            return CrossEntropyTargets(targets, class_dim=1, ignore_index=crit.ignore_index, reduction=crit.reduction)
+        fn = getattr(self.loss_fn, "cross_entropy", None)
+        if fn is None:
+            return None
+        return fn(output, batch)
+
+    def __repr__(self):
+        fn = self.criterion if self.kind == "criterion" else self.loss_fn
+        return f"LossSpec({self.kind}, {getattr(fn, 'name', type(fn).__name__)}, reduction={self.reduction!r})"
