@@ -5,10 +5,12 @@ parameter vector; every algorithm (:func:`power_iteration`, :func:`lanczos`, :fu
 trace estimators) takes such an operator or a dense symmetric tensor.
 """
 
+from . import losses
 from ._version import __version__
 from .absa import ABSAController, Decision, evaluate, set_lr, train_epoch
 from .adversarial import fgsm, normalized_bounds, pgd, pixel_eps
 from .analysis import LayerResult, layer_blocks, loss_landscape, per_layer
+from .batches import LossSpec, move_batch
 from .checkpoint import (
     CheckpointError,
     check_writable_dir,
@@ -33,7 +35,8 @@ from .distributed import DistContext, broadcast_buffers, init_distributed, is_di
 from .eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
 from .hvp import double_backprop_hvp, flatten, forward_over_reverse_hvp, unflatten
 from .linop import DenseOperator, LinearOperator, NonFiniteError, as_operator
-from .operators import GGNOperator, HessianOperator, exact_hessian, resolve_params
+from .losses import OutputLoss, causal_lm_loss, seq2seq_loss, sequence_classification_loss
+from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, exact_hessian, resolve_params
 from .plotting import (
     plot_density,
     plot_eigen_history,
@@ -53,9 +56,18 @@ __all__ = [
     "as_operator",
     "HessianOperator",
     "GGNOperator",
+    "EmpiricalFisherOperator",
     "exact_hessian",
     "resolve_params",
     "NonFiniteError",
+    # losses and batches (loss_fn= helpers, the loss forms, moving batches)
+    "losses",
+    "OutputLoss",
+    "causal_lm_loss",
+    "seq2seq_loss",
+    "sequence_classification_loss",
+    "LossSpec",
+    "move_batch",
     # Hessian-vector products and flat vectors
     "double_backprop_hvp",
     "forward_over_reverse_hvp",

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from .adversarial import fgsm
+from .batches import LossSpec, move_batch, split_inputs_targets
 from .linop import NonFiniteError
 
 __all__ = ["ABSAController", "Decision", "train_epoch", "evaluate", "set_lr"]
@@ -405,14 +406,48 @@ def _lookahead(loader: Iterable, max_batches: int | None) -> Iterator[tuple[int,
         current, index = nxt, index + 1
 
 
-def _summed_loss(loss: torch.Tensor, criterion, batch_size: int) -> torch.Tensor:
-    """The loss summed over the samples of a mini-batch, whatever the criterion's reduction."""
-    reduction = getattr(criterion, "reduction", "mean")
-    if loss.dim() != 0:  # reduction="none"
-        return loss.sum()
-    if reduction == "sum":
-        return loss
-    return loss * batch_size
+class _PerSampleSum:
+    """A ``reduction="none"`` criterion as the sum of its per-sample losses (declared ``"sum"``)."""
+
+    reduction = "sum"
+
+    def __init__(self, criterion):
+        self.criterion = criterion
+
+    def __call__(self, outputs, targets):
+        return self.criterion(outputs, targets).sum()
+
+
+def _loop_spec(criterion, loss_fn, reduction, batch_weight, where: str) -> LossSpec:
+    """The loss of the training and test loops, which always combine batches: its reduction must be known."""
+    if criterion is not None and getattr(criterion, "reduction", None) == "none":
+        criterion = _PerSampleSum(criterion)
+    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
+    try:
+        spec.require_reduction()
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return spec
+
+
+def _batch_loss(model, spec: LossSpec, batch):
+    """``(summed loss, weight, outputs, targets)`` of one batch; outputs/targets only for a criterion.
+
+    The summed loss is the batch's loss times its weight for a mean (the sum over its samples or
+    weighted units), the loss itself for a sum.
+    """
+    outputs = targets = None
+    if spec.kind == "criterion":
+        inputs, targets = split_inputs_targets(batch)
+        outputs = model(inputs)
+        loss = spec.criterion(outputs, targets)
+    else:
+        loss = spec.raw_loss(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"the loss must be a scalar, got {shape}")
+    weight = spec.weight(batch)
+    return (loss * weight if spec.reduction == "mean" else loss), weight, outputs, targets
 
 
 def _default_device(model: nn.Module):
@@ -447,9 +482,12 @@ def train_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
-    criterion,
-    large_ratio: int,
+    criterion=None,
+    large_ratio: int = 1,
     *,
+    loss_fn=None,
+    reduction: str | None = None,
+    batch_weight=None,
     adv_ratio: float = 0.0,
     eps=0.0,
     clamp=None,
@@ -487,13 +525,25 @@ def train_epoch(
 
     Args:
         model: the network, returning logits.
-        loader: an iterable of ``(inputs, targets)`` mini-batches.
+        loader: an iterable of mini-batches: ``(inputs, targets)`` with a criterion; any batch (dicts,
+            lists, tuples of tensors, moved to ``device`` recursively) with ``loss_fn`` or without either.
         optimizer: the optimizer over the model's parameters.
         criterion: the loss, e.g. ``nn.CrossEntropyLoss()`` (reduction ``"mean"``, ``"sum"`` or
             ``"none"`` all give the per-sample mean described above; a class-weighted mean is
-            treated as a plain mean, i.e. multiplied by the mini-batch size).
-        large_ratio: the number of mini-batches accumulated per optimizer step (>= 1).
-        adv_ratio: the fraction of each mini-batch replaced by FGSM examples, in ``[0, 1]``.
+            treated as a plain mean, i.e. multiplied by the mini-batch size). A criterion without a
+            ``.reduction`` attribute needs ``reduction=``.
+        large_ratio: the number of mini-batches accumulated per optimizer step (>= 1; default 1).
+        loss_fn: instead of a criterion, ``loss_fn(model, batch) -> scalar``; it needs ``reduction=``
+            (unless it declares one, as the :mod:`hessianflow.losses` helpers do). Without a criterion
+            and a ``loss_fn``, the model output's ``.loss`` (``model(**batch)``: HuggingFace), a mean.
+        reduction: ``"mean"`` or ``"sum"``: how the loss reduces over a mini-batch. Never guessed: a
+            sum-reduced function treated as a mean would step ``B`` times too far.
+        batch_weight: ``batch_weight(batch) -> number``: the units a mean-reduced loss averages over
+            (default: the batch's samples, the leading dimension of its first tensor), e.g. counted
+            tokens; the step's gradient is then that of the mean over all units of its mini-batches,
+            and ``samples`` counts those units.
+        adv_ratio: the fraction of each mini-batch replaced by FGSM examples, in ``[0, 1]``. Only for
+            a criterion with ``(inputs, targets)`` batches (image classification, as in the paper).
         eps, clamp: the FGSM radius and the valid data range, in the model's input space (see
             :func:`~hessianflow.adversarial.fgsm`).
         device: where to move each batch; default: the device of the model's first parameter.
@@ -524,7 +574,13 @@ def train_epoch(
     if non_finite not in ("raise", "skip"):
         raise ValueError(f"non_finite must be 'raise' or 'skip', got {non_finite!r}")
     device = _default_device(model) if device is None else torch.device(device)
+    spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "train_epoch")
     use_adv = adv_ratio > 0 and bool((torch.as_tensor(eps) != 0).any())
+    if use_adv and spec.kind != "criterion":
+        raise ValueError(
+            "adversarial training (adv_ratio > 0) makes FGSM examples of (inputs, targets) image batches "
+            "with a criterion; it is not defined for loss_fn= or a model's .loss: pass adv_ratio=0"
+        )
     # FGSM through DDP would make its reducer expect a parameter backward; go around the wrapper.
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     attack_model = model.module if ddp else model
@@ -557,24 +613,31 @@ def train_epoch(
     optimizer.zero_grad(set_to_none=True)
     try:
         with _train_mode(model, True):
-            for index, (inputs, targets), is_last in _lookahead(loader, max_batches):
+            for index, batch, is_last in _lookahead(loader, max_batches):
                 if device is not None:
-                    inputs = inputs.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                b = int(targets.shape[0])
-                k_adv = round(adv_ratio * b) if use_adv else 0
-                if k_adv > 0:
-                    with autocast():
-                        adv = fgsm(attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp)
-                    inputs = torch.cat([adv, inputs[k_adv:]])
+                    batch = move_batch(batch, device, non_blocking=True)
+                k_adv = 0
+                if use_adv:
+                    if not (isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor)):
+                        raise ValueError(
+                            "adversarial training (adv_ratio > 0) needs (inputs, targets) batches of "
+                            f"tensors, got a {type(batch).__name__}"
+                        )
+                    inputs, targets = split_inputs_targets(batch)
+                    k_adv = round(adv_ratio * int(targets.shape[0]))
+                    if k_adv > 0:
+                        with autocast():
+                            adv = fgsm(
+                                attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp
+                            )
+                        batch = (torch.cat([adv, inputs[k_adv:]]), targets, *batch[2:])
                 ends_step = is_last or group_batches + 1 >= large_ratio
                 sync = contextlib.nullcontext()
                 if not ends_step and hasattr(model, "no_sync"):
                     sync = model.no_sync()
                 with sync:
                     with autocast():
-                        outputs = model(inputs)
-                        loss_sum = _summed_loss(criterion(outputs, targets), criterion, b)
+                        loss_sum, b, outputs, targets = _batch_loss(model, spec, batch)
                     value = loss_sum.item()
                     if math.isfinite(value):
                         loss_sum.backward()
@@ -592,7 +655,7 @@ def train_epoch(
                     group_samples += b
                     total_loss += value
                     samples += b
-                    c = _correct(outputs, targets)
+                    c = None if outputs is None else _correct(outputs, targets)
                     if c is None:
                         have_acc = False
                     else:
@@ -640,8 +703,22 @@ def train_epoch(
     }
 
 
-def evaluate(model: nn.Module, loader: Iterable, criterion, device=None, max_batches: int | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    criterion=None,
+    device=None,
+    max_batches: int | None = None,
+    *,
+    loss_fn=None,
+    reduction: str | None = None,
+    batch_weight=None,
+) -> dict:
     """Mean loss and accuracy over ``loader`` in eval mode without gradients; the mode is restored.
+
+    The loss forms, ``reduction`` and ``batch_weight`` are those of :func:`train_epoch` (batches of any
+    form are moved to ``device`` recursively; a loss whose reduction is not declared needs
+    ``reduction=``).
 
     Returns:
         A dict: ``loss`` (mean per sample, each mini-batch weighted by its size), ``accuracy``
@@ -650,18 +727,18 @@ def evaluate(model: nn.Module, loader: Iterable, criterion, device=None, max_bat
     if max_batches is not None:
         max_batches = _check_int(max_batches, "max_batches", 1)
     device = _default_device(model) if device is None else torch.device(device)
+    spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "evaluate")
     total_loss, samples, correct, have_acc = 0.0, 0, 0, True
     with _train_mode(model, False), torch.no_grad():
-        for index, (inputs, targets) in enumerate(loader):
+        for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
             if device is not None:
-                inputs, targets = inputs.to(device), targets.to(device)
-            b = int(targets.shape[0])
-            outputs = model(inputs)
-            total_loss += _summed_loss(criterion(outputs, targets), criterion, b).item()
+                batch = move_batch(batch, device)
+            loss_sum, b, outputs, targets = _batch_loss(model, spec, batch)
+            total_loss += loss_sum.item()
             samples += b
-            c = _correct(outputs, targets)
+            c = None if outputs is None else _correct(outputs, targets)
             if c is None:
                 have_acc = False
             else:

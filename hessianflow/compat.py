@@ -98,12 +98,19 @@ def get_eigen(model, inputs, targets, criterion, cuda: bool = True, maxIter: int
     return _eigen(HessianOperator(model, criterion, data=(inputs, targets)), maxIter, tol)
 
 
-def get_eigen_full_dataset(model, dataloader, criterion, cuda: bool = True, maxIter: int = 50, tol: float = 1e-3):
+def get_eigen_full_dataset(
+    model, dataloader, criterion=None, cuda: bool = True, maxIter: int = 50, tol: float = 1e-3, **loss_forms
+):
     """The dominant Hessian eigenvalue of the loss over a whole data loader (HessianFlow's signature).
 
-    Unlike the original, the last, smaller batch is kept and weighted by its size.
+    Unlike the original, the last, smaller batch is kept and weighted by its size. ``loss_forms``
+    (``loss_fn=``, ``reduction=``, ``batch_weight=``) are those of
+    :class:`~hessianflow.operators.HessianOperator`, for batches other than ``(inputs, targets)``.
     """
     from .operators import HessianOperator
 
+    unknown = set(loss_forms) - {"loss_fn", "reduction", "batch_weight"}
+    if unknown:
+        raise TypeError(f"get_eigen_full_dataset got unexpected keyword arguments {sorted(unknown)}")
     _check_cuda(cuda)
-    return _eigen(HessianOperator(model, criterion, dataloader=dataloader), maxIter, tol)
+    return _eigen(HessianOperator(model, criterion, dataloader=dataloader, **loss_forms), maxIter, tol)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .attention import product_kernels
 from .batches import LossSpec, move_batch, split_samples
 from .hvp import (
     conv2d_forward,
@@ -250,6 +251,11 @@ class CurvatureOperator(LinearOperator):
 
     _backends = ("double_backprop",)
 
+    @property
+    def _kernel_backend(self) -> str:
+        """The kind of derivatives products take, for :func:`~hessianflow.attention.product_kernels`."""
+        return self.backend
+
     def __init__(
         self,
         model: nn.Module,
@@ -370,7 +376,9 @@ class CurvatureOperator(LinearOperator):
                 m.forward = fwd
             for p in self.params:
                 p.requires_grad_(True)
-            yield
+            # attention kernels with the derivatives products need (and MHA's fast path off)
+            with product_kernels(self.device, self._kernel_backend, self.model):
+                yield
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -808,6 +816,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
             raise ValueError(f"per_sample must be 'auto', 'vmap' or 'loop', got {per_sample!r}")
         super().__init__(model, criterion, data=data, dataloader=dataloader, params=params, **kwargs)
         self.per_sample = per_sample
+
+    @property
+    def _kernel_backend(self) -> str:
+        return "first_order"  # per-sample gradients: any attention kernel has a backward
 
     def _batch_graph(self, batch):
         samples = split_samples(batch)

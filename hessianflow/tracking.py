@@ -32,6 +32,7 @@ import os
 import tempfile
 import time
 
+from .batches import LossSpec
 from .eigen import EigenResult, lanczos, power_iteration
 from .linop import NonFiniteError
 from .operators import HessianOperator
@@ -88,10 +89,13 @@ def _check_tol(tol) -> float:
 
 def top_eigenvalue(
     model,
-    criterion,
+    criterion=None,
     data=None,
     dataloader=None,
     *,
+    loss_fn=None,
+    reduction: str | None = None,
+    batch_weight=None,
     method: str = "power",
     k: int = 1,
     max_iter: int = 100,
@@ -114,9 +118,12 @@ def top_eigenvalue(
 
     Args:
         model: the network (its parameters are not changed; its train/eval mode is restored).
-        criterion: the loss, ``criterion(outputs, targets)``, mean- or sum-reduced.
-        data: one batch ``(inputs, targets)``.
+        criterion: the loss, ``criterion(outputs, targets)``, mean- or sum-reduced; or ``None``.
+        data: one batch (``(inputs, targets)`` with a criterion; any batch otherwise).
         dataloader: or an iterable of batches (the Hessian of the loss over all of its samples).
+        loss_fn, reduction, batch_weight: the other loss forms and the whole-data weighting, as for
+            :class:`~hessianflow.operators.HessianOperator` (no criterion and no ``loss_fn``: the model
+            output's ``.loss``).
         method: ``"power"`` or ``"lanczos"``.
         k: the number of eigenpairs.
         max_iter: for power iteration the products per eigenpair, for Lanczos the total number of
@@ -154,6 +161,9 @@ def top_eigenvalue(
         train_mode=train_mode,
         num_batches=num_batches,
         progress=progress,
+        loss_fn=loss_fn,
+        reduction=reduction,
+        batch_weight=batch_weight,
     )
     try:
         return _solve(op, method, k, max_iter, tol, seed, v0)
@@ -299,9 +309,11 @@ class EigenTracker:
     model's and not the estimator's noise.
 
     Args:
-        criterion: the loss, ``criterion(outputs, targets)``.
-        data: a fixed batch ``(inputs, targets)``.
+        criterion: the loss, ``criterion(outputs, targets)``; or ``None`` (``loss_fn=``, or the model
+            output's ``.loss``).
+        data: a fixed batch (``(inputs, targets)`` with a criterion; any batch otherwise).
         dataloader: or an iterable of batches.
+        loss_fn, reduction, batch_weight: as for :class:`~hessianflow.operators.HessianOperator`.
         num_batches: use only the first ``num_batches`` batches of ``dataloader``.
         top_k: the number of top eigenvalues per step (``eigenvalue`` is the first).
         method: ``"power"`` (default, HessianFlow's) or ``"lanczos"``; see :func:`top_eigenvalue`.
@@ -323,10 +335,13 @@ class EigenTracker:
 
     def __init__(
         self,
-        criterion,
+        criterion=None,
         data=None,
         dataloader=None,
         *,
+        loss_fn=None,
+        reduction: str | None = None,
+        batch_weight=None,
         num_batches: int | None = None,
         top_k: int = 1,
         method: str = "power",
@@ -342,11 +357,13 @@ class EigenTracker:
     ):
         if data is not None and dataloader is not None:
             raise ValueError("pass at most one of data=(inputs, targets) or dataloader=")
-        if not callable(criterion):
+        if criterion is not None and not callable(criterion):
             raise ValueError("criterion must be callable as criterion(outputs, targets)")
+        LossSpec(criterion, loss_fn, reduction, batch_weight)  # the checks of the forms, now
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be an int or None (it is saved in state_dict), got {seed!r}")
         self.criterion = criterion
+        self.loss_kwargs = {"loss_fn": loss_fn, "reduction": reduction, "batch_weight": batch_weight}
         self.data = data
         self.dataloader = dataloader
         self.num_batches = None if num_batches is None else _check_int("num_batches", num_batches, 1)
@@ -398,6 +415,7 @@ class EigenTracker:
             params=self.params,
             train_mode=self.train_mode,
             num_batches=self.num_batches,
+            **self.loss_kwargs,
         )
         try:
             res = _solve(op, self.method, self.top_k, self.max_iter, self.tol, self.seed)

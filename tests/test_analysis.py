@@ -193,7 +193,7 @@ def test_per_layer_rejects_bad_arguments():
     model = tiny_cnn()
     x, y = batch()
     with pytest.raises(ValueError, match="operator"):
-        per_layer(model, CE, data=(x, y), operator="fisher")
+        per_layer(model, CE, data=(x, y), operator="magic")
     with pytest.raises(ValueError, match="top_k"):
         per_layer(model, CE, data=(x, y), top_k=0)
     with pytest.raises(ValueError, match="trace_matvecs"):
