@@ -518,3 +518,44 @@ def test_per_layer_landscape_and_tracker_take_the_forms():
     tracker = hf.EigenTracker(loss_fn=fn, data=batch, method="lanczos", tol=1e-10)
     rec = tracker.step(model, 0)
     assert abs(rec["eigenvalue"] - float(r1.eigenvalues[0])) < 1e-10 * abs(rec["eigenvalue"])
+
+
+# -- torchrun ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_ranks_sum_token_weighted_products_of_loss_fn_and_dict_batches(tmp_path):
+    """Two gloo ranks, each with its own padded token batches: every operator equals the one-process
+    operator over all batches (token weights summed over the ranks), and that equals the dense Hessian."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "dist_loss_forms_worker.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update({"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONPATH": root + os.pathsep + env.get("PYTHONPATH", "")})  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), worker, str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"forms_rank{r}.pt", weights_only=True) for r in range(2))
+    sys.path.insert(0, os.path.dirname(worker))
+    from dist_loss_forms_worker import products
+
+    one = products(0, 1)
+    assert r0["num_samples"] == r1["num_samples"] == one["num_samples"] == 15  # tokens, summed over ranks
+    for key in ("Hv", "Hv_loss", "Gv", "Fv", "grad"):
+        assert torch.equal(r0[key], r1[key]), key  # the same on every rank
+        assert rel_err(r0[key], one[key]) < 1e-12, key
+    model, batches = TinyLM(), token_batches()
+    ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, batches))
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(12), dtype=DT)
+    assert rel_err(r0["Hv"], ref @ v) < 1e-10 and rel_err(r0["Hv_loss"], ref @ v) < 1e-10
