@@ -760,7 +760,8 @@ class GGNOperator(CurvatureOperator):
             loss = self.spec.loss_of_output(out, batch)
             (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
         # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
-        u = torch.zeros_like(out, requires_grad=True)
+        # u is a zero scalar expanded to the output's shape: no logits-sized tensor is held for it.
+        u = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
         jtu = torch.autograd.grad(out, self.params, grad_outputs=u, create_graph=True, allow_unused=True)
         return out, g_out, hout, u, jtu
 

@@ -559,3 +559,20 @@ def test_two_ranks_sum_token_weighted_products_of_loss_fn_and_dict_batches(tmp_p
     ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, batches))
     v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(12), dtype=DT)
     assert rel_err(r0["Hv"], ref @ v) < 1e-10 and rel_err(r0["Hv_loss"], ref @ v) < 1e-10
+
+
+@pytest.mark.slow
+def test_analytic_cross_entropy_ggn_memory_at_vocab_32k():
+    """benchmarks/bench_ggn_memory.py (peak RSS in child processes): the analytic GGN product stays
+    within 3x the logits beyond a gradient's peak; the autograd path does not (so the test can fail)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", "bench_ggn_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_ggn_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(bench.build_parser().parse_args([]))
+    assert res["analytic"]["beyond_gradient_x_logits"] <= 3.0, res
+    assert res["autograd"]["beyond_gradient_x_logits"] > 5.0, res
