@@ -1,4 +1,10 @@
-"""hessianflow: Hessian-based analysis and ABSA training for PyTorch models."""
+"""hessianflow: Hessian-based analysis and ABSA training for PyTorch models.
+
+The distribution installs one top-level package, ``hessianflow`` (the scripts' logic is
+``hessianflow.cli``, with the console scripts below); the checkout's root files ``train.py``,
+``train_resnet.py``, ``hessian_eig_driver.py``, ``utils.py`` and ``models/`` are thin re-exports for
+HessianFlow's command lines and imports, and are not installed.
+"""
 
 import re
 from pathlib import Path
@@ -10,10 +16,12 @@ version = re.search(r'__version__ = "([^"]+)"', (here / "hessianflow" / "_versio
 
 extras = {
     "plot": ["matplotlib>=3.5"],
-    "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "ruff>=0.4"],
-    # Peer libraries, for benchmarks/ only: measured side by side, never imported by the package.
-    "bench": ["hessian-eigenthings==1.0.0a5", "curvlinops-for-pytorch", "scipy", "matplotlib>=3.5"],
+    "transformers": ["transformers>=4.40"],
+    "data": ["scikit-learn>=1.0"],  # the bundled handwritten digits: a real data set with no download
 }
+extras["test"] = ["pytest>=7", "hypothesis>=6", "ruff>=0.4", *extras["plot"], *extras["transformers"], *extras["data"]]
+# Peer libraries, for benchmarks/ only: measured side by side, never imported by the package.
+extras["bench"] = ["hessian-eigenthings==1.0.0a5", "curvlinops-for-pytorch", "scipy", "matplotlib>=3.5"]
 
 setup(
     name="hessianflow",
@@ -22,9 +30,15 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["hessianflow", "hessianflow.*", "models", "models.*"]),
-    py_modules=["utils", "train", "train_resnet", "hessian_eig_driver"],
+    packages=find_packages(include=["hessianflow", "hessianflow.*"]),
     install_requires=["torch>=2.2", "torchvision>=0.17", "numpy", "tqdm"],
     extras_require=extras,
+    entry_points={
+        "console_scripts": [
+            "hessianflow-train=hessianflow.cli.train:cli",
+            "hessianflow-train-resnet=hessianflow.cli.train_resnet:cli",
+            "hessianflow-eig=hessianflow.cli.eig:cli",
+        ]
+    },
     license="MIT",
 )

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import platform
@@ -30,7 +31,10 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "atomic_write",
     "save_checkpoint",
+    "write_json",
+    "jsonable",
     "load_checkpoint",
     "versions",
     "rng_state",
@@ -75,38 +79,40 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(obj, path: str | os.PathLike) -> str:
-    """Atomically write ``obj`` with ``torch.save`` to ``path``.
+def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
+    """Write a file so that a crash, a full disk or an interrupt leaves the old file or the new one.
 
-    The object should contain only what :func:`load_checkpoint` accepts (tensors, state dicts, plain
-    containers, numbers, strings, None): anything else would be refused when loading.
+    ``write(f)`` writes the content to a binary file object: a temporary file in the target's directory,
+    flushed and fsynced, then renamed onto ``path`` (``os.replace``, atomic on POSIX and Windows),
+    and the directory fsynced. The one implementation of atomic writes in the package.
 
     Args:
-        obj: the checkpoint, e.g. ``{"state_dict": ..., "optimizer": ..., "epoch": ..., "args": ...}``.
-        path: the target file; its directory must exist (see :func:`check_writable_dir`).
+        path: the target; its directory must exist.
+        write: a callable taking the open binary file.
+        what: what the file is, for error messages ("checkpoint", "JSON file", ...).
 
     Returns:
         The absolute path written.
 
     Raises:
         CheckpointError: the file could not be written (directory missing or unwritable, disk full,
-            an object torch cannot pickle...). The previous file at ``path``, if any, is intact and no
-            temporary file is left behind.
+            ``write`` failed...). The previous file at ``path``, if any, is intact and no temporary
+            file is left behind.
     """
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     if os.path.isdir(path):
-        raise CheckpointError(f"cannot save checkpoint {path}: it is a directory")
+        raise CheckpointError(f"cannot save {what} {path}: it is a directory")
     if not os.path.isdir(directory):
-        raise CheckpointError(f"cannot save checkpoint {path}: the directory {directory} does not exist")
+        raise CheckpointError(f"cannot save {what} {path}: the directory {directory} does not exist")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give the checkpoint the permissions a plain open() would.
+        # mkstemp creates the file 0600; give the file the permissions a plain open() would.
         try:
             mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
             os.chmod(tmp, mode)
@@ -122,9 +128,47 @@ def save_checkpoint(obj, path: str | os.PathLike) -> str:
             except OSError:
                 pass
         if isinstance(exc, Exception):
-            raise CheckpointError(f"cannot save checkpoint {path}: {_one_line(exc)}") from exc
+            raise CheckpointError(f"cannot save {what} {path}: {_one_line(exc)}") from exc
         raise  # KeyboardInterrupt, SystemExit: clean up, then let them through unchanged
     return path
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> str:
+    """Atomically write ``obj`` with ``torch.save`` to ``path`` (see :func:`atomic_write`).
+
+    The object should contain only what :func:`load_checkpoint` accepts (tensors, state dicts, plain
+    containers, numbers, strings, None): anything else would be refused when loading.
+
+    Args:
+        obj: the checkpoint, e.g. ``{"state_dict": ..., "optimizer": ..., "epoch": ..., "args": ...}``.
+        path: the target file; its directory must exist (see :func:`check_writable_dir`).
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        CheckpointError: the file could not be written; the previous one is intact.
+    """
+    return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
+
+
+def jsonable(obj):
+    """``obj`` with tensors as lists, tuples as lists, keys as strings and NaN/Inf as None (strict JSON)."""
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj) -> str:
+    """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`)."""
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file")
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:

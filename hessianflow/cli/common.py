@@ -201,41 +201,6 @@ def explicit_flags(parser, argv) -> set[str]:
     return set(vars(ns))
 
 
-def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def load_state_into(model, state, path: str, desc: str, hint: str) -> None:
-    """Load ``state`` into ``model`` or raise a one-line UsageError naming the mismatch."""
-    expected = model.state_dict()
-    # BatchNorm's num_batches_tracked (PyTorch >= 0.4.1) is absent from older files and unused in eval mode.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        (k, v)
-        for k, v in state.items()
-        if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)
-    ]
-
-    def some(keys):
-        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {some(unexpected)}")
-    if wrong:
-        k, v = wrong[0]
-        problems.append(
-            f"{len(wrong)} shape mismatch(es), the first: {k} is {_shape(v)} in the checkpoint, "
-            f"{_shape(expected[k])} in the model"
-        )
-    if problems:
-        raise UsageError(f"{path} does not fit {desc}: " + "; ".join(problems) + f" ({hint})")
-    model.load_state_dict(state, strict=False)
-
-
 def run(main, parse_args, argv=None) -> int:
     """Parse, run ``main(args)`` and map failures to exit statuses with a one-line message.
 

@@ -36,22 +36,22 @@ missing data), 3 a NaN/Inf loss or curvature (under torchrun, which reports any 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_writable_dir, extract_state_dict, load_checkpoint, versions
-from ..models import ARCHS, canonical_arch, get_model
+from .. import checkpoint_format as cf
+from ..checkpoint import check_writable_dir, versions, write_json
+from ..checkpoint_format import ModelSpec
+from ..models import ARCHS
 from . import common as _cli
 
-CHECKPOINT_FORMAT = "hessianflow.checkpoint/1"
 # Lanczos's relative residual tolerance: the library's 1e-6 is within a few ulps of what float32 products
 # can resolve (about 100 eps ~ 1e-5), so it may never be met; 1e-4 still gives eigenvalues to ~1e-8.
 LANCZOS_TOL = 1e-4
@@ -288,12 +288,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- loading ---------------------------------------------------------------------------------------------
 
 
-def _resnet_depth_of(state) -> int | None:
-    """The depth 6n+2 of a CIFAR ResNet state_dict, from the number of blocks in its first stage."""
-    blocks = {int(m.group(1)) for k in state for m in [re.match(r"layer1\.(\d+)\.", k)] if m}
-    return 6 * (max(blocks) + 1) + 2 if blocks else None
-
-
 def _select_blocks(model, prefixes):
     """The layer blocks named by ``--layers`` (a name or a prefix ending at a dot), all when None."""
     from ..analysis import layer_blocks
@@ -309,12 +303,8 @@ def _select_blocks(model, prefixes):
     return chosen
 
 
-def _model_desc(arch: str, depth) -> str:
-    return f"ResNet-{depth}" if arch == "ResNet" else arch
-
-
 def load_model(args, log):
-    """The model of ``args.resume`` and what is known about it.
+    """The model of ``args.resume`` and what is known about it (see :func:`checkpoint_format.load_model`).
 
     Returns ``(model, meta)``; ``meta`` has ``arch``, ``depth``, ``num_classes``, ``in_channels``,
     ``input_size``, ``dataset`` (None for a bare state_dict), ``kind``, ``epoch``, ``train_args`` and
@@ -322,88 +312,22 @@ def load_model(args, log):
     """
     from ..data import dataset_info
 
-    path = args.resume
-    ckpt = load_checkpoint(path)  # CheckpointError: missing, corrupt, code-carrying
-    full = isinstance(ckpt, dict) and "format" in ckpt
-    if full and ckpt["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: unknown format {ckpt['format']!r} (this version reads {CHECKPOINT_FORMAT})"
-        )
-    state = extract_state_dict(ckpt)
-    if full:
-        need = {"arch": str, "num_classes": int, "in_channels": int, "dataset": str}
-        bad = [k for k, t in need.items() if not isinstance(ckpt.get(k), t)]
-        if bad:
-            raise CheckpointError(f"cannot load checkpoint {path}: its model description lacks {', '.join(bad)}")
-        arch = canonical_arch(ckpt["arch"])
-        depth = ckpt.get("depth") if arch == "ResNet" else None
-        if args.arch is not None and args.arch != arch:
-            raise _cli.UsageError(
-                f"--arch {args.arch} does not match {path}, which holds a {_model_desc(arch, depth)} "
-                "(--arch is only needed for a bare state_dict; leave it out)"
-            )
-        if args.depth is not None and arch != "ResNet":
-            raise _cli.UsageError(f"--depth applies to ResNet only; {path} holds a {arch}")
-        if args.depth is not None and arch == "ResNet" and args.depth != depth:
-            raise _cli.UsageError(
-                f"--depth {args.depth} does not match {path}, which holds a ResNet-{depth} "
-                "(--depth is only needed for a bare state_dict; leave it out)"
-            )
-        meta = {
-            "kind": "train.py checkpoint",
-            "arch": arch,
-            "depth": depth,
-            "num_classes": ckpt["num_classes"],
-            "in_channels": ckpt["in_channels"],
-            "input_size": ckpt.get("input_size", 32),
-            "dataset": ckpt["dataset"],
-            "epoch": ckpt.get("epoch"),
-            "train_args": ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {},
-            "versions": ckpt.get("versions"),
-        }
-    else:
-        if args.arch is None:
-            raise _cli.UsageError(
-                f"{path} is a bare state_dict without a model description: pass --arch ({', '.join(ARCHS)}) "
-                "and --name for the data set it was trained on"
-            )
-        arch = args.arch
-        depth = None
-        if arch == "ResNet":
-            depth = args.depth
-            if depth is None:
-                depth = _resnet_depth_of(state) or 20
-                log(f"note: --depth not given; ResNet-{depth} read off the state_dict")
+    bare_spec = None
+    if args.arch is not None:  # used only if the file is a bare state_dict: the data set gives the shapes
         name = args.name or "cifar10"
-        if name != "synthetic" and _cli.synthetic_kwargs(args):
-            raise _cli.UsageError("--synthetic-train/--synthetic-test apply to --name synthetic only")
-        info = dataset_info(name, **_cli.synthetic_kwargs(args))
-        meta = {
-            "kind": "bare state_dict",
-            "arch": arch,
-            "depth": depth,
-            "num_classes": info.num_classes,
-            "in_channels": info.in_channels,
-            "input_size": info.input_size,
-            "dataset": None,
-            "epoch": None,
-            "train_args": {},
-            "versions": None,
-        }
-    model = get_model(
-        meta["arch"],
-        depth=meta["depth"] or 20,
-        num_classes=meta["num_classes"],
-        in_channels=meta["in_channels"],
-        input_size=meta["input_size"],
-    )
-    desc = f"a {_model_desc(meta['arch'], meta['depth'])} with {meta['num_classes']} classes"
-    hint = (
-        "the checkpoint's own description is inconsistent with its weights"
-        if full
-        else "check --arch, --depth and --name"
-    )
-    _cli.load_state_into(model, state, path, desc, hint)
+        info = dataset_info(name, **_cli.synthetic_kwargs(args)) if name == "synthetic" else dataset_info(name)
+        bare_spec = ModelSpec(args.arch, info.num_classes, info.in_channels, info.input_size, depth=args.depth)
+    model, spec, ckpt = cf.load_model(args.resume, bare_spec, arch=args.arch, depth=args.depth, log=log)
+    full = isinstance(ckpt, dict) and "format" in ckpt
+    meta = {
+        **asdict(spec),
+        "kind": "train.py checkpoint" if full else "bare state_dict",
+        "description": spec.describe(),
+        "dataset": ckpt["dataset"] if full else None,
+        "epoch": ckpt["epoch"] if full else None,
+        "train_args": ckpt.get("args") if full and isinstance(ckpt.get("args"), dict) else {},
+        "versions": ckpt.get("versions") if full else None,
+    }
     return model, meta
 
 
@@ -490,29 +414,6 @@ def _num(x) -> str:
     return format(float(x), ".8g")
 
 
-def _plain(obj):
-    """JSON-ready: tensors to lists, NaN/Inf to None, tuples to lists."""
-    if isinstance(obj, torch.Tensor):
-        return _plain(obj.detach().cpu().tolist())
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _write_json(path: str, obj) -> str:
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_plain(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _numbers(obj, skip=("seconds", "settings", "versions", "checkpoint")) -> list[float]:
     """Every number of a result (tensors flattened, booleans as 0/1), in a fixed order; timings and
     the recorded settings left out: what every process must agree on."""
@@ -534,6 +435,349 @@ def _table(header, rows) -> list[str]:
         str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
     )
     return [fmt(header), *[fmt(r) for r in rows]]
+
+
+class _Run:
+    """What every step of an analysis shares: the arguments, the process context, the console, the
+    figures and the warnings."""
+
+    def __init__(self, args, ctx):
+        self.args, self.ctx = args, ctx
+        self.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and ctx.is_main
+        self.warnings: list[str] = []
+        self.figures: dict[str, str] = {}
+        self.out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
+        self.can_plot = True
+        self.title = self.subtitle = ""
+
+    def log(self, text: str = "") -> None:
+        if self.ctx.is_main:
+            print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        self.log(f"WARNING: {text}")
+        self.warnings.append(text)
+
+    def figure(self, what: str, plot, *plot_args, **plot_kwargs) -> str | None:
+        """Draw one figure (rank 0; the others get the path it writes), or None without matplotlib."""
+        if not self.can_plot:
+            return None
+        stem = os.path.splitext(os.path.basename(self.args.resume))[0]
+        tag = f"{self.args.operator}_{self.args.eigen_type}-{self.args.data}"
+        path = os.path.join(self.out_dir, f"{stem}_{tag}_{what}.png")
+        path = plot(*plot_args, path=path, **plot_kwargs) if self.ctx.is_main else path
+        self.figures[what] = path
+        return path
+
+
+def check_outputs(run: _Run) -> None:
+    """Fail on an unusable output before any work (every rank checks, so that every rank stops).
+
+    Figures need matplotlib, an optional dependency: without it the numbers are still computed and
+    written, and a note says how to get the figures.
+    """
+    args = run.args
+    if args.density or args.per_layer or args.landscape:
+        run.out_dir = check_writable_dir(run.out_dir)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            run.can_plot = False
+            run.log("note: no figures (matplotlib is not installed: pip install 'hessianflow[plot]'); numbers only")
+    if args.json is not None:
+        json_dir = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(json_dir):
+            raise _cli.UsageError(f"--json {args.json}: the directory {json_dir} does not exist")
+        if os.path.isdir(args.json):
+            raise _cli.UsageError(f"--json {args.json}: is a directory (give a file name)")
+        check_writable_dir(json_dir)
+
+
+def describe(run: _Run, model, meta, name, data_desc, op) -> dict:
+    """Print what is analysed; the result's description sections."""
+    args, ctx = run.args, run.ctx
+    num_params = sum(p.numel() for p in model.parameters())
+    split = f"{name} {args.data}" + (" (un-augmented)" if args.data == "train" else "")
+    if args.eigen_type == "approximate":
+        data_line = f"{split}, approximate: one batch of {data_desc['num_samples']} samples drawn with seed {args.seed}"
+    else:
+        data_line = (
+            f"{split}, full: {data_desc['num_samples']} samples in {data_desc['num_batches']} batches "
+            f"of {data_desc['batch_size']}"
+        )
+    origin = meta["kind"] + (f", epoch {meta['epoch']}" if meta["epoch"] is not None else "")
+    op_name = "Hessian" if args.operator == "hessian" else "generalised Gauss-Newton matrix"
+    run.log(f"checkpoint  {os.path.abspath(args.resume)} ({origin})")
+    run.log(f"model       {meta['description']}, {meta['num_classes']} classes, {num_params:,} parameters")
+    run.log(f"data        {data_line}")
+    procs = f", {ctx.world_size} processes sharing the samples" if ctx.enabled else ""
+    run.log(f"operator    {op_name} of the mean cross-entropy loss, eval mode, {ctx.device}{procs}")
+    run.title = f"{meta['description']} · {name} {args.data} · {os.path.basename(args.resume)}"
+    run.subtitle = (
+        f"{'GGN' if args.operator == 'ggn' else 'Hessian'}, {args.eigen_type}: "
+        f"{data_desc['num_samples']} samples, seed {args.seed}"
+    )
+    return {
+        "settings": dict(vars(args)),
+        "versions": versions(),
+        "checkpoint": {
+            "path": os.path.abspath(args.resume),
+            "kind": meta["kind"],
+            "epoch": meta["epoch"],
+            "dataset": meta["dataset"],
+            "versions": meta["versions"],
+        },
+        "model": {
+            **{k: meta[k] for k in ("arch", "depth", "description", "num_classes", "in_channels", "input_size")},
+            "num_parameters": num_params,
+        },
+        "data": {"name": name, "split": args.data, "eigen_type": args.eigen_type, "seed": args.seed, **data_desc},
+        "operator": {"type": args.operator, "size": op.size, "mode": "eval", "device": str(ctx.device)},
+        "world_size": ctx.world_size,
+    }
+
+
+def check_loss(run: _Run, model, criterion, source) -> dict:
+    """The loss and accuracy on the analysed data: a check that the weights are the trained ones."""
+    from ..linop import NonFiniteError
+
+    device = run.ctx.device
+    total = correct = count = 0
+    with torch.no_grad():
+        for x, y in [source["data"]] if "data" in source else source["dataloader"]:
+            if x.shape[0] == 0:  # an empty shard (fewer samples than processes)
+                continue
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            total += float(criterion(out, y)) * x.shape[0]
+            correct += int((out.argmax(1) == y).sum())
+            count += x.shape[0]
+    if run.ctx.enabled:
+        sums = torch.tensor([total, correct, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+    loss_value, accuracy = total / count, correct / count
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(f"the loss on the analysed data is {loss_value}: the checkpoint's weights are broken")
+    run.log(f"loss        {_num(loss_value)} (accuracy {_num(accuracy)}) on the analysed data")
+    return {"loss": loss_value, "accuracy": accuracy}
+
+
+def _solve_quietly(solve):
+    """Run a solver with its ConvergenceWarnings caught (the driver reports convergence itself)."""
+    from ..eigen import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        out = solve()
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
+def eigenvalues(run: _Run, op):
+    """The ``--top-k`` eigenpairs (or as many as ``--landscape`` needs); returns ``(result, section)``."""
+    from ..eigen import lanczos, power_iteration
+
+    args = run.args
+    k = args.top_k
+    if args.landscape and args.landscape > k:
+        k = args.landscape
+        run.log(f"note: --landscape {args.landscape} needs the top {k} eigenvectors; computing k = {k}")
+    if k > op.size:
+        raise _cli.UsageError(f"--top-k {k} exceeds the {op.size} parameters")
+    t0 = time.time()
+    v0 = "gradient" if args.start == "gradient" else None
+    if args.method == "lanczos":
+        tol, max_iter = (LANCZOS_TOL if args.tol is None else args.tol), args.max_iter  # None: lanczos's own
+        eig = _solve_quietly(lambda: lanczos(
+            op, k=k, which=args.which, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0,
+            criterion=args.criterion,
+        ))  # fmt: skip
+    else:
+        tol = 1e-3 if args.tol is None else args.tol
+        max_iter = 100 if args.max_iter is None else args.max_iter
+        eig = _solve_quietly(
+            lambda: power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0)
+        )
+    seconds = time.time() - t0
+    which = args.which if args.method == "lanczos" else "LM"
+    run.log()
+    run.log(
+        f"eigenvalues {args.method}, the {k} {_WHICH[which]} ({which}), tol {tol:g}, "
+        f"max-iter {'default' if max_iter is None else max_iter}: {eig.num_matvecs} products, {seconds:.1f} s"
+    )
+    rows = [
+        (str(i + 1), _num(v), format(float(r), ".2e"), "yes" if c else "NO")
+        for i, (v, r, c) in enumerate(zip(eig.eigenvalues.tolist(), eig.residuals.tolist(), eig.converged.tolist()))
+    ]
+    for line in _table(("i", "eigenvalue", "residual", "converged"), rows):
+        run.log("  " + line)
+    if not eig.all_converged:
+        bad = [i + 1 for i, c in enumerate(eig.converged.tolist()) if not c]
+        run.warn(
+            f"{args.method} did not converge for eigenvalue(s) {bad} within {eig.num_matvecs} products "
+            f"(tol {tol:g}); the values are estimates: raise --max-iter or loosen --tol"
+        )
+    section = {
+        **eig.to_dict(), "which": which, "tol": tol, "max_iter": max_iter, "all_converged": eig.all_converged,
+        "seconds": seconds,
+    }  # fmt: skip
+    return eig, section
+
+
+_WHICH = {"LA": "largest", "SA": "smallest", "LM": "largest-magnitude"}
+
+
+def trace_estimate(run: _Run, op) -> dict:
+    """``--trace``: Hutchinson-type estimate with its standard error."""
+    from ..trace import trace
+
+    t0 = time.time()
+    tr = trace(op, num_matvecs=run.args.trace_matvecs, seed=run.args.seed + 1)
+    seconds = time.time() - t0
+    run.log(
+        f"trace       {_num(tr.estimate)} ± {_num(tr.stderr)} (standard error; {tr.method}, "
+        f"{tr.num_matvecs} products, {seconds:.1f} s)"
+    )
+    return {**tr.to_dict(), "seconds": seconds}
+
+
+def density(run: _Run, op) -> dict:
+    """``--density``: stochastic Lanczos quadrature, and its figure."""
+    from ..density import spectral_density
+    from ..plotting import plot_density
+
+    args = run.args
+    t0 = time.time()
+    dens = spectral_density(
+        op, num_runs=args.density_runs, num_steps=args.density_steps, seed=args.seed + 2, progress=run.progress
+    )
+    seconds = time.time() - t0
+    lo, hi = dens.support()
+    path = run.figure(
+        "density", plot_density, dens, title=run.title,
+        subtitle=f"{run.subtitle}; SLQ {args.density_runs} runs x {args.density_steps} steps",
+    )  # fmt: skip
+    run.log(
+        f"density     SLQ {dens.num_runs} runs x {args.density_steps} steps ({dens.num_matvecs} products, "
+        f"{seconds:.1f} s): support [{_num(lo)}, {_num(hi)}], trace estimate {_num(dens.trace_estimate())}"
+    )
+    return {
+        **dens.to_dict(), "num_runs": dens.num_runs, "num_steps": args.density_steps, "support": [lo, hi],
+        "trace_estimate": dens.trace_estimate(), "figure": path, "seconds": seconds,
+    }  # fmt: skip
+
+
+def per_layer_analysis(run: _Run, model, criterion, source, blocks) -> dict:
+    """``--per-layer``: top eigenvalue and trace of each layer's diagonal block, a table and a figure."""
+    from ..analysis import per_layer
+    from ..plotting import plot_per_layer
+
+    args = run.args
+    t0 = time.time()
+    layers = _solve_quietly(lambda: per_layer(
+        model, criterion, **source, top_k=1, trace_matvecs=args.trace_matvecs, seed=args.seed + 3,
+        tol=LANCZOS_TOL if args.tol is None or args.method != "lanczos" else args.tol,
+        max_iter=args.max_iter if args.method == "lanczos" else None,
+        exact_threshold=args.exact_threshold, operator=args.operator, blocks=blocks, progress=run.progress,
+    ))  # fmt: skip
+    seconds = time.time() - t0
+    run.log()
+    run.log(f"per layer   top eigenvalue and trace of each layer's diagonal block ({seconds:.1f} s)")
+    rows = [
+        (r.name, f"{r.size:,}", _num(r.eigenvalue) + ("" if r.all_converged else " (!)"), _num(r.trace),
+         "exact" if r.exact else f"± {_num(r.trace_stderr)}", str(r.num_matvecs))
+        for r in layers
+    ]  # fmt: skip
+    for line in _table(("layer", "params", "top eigenvalue", "trace", "stderr", "products"), rows):
+        run.log("  " + line)
+    total = sum(r.trace for r in layers)
+    total_se = math.sqrt(sum(r.trace_stderr**2 for r in layers))
+    run.log(f"  sum of the block traces = trace of the whole {args.operator}: {_num(total)} ± {_num(total_se)}")
+    bad = [r.name for r in layers if not r.all_converged]
+    if bad:
+        run.warn(f"per-layer lanczos did not converge for {', '.join(bad)} (marked (!))")
+    path = run.figure(
+        "per_layer", plot_per_layer, [r.name for r in layers], [r.eigenvalue for r in layers],
+        [r.trace for r in layers], title=run.title, subtitle=run.subtitle,
+    )  # fmt: skip
+    return {
+        "layers": [r.to_dict() for r in layers], "trace_sum": total, "trace_sum_stderr": total_se,
+        "figure": path, "seconds": seconds, "all_converged": not bad,
+    }  # fmt: skip
+
+
+def landscape(run: _Run, model, criterion, source, eig) -> dict:
+    """``--landscape 1|2``: the loss along the top eigenvector(s), and its figure."""
+    from ..analysis import loss_landscape
+    from ..plotting import plot_landscape_1d, plot_landscape_2d
+
+    args = run.args
+    dims, r, m = args.landscape, args.landscape_radius, args.landscape_points
+    which = _WHICH[args.which if args.method == "lanczos" else "LM"]
+    t0 = time.time()
+    alphas = torch.linspace(-r, r, m, dtype=torch.float64)
+    betas = alphas if dims == 2 else None
+    dirs = eig.eigenvectors[:, :dims]
+    losses = loss_landscape(model, criterion, directions=dirs, alphas=alphas, betas=betas, **source)
+    seconds = time.time() - t0
+    lam = [float(v) for v in eig.eigenvalues[:dims]]
+    path = None
+    if not torch.isfinite(losses).all():
+        run.warn("the loss is not finite at some points of the landscape; lower --landscape-radius")
+    elif dims == 1:
+        path = run.figure(
+            "landscape1d", plot_landscape_1d, alphas, losses, title=run.title,
+            subtitle=f"{run.subtitle}; v₁ with λ₁ = {_num(lam[0])}",
+            xlabel=f"step α along the {which} eigenvector v₁ (θ + α·v₁, ‖v₁‖ = 1)",
+        )  # fmt: skip
+    else:
+        path = run.figure(
+            "landscape2d", plot_landscape_2d, alphas, betas, losses, title=run.title,
+            subtitle=f"{run.subtitle}; {which} eigenvalues λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
+        )  # fmt: skip
+    if path is not None:
+        run.figures["landscape"] = run.figures.pop("landscape1d" if dims == 1 else "landscape2d")
+    run.log()
+    run.log(
+        f"landscape   {dims}-D, {m}{'x' + str(m) if dims == 2 else ''} points in [-{_num(r)}, {_num(r)}] along the "
+        f"unit eigenvector(s) of {', '.join(_num(v) for v in lam)} ({seconds:.1f} s): "
+        f"loss {_num(float(losses.min()))} to {_num(float(losses.max()))}"
+    )
+    return {
+        "dims": dims, "radius": r, "points": m, "eigenvalues": lam, "alphas": alphas, "betas": betas,
+        "losses": losses, "min_loss": float(losses.min()), "max_loss": float(losses.max()),
+        "argmin": int(torch.argmin(losses)), "figure": path, "seconds": seconds,
+    }  # fmt: skip
+
+
+def finish(run: _Run, result: dict, t_start: float) -> dict:
+    """Convergence, timings, the JSON file (after every rank agreed on the numbers)."""
+    result["figures"] = run.figures
+    result["warnings"] = run.warnings
+    result["converged"] = all(sec.get("all_converged", True) for sec in result.values() if isinstance(sec, dict))
+    result["seconds"] = {k: v["seconds"] for k, v in result.items() if isinstance(v, dict) and "seconds" in v}
+    result["seconds"]["total"] = time.time() - t_start
+    run.log()
+    for what, path in run.figures.items():
+        run.log(f"figure      {what}: {path}")
+    if run.args.json is not None:
+        result["json"] = os.path.abspath(run.args.json)
+        run.log(f"json        {result['json']}")
+    run.log(f"done in {result['seconds']['total']:.1f} s")
+    if run.ctx.enabled:
+        # Every rank computed the same collective numbers (a rank that had not would have dead-locked or
+        # drifted); check it before rank 0 writes them: a RuntimeError on every rank if not.
+        from ..distributed import assert_same_on_all_ranks
+
+        nums = _numbers(result)
+        assert_same_on_all_ranks(len(nums), "the number of results")
+        assert_same_on_all_ranks(nums, "the results")
+    if run.args.json is not None and run.ctx.is_main:
+        write_json(run.args.json, result)
+    return result
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -559,354 +803,32 @@ def main(args) -> dict:
 
 
 def _main(args, ctx) -> dict:
-    from ..analysis import loss_landscape, per_layer
-    from ..density import spectral_density
-    from ..eigen import ConvergenceWarning, lanczos, power_iteration
     from ..operators import GGNOperator, HessianOperator
-    from ..trace import trace
 
     t_start = time.time()
-    progress = (sys.stderr.isatty() if args.progress is None else args.progress) and ctx.is_main
-    lines: list[str] = []
-
-    def log(text=""):
-        if ctx.is_main:
-            print(text, flush=True)
-        lines.append(text)
-
-    warned: list[str] = []
-
-    def warn(text):
-        log(f"WARNING: {text}")
-        warned.append(text)
-
-    # Fail on an unusable output before any work (every rank checks, so that every rank stops).
-    figures_wanted = args.density or args.per_layer or args.landscape
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.resume))
-    if figures_wanted:
-        out_dir = check_writable_dir(out_dir)
-    if args.json is not None:
-        json_dir = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(json_dir):
-            raise _cli.UsageError(f"--json {args.json}: the directory {json_dir} does not exist")
-        check_writable_dir(json_dir)
-    if figures_wanted:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise _cli.UsageError("--density/--per-layer/--landscape need matplotlib: pip install matplotlib") from exc
-
-    device = ctx.device
-    model, meta = load_model(args, log)
-    model = model.to(device).eval()
-    name, source, data_desc, _ = load_data(args, meta, log, ctx)
+    run = _Run(args, ctx)
+    check_outputs(run)
+    model, meta = load_model(args, run.log)
+    model = model.to(ctx.device).eval()
+    blocks = _select_blocks(model, args.layers) if args.per_layer else None  # a bad --layers fails before work
+    name, source, data_desc, _ = load_data(args, meta, run.log, ctx)
     criterion = nn.CrossEntropyLoss()
-    num_params = sum(p.numel() for p in model.parameters())
-    mdesc = _model_desc(meta["arch"], meta["depth"])
-    ckpt_name = os.path.basename(args.resume)
-    split = f"{name} {args.data}" + (" (un-augmented)" if args.data == "train" else "")
-    if args.eigen_type == "approximate":
-        data_line = f"{split}, approximate: one batch of {data_desc['num_samples']} samples drawn with seed {args.seed}"
-    else:
-        data_line = (
-            f"{split}, full: {data_desc['num_samples']} samples in {data_desc['num_batches']} batches "
-            f"of {data_desc['batch_size']}"
-        )
-    origin = meta["kind"] + (f", epoch {meta['epoch']}" if meta["epoch"] is not None else "")
-    op_name = "Hessian" if args.operator == "hessian" else "generalised Gauss-Newton matrix"
-    log(f"checkpoint  {os.path.abspath(args.resume)} ({origin})")
-    log(f"model       {mdesc}, {meta['num_classes']} classes, {num_params:,} parameters")
-    log(f"data        {data_line}")
-    procs = f", {ctx.world_size} processes sharing the samples" if ctx.enabled else ""
-    log(f"operator    {op_name} of the mean cross-entropy loss, eval mode, {device}{procs}")
-    title = f"{mdesc} · {name} {args.data} · {ckpt_name}"
-    subtitle = (
-        f"{'GGN' if args.operator == 'ggn' else 'Hessian'}, {args.eigen_type}: "
-        f"{data_desc['num_samples']} samples, seed {args.seed}"
+    op = (HessianOperator if args.operator == "hessian" else GGNOperator)(
+        model, criterion, progress=run.progress, **source
     )
-
-    # the loss and accuracy on the analysed data: a check that the weights are the trained ones
-    with torch.no_grad():
-        batches = [source["data"]] if "data" in source else source["dataloader"]
-        total = correct = count = 0
-        for x, y in batches:
-            if x.shape[0] == 0:  # an empty shard (fewer samples than processes)
-                continue
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            total += float(criterion(out, y)) * x.shape[0]
-            correct += int((out.argmax(1) == y).sum())
-            count += x.shape[0]
-    if ctx.enabled:
-        sums = torch.tensor([total, correct, count], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(sums)
-        total, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
-    loss_value, accuracy = total / count, correct / count
-    if not math.isfinite(loss_value):
-        from ..linop import NonFiniteError
-
-        raise NonFiniteError(f"the loss on the analysed data is {loss_value}: the checkpoint's weights are broken")
-    log(f"loss        {_num(loss_value)} (accuracy {_num(accuracy)}) on the analysed data")
-
-    Op = HessianOperator if args.operator == "hessian" else GGNOperator
-    op = Op(model, criterion, progress=progress, **source)
-    result = {
-        "settings": {k: v for k, v in vars(args).items()},
-        "versions": versions(),
-        "checkpoint": {
-            "path": os.path.abspath(args.resume),
-            "kind": meta["kind"],
-            "epoch": meta["epoch"],
-            "dataset": meta["dataset"],
-            "versions": meta["versions"],
-        },
-        "model": {
-            "arch": meta["arch"],
-            "depth": meta["depth"],
-            "description": mdesc,
-            "num_classes": meta["num_classes"],
-            "in_channels": meta["in_channels"],
-            "input_size": meta["input_size"],
-            "num_parameters": num_params,
-        },
-        "data": {"name": name, "split": args.data, "eigen_type": args.eigen_type, "seed": args.seed, **data_desc},
-        "operator": {"type": args.operator, "size": op.size, "mode": "eval", "device": str(device)},
-        "world_size": ctx.world_size,
-        "loss": loss_value,
-        "accuracy": accuracy,
-    }
-    seconds = {}
-
-    # -- eigenvalues ---------------------------------------------------------------------------------
-    k = args.top_k
-    if args.landscape and args.landscape > k:
-        k = args.landscape
-        log(f"note: --landscape {args.landscape} needs the top {k} eigenvectors; computing k = {k}")
-    if k > op.size:
-        raise _cli.UsageError(f"--top-k {k} exceeds the {op.size} parameters")
-    t0 = time.time()
-    v0 = "gradient" if args.start == "gradient" else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        if args.method == "lanczos":
-            tol = LANCZOS_TOL if args.tol is None else args.tol
-            eig = lanczos(
-                op, k=k, which=args.which, max_iter=args.max_iter, tol=tol, seed=args.seed, progress=progress, v0=v0,
-                criterion=args.criterion,
-            )  # fmt: skip
-            max_iter = args.max_iter  # None: lanczos's own default budget
-        else:
-            tol = 1e-3 if args.tol is None else args.tol
-            max_iter = 100 if args.max_iter is None else args.max_iter
-            eig = power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=progress, v0=v0)
-    for w in caught:
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    seconds["eigen"] = time.time() - t0
-    which = args.which if args.method == "lanczos" else "LM"
-    what = {"LA": "largest", "SA": "smallest", "LM": "largest-magnitude"}[which]
-    log()
-    log(
-        f"eigenvalues {args.method}, the {k} {what} ({which}), tol {tol:g}, "
-        f"max-iter {'default' if max_iter is None else max_iter}: "
-        f"{eig.num_matvecs} products, {seconds['eigen']:.1f} s"
-    )
-    rows = [
-        (str(i + 1), _num(v), format(float(r), ".2e"), "yes" if c else "NO")
-        for i, (v, r, c) in enumerate(zip(eig.eigenvalues.tolist(), eig.residuals.tolist(), eig.converged.tolist()))
-    ]
-    for line in _table(("i", "eigenvalue", "residual", "converged"), rows):
-        log("  " + line)
-    if not eig.all_converged:
-        bad = [i + 1 for i, c in enumerate(eig.converged.tolist()) if not c]
-        warn(
-            f"{args.method} did not converge for eigenvalue(s) {bad} within {eig.num_matvecs} products "
-            f"(tol {tol:g}); the values are estimates: raise --max-iter or loosen --tol"
-        )
-    result["eigen"] = {
-        **eig.to_dict(),
-        "which": which,
-        "tol": tol,
-        "max_iter": max_iter,
-        "all_converged": eig.all_converged,
-        "seconds": seconds["eigen"],
-    }
-    figures = {}
-
-    # -- trace ---------------------------------------------------------------------------------------
+    result = describe(run, model, meta, name, data_desc, op)
+    result.update(check_loss(run, model, criterion, source))
+    eig, result["eigen"] = eigenvalues(run, op)
     if args.trace:
-        t0 = time.time()
-        tr = trace(op, num_matvecs=args.trace_matvecs, seed=args.seed + 1)
-        seconds["trace"] = time.time() - t0
-        log(
-            f"trace       {_num(tr.estimate)} ± {_num(tr.stderr)} (standard error; {tr.method}, "
-            f"{tr.num_matvecs} products, {seconds['trace']:.1f} s)"
-        )
-        result["trace"] = {**tr.to_dict(), "seconds": seconds["trace"]}
-
-    stem = os.path.splitext(ckpt_name)[0]
-    tag = f"{args.operator}_{args.eigen_type}-{args.data}"
-
-    def figure_path(what):
-        return os.path.join(out_dir, f"{stem}_{tag}_{what}.png")
-
-    def draw(plot, *plot_args, path, **plot_kwargs):
-        """Rank 0 draws; the others return the path it writes, as the plot functions do."""
-        return plot(*plot_args, path=path, **plot_kwargs) if ctx.is_main else path
-
-    # -- density -------------------------------------------------------------------------------------
+        result["trace"] = trace_estimate(run, op)
     if args.density:
-        from ..plotting import plot_density
-
-        t0 = time.time()
-        dens = spectral_density(
-            op, num_runs=args.density_runs, num_steps=args.density_steps, seed=args.seed + 2, progress=progress
-        )
-        seconds["density"] = time.time() - t0
-        lo, hi = dens.support()
-        path = draw(
-            plot_density, dens, path=figure_path("density"), title=title,
-            subtitle=f"{subtitle}; SLQ {args.density_runs} runs x {args.density_steps} steps",
-        )  # fmt: skip
-        figures["density"] = path
-        log(
-            f"density     SLQ {dens.num_runs} runs x {args.density_steps} steps ({dens.num_matvecs} products, "
-            f"{seconds['density']:.1f} s): support [{_num(lo)}, {_num(hi)}], trace estimate "
-            f"{_num(dens.trace_estimate())}"
-        )
-        result["density"] = {
-            **dens.to_dict(),
-            "num_runs": dens.num_runs,
-            "num_steps": args.density_steps,
-            "support": [lo, hi],
-            "trace_estimate": dens.trace_estimate(),
-            "figure": path,
-            "seconds": seconds["density"],
-        }
-
-    # -- per layer -----------------------------------------------------------------------------------
+        result["density"] = density(run, op)
+    op.release()  # the per-layer blocks and the landscape do not need its reused graph
     if args.per_layer:
-        from ..plotting import plot_per_layer
-
-        blocks = _select_blocks(model, args.layers)
-        t0 = time.time()
-        op.release()  # its reused graph is not needed while the blocks are computed
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            layers = per_layer(
-                model, criterion, **source, top_k=1, trace_matvecs=args.trace_matvecs, seed=args.seed + 3,
-                tol=LANCZOS_TOL if args.tol is None or args.method != "lanczos" else args.tol,
-                max_iter=args.max_iter if args.method == "lanczos" else None,
-                exact_threshold=args.exact_threshold, operator=args.operator, blocks=blocks, progress=progress,
-            )  # fmt: skip
-        seconds["per_layer"] = time.time() - t0
-        log()
-        log(f"per layer   top eigenvalue and trace of each layer's diagonal block ({seconds['per_layer']:.1f} s)")
-        rows = []
-        for r in layers:
-            rows.append(
-                (
-                    r.name,
-                    f"{r.size:,}",
-                    _num(r.eigenvalue) + ("" if r.all_converged else " (!)"),
-                    _num(r.trace),
-                    "exact" if r.exact else f"± {_num(r.trace_stderr)}",
-                    str(r.num_matvecs),
-                )
-            )
-        for line in _table(("layer", "params", "top eigenvalue", "trace", "stderr", "products"), rows):
-            log("  " + line)
-        total = sum(r.trace for r in layers)
-        total_se = math.sqrt(sum(r.trace_stderr**2 for r in layers))
-        log(f"  sum of the block traces = trace of the whole {args.operator}: {_num(total)} ± {_num(total_se)}")
-        bad = [r.name for r in layers if not r.all_converged]
-        if bad:
-            warn(f"per-layer lanczos did not converge for {', '.join(bad)} (marked (!))")
-        path = draw(
-            plot_per_layer, [r.name for r in layers], [r.eigenvalue for r in layers], [r.trace for r in layers],
-            path=figure_path("per_layer"), title=title, subtitle=subtitle,
-        )  # fmt: skip
-        figures["per_layer"] = path
-        result["per_layer"] = {
-            "layers": [r.to_dict() for r in layers],
-            "trace_sum": total,
-            "trace_sum_stderr": total_se,
-            "figure": path,
-            "seconds": seconds["per_layer"],
-        }
-
-    # -- landscape -----------------------------------------------------------------------------------
+        result["per_layer"] = per_layer_analysis(run, model, criterion, source, blocks)
     if args.landscape:
-        from ..plotting import plot_landscape_1d, plot_landscape_2d
-
-        t0 = time.time()
-        op.release()
-        r, m = args.landscape_radius, args.landscape_points
-        alphas = torch.linspace(-r, r, m, dtype=torch.float64)
-        dirs = eig.eigenvectors[:, : args.landscape]
-        betas = alphas if args.landscape == 2 else None
-        losses = loss_landscape(model, criterion, directions=dirs, alphas=alphas, betas=betas, **source)
-        seconds["landscape"] = time.time() - t0
-        lam = [float(v) for v in eig.eigenvalues[: args.landscape]]
-        if not torch.isfinite(losses).all():
-            warn("the loss is not finite at some points of the landscape; lower --landscape-radius")
-        elif args.landscape == 1:
-            figures["landscape"] = draw(
-                plot_landscape_1d, alphas, losses, path=figure_path("landscape1d"), title=title,
-                subtitle=f"{subtitle}; v₁ with λ₁ = {_num(lam[0])}",
-                xlabel=f"step α along the {what} eigenvector v₁ (θ + α·v₁, ‖v₁‖ = 1)",
-            )  # fmt: skip
-        else:
-            figures["landscape"] = draw(
-                plot_landscape_2d, alphas, betas, losses, path=figure_path("landscape2d"), title=title,
-                subtitle=f"{subtitle}; {what} eigenvalues λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
-            )  # fmt: skip
-        lo_i = int(torch.argmin(losses))
-        log()
-        log(
-            f"landscape   {args.landscape}-D, {m}{'x' + str(m) if args.landscape == 2 else ''} points in "
-            f"[-{_num(r)}, {_num(r)}] along the unit eigenvector(s) of {', '.join(_num(v) for v in lam)} "
-            f"({seconds['landscape']:.1f} s): loss {_num(float(losses.min()))} to {_num(float(losses.max()))}"
-        )
-        result["landscape"] = {
-            "dims": args.landscape,
-            "radius": r,
-            "points": m,
-            "eigenvalues": lam,
-            "alphas": alphas,
-            "betas": betas,
-            "losses": losses,
-            "min_loss": float(losses.min()),
-            "max_loss": float(losses.max()),
-            "argmin": lo_i,
-            "figure": figures.get("landscape"),
-            "seconds": seconds["landscape"],
-        }
-
-    op.release()
-    seconds["total"] = time.time() - t_start
-    result["figures"] = figures
-    result["warnings"] = warned
-    result["converged"] = eig.all_converged and not any("did not converge" in w for w in warned)
-    result["seconds"] = seconds
-    log()
-    for what, path in figures.items():
-        log(f"figure      {what}: {path}")
-    if args.json is not None:
-        result["json"] = os.path.abspath(args.json)
-        log(f"json        {result['json']}")
-    log(f"done in {seconds['total']:.1f} s")
-    if ctx.enabled:
-        # Every rank computed the same collective numbers (a rank that had not would have dead-locked or
-        # drifted); check it before rank 0 writes them: a RuntimeError on every rank if not.
-        from ..distributed import assert_same_on_all_ranks
-
-        nums = _numbers(result)
-        assert_same_on_all_ranks(len(nums), "the number of results")
-        assert_same_on_all_ranks(nums, "the results")
-    if args.json is not None and ctx.is_main:
-        _write_json(args.json, result)
-    return result
+        result["landscape"] = landscape(run, model, criterion, source, eig)
+    return finish(run, result, t_start)
 
 
 cli = _cli.entry_point(main, parse_args)

@@ -29,34 +29,28 @@ import torch
 from torch import nn
 
 from ..absa import ABSAController, evaluate, set_lr, train_epoch
-from ..adversarial import pixel_eps
+from ..adversarial import normalized_bounds, pixel_eps
 from ..checkpoint import (
     CheckpointError,
     check_writable_dir,
-    extract_state_dict,
-    load_checkpoint,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    versions,
+    write_json,
+)
+from ..checkpoint_format import (
+    load_state_into,
+    make_checkpoint,
+    read_checkpoint,
+    resume_settings,
+    upgrade_state_dict,
 )
 from ..data import dataset_info, get_datasets, set_augmentation_epoch
 from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, shard
 from ..models import ARCHS, canonical_arch, get_model
 from ..tracking import EigenTracker, top_eigenvalue
 from . import common as _cli
-
-CHECKPOINT_FORMAT = "hessianflow.checkpoint/1"
-
-# The flags that define a run: on --resume they come from the checkpoint, and giving a different value
-# is an error (the rest, e.g. --device or --data-dir, may change between the pieces of a run).
-RUN_FLAGS = (
-    "name", "arch", "depth", "method", "batch_size", "large_ratio", "lr", "lr_decay", "lr_decay_epoch",
-    "weight_decay", "momentum", "adv_ratio", "eps", "duration", "hessian_batch_size", "eig_max_iter",
-    "eig_tol", "seed", "track_eigen", "eigen_type", "eig_data", "eig_batches", "synthetic_train",
-    "synthetic_test",
-)  # fmt: skip
 
 TRAIN_DEFAULTS = {
     "name": "cifar10",
@@ -261,65 +255,6 @@ def _evaluate(model, test_set, args, criterion, ctx) -> dict:
     return {"loss": (sums[0] / sums[2]).item(), "accuracy": (sums[1] / sums[2]).item()}
 
 
-def _checkpoint(args, model, optimizer, controller, tracker, state, info) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "state_dict": extract_state_dict({"state_dict": getattr(model, "module", model).state_dict()}),
-        "arch": canonical_arch(args.arch),
-        "depth": args.depth,
-        "num_classes": info.num_classes,
-        "in_channels": info.in_channels,
-        "input_size": info.input_size,
-        "dataset": args.name,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        "versions": versions(),
-        "epoch": state["epoch"],
-        "optimizer": optimizer.state_dict(),
-        "absa": controller.state_dict(),
-        "tracker": tracker.state_dict() if tracker is not None else None,
-        "rng": rng_state(),
-        "history": state["history"],
-        "updates": state["updates"],
-        "best_test_acc": state["best_test_acc"],
-        "elapsed": state["elapsed"],
-    }
-
-
-def _load_resume(args, explicit):
-    """The checkpoint to resume from, its run flags checked against the command line."""
-    ckpt = load_checkpoint(args.resume)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise _cli.UsageError(
-            f"{args.resume} is not a training checkpoint of train.py/train_resnet.py (a bare state_dict "
-            "cannot be resumed; analyse it with hessian_eig_driver.py)"
-        )
-    saved = ckpt.get("args", {})
-    conflicts = [
-        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
-        for k in RUN_FLAGS
-        if k in explicit and k in saved and getattr(args, k) != saved[k]
-    ]
-    if conflicts:
-        raise _cli.UsageError(f"resuming {args.resume}, which was run with other settings: " + "; ".join(conflicts))
-    for k in RUN_FLAGS:
-        if k in saved:
-            setattr(args, k, saved[k])
-    if "epochs" not in explicit:
-        args.epochs = saved.get("epochs", args.epochs)
-    if ckpt["epoch"] > args.epochs:
-        raise _cli.UsageError(f"{args.resume} already holds {ckpt['epoch']} epochs, more than --epochs {args.epochs}")
-    return ckpt
-
-
-def _write_json(path, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fmt(x, spec=".4f"):
     return "-" if x is None else format(x, spec)
 
@@ -333,25 +268,53 @@ def main(args) -> dict:
         ctx.close()
 
 
+class _Run:
+    """A training run's parts, built by :func:`setup` and restored by :func:`restore`."""
+
+    def __init__(self, args, ctx):
+        self.args, self.ctx = args, ctx
+        self.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and ctx.is_main
+        self.state = {"epoch": 0, "history": [], "updates": 0, "best_test_acc": None, "elapsed": 0.0}
+
+    def say(self, *a, **k) -> None:
+        if self.ctx.is_main:
+            print(*a, **k)
+
+
 def _main(args, ctx) -> dict:
-    explicit = set(getattr(args, "explicit", []))
-    ckpt = _load_resume(args, explicit) if args.resume else None
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    progress = progress and ctx.is_main
-    say = print if ctx.is_main else (lambda *a, **k: None)
+    run = _Run(args, ctx)
     if not ctx.is_main:
         warnings.simplefilter("ignore")  # the collective computations warn alike on every rank: rank 0 speaks
+    ckpt = read_checkpoint(args.resume, purpose="resume") if args.resume else None
+    if ckpt is not None:
+        resume_settings(ckpt[0], args, set(getattr(args, "explicit", [])), args.resume)
+    check_outputs(run)
+    setup(run)
+    if ckpt is not None:
+        restore(run, ckpt)
+    start(run)
+    for epoch in range(run.state["epoch"], args.epochs):
+        record = train_one_epoch(run, epoch)
+        end_epoch(run, record)
+    return finish(run)
 
-    # Fail on an unwritable output before any work.
-    out_dir = check_writable_dir(args.out_dir)
+
+def check_outputs(run: _Run) -> None:
+    """Fail on an unwritable output before any work; remove what a killed run left behind."""
+    args = run.args
+    run.out_dir = check_writable_dir(args.out_dir)
     check_writable_dir(os.path.dirname(os.path.abspath(args.save)))
-    if ctx.is_main:
+    if run.ctx.is_main:
         remove_stale_temporaries(args.save)  # left by a run killed while writing its checkpoint
-    log_path = os.path.join(out_dir, "train_log.jsonl")
+    run.log_path = os.path.join(run.out_dir, "train_log.jsonl")
 
+
+def setup(run: _Run) -> None:
+    """Data, model, optimiser, ABSA controller, tracker, loaders and the FGSM bounds."""
+    args, ctx = run.args, run.ctx
     _seed_everything(args.seed)
-    info = dataset_info(args.name)
-    train_set, plain_set, test_set = _cli.rank_zero_first(
+    run.info = info = dataset_info(args.name)
+    run.train_set, run.plain_set, run.test_set = _cli.rank_zero_first(
         ctx,
         ctx.world_size > 1 and args.download and args.name != "synthetic",  # --download under torchrun
         lambda: get_datasets(
@@ -359,154 +322,173 @@ def _main(args, ctx) -> dict:
             **_cli.synthetic_kwargs(args),
         ),
     )  # fmt: skip
-    model = get_model(
+    run.model = get_model(
         args.arch, depth=args.depth, num_classes=info.num_classes, in_channels=info.in_channels,
         input_size=info.input_size,
     ).to(ctx.device)  # fmt: skip
-    criterion = nn.CrossEntropyLoss()
-    controller = ABSAController(
+    run.criterion = nn.CrossEntropyLoss()
+    run.controller = ABSAController(
         large_ratio_cap=args.large_ratio, base_lr=args.lr, lr_decay=args.lr_decay,
         lr_decay_epochs=args.lr_decay_epoch, epochs=args.epochs, adv_ratio=args.adv_ratio,
         duration=args.duration, method=args.method,
     )  # fmt: skip
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=controller.lr(0), momentum=args.momentum, weight_decay=args.weight_decay
+    run.optimizer = torch.optim.SGD(
+        run.model.parameters(), lr=run.controller.lr(0), momentum=args.momentum, weight_decay=args.weight_decay
     )
-    tracker = _make_tracker(args, criterion, plain_set, test_set, ctx) if args.track_eigen else None
-    state = {"epoch": 0, "history": [], "updates": 0, "best_test_acc": None, "elapsed": 0.0}
-    if ckpt is not None:
-        _cli.load_state_into(
-            model, extract_state_dict(ckpt), args.resume, f"{canonical_arch(args.arch)} for {args.name}",
-            "the checkpoint's weights contradict its own settings",
-        )  # fmt: skip
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # the run flags were checked against the checkpoint above; only --epochs may have grown
-        controller.load_state_dict(ckpt["absa"], strict=False)
-        if tracker is not None and ckpt.get("tracker"):
-            tracker.load_state_dict(ckpt["tracker"])
-        set_rng_state(ckpt["rng"])
-        for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
-            state[k] = ckpt[k]
-        say(f"resuming {args.resume} after epoch {state['epoch']}")
-        last = state["history"][-1] if state["history"] else None
-        if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
-            say(
-                f"note: written by {last['batch_size'] // (args.batch_size * last['large_ratio'])} process(es), "
-                f"resumed by {ctx.world_size}: the effective batch (batch size x large ratio x processes) "
-                f"changes from {last['batch_size']} to {args.batch_size * last['large_ratio'] * ctx.world_size}"
-            )
-
-    train_model = model
+    run.tracker = (
+        _make_tracker(args, run.criterion, run.plain_set, run.test_set, ctx) if args.track_eigen else None
+    )
+    run.train_model = run.model
     if ctx.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        run.train_model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
-    if ctx.enabled:
-        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=False)
+        run.sampler = torch.utils.data.DistributedSampler(run.train_set, shuffle=True, seed=args.seed, drop_last=False)
     else:
-        sampler = EpochSampler(len(train_set), args.seed)
-    train_loader = _loader(train_set, args.batch_size, sampler, args.num_workers, ctx.device)
-    eps = pixel_eps(args.eps, info.std).to(ctx.device)
-    lo = (0 - torch.tensor(info.mean)) / torch.tensor(info.std)
-    hi = (1 - torch.tensor(info.mean)) / torch.tensor(info.std)
-    clamp = (lo.view(-1, 1, 1).to(ctx.device), hi.view(-1, 1, 1).to(ctx.device))
+        run.sampler = EpochSampler(len(run.train_set), args.seed)
+    run.train_loader = _loader(run.train_set, args.batch_size, run.sampler, args.num_workers, ctx.device)
+    run.eps = pixel_eps(args.eps, info.std).to(ctx.device)
+    lo, hi = normalized_bounds(info.mean, info.std)
+    run.clamp = (lo.to(ctx.device, torch.float32), hi.to(ctx.device, torch.float32))
     # bf16 autocast per forward pass, inside train_epoch (see its docstring for why not around the epoch)
-    amp_dtype = torch.bfloat16 if args.amp and ctx.device.type == "cuda" else None
-    if args.amp and amp_dtype is None:
-        say("--amp: mixed precision is for CUDA devices; training on the CPU in float32")
+    run.amp_dtype = torch.bfloat16 if args.amp and ctx.device.type == "cuda" else None
+    if args.amp and run.amp_dtype is None:
+        run.say("--amp: mixed precision is for CUDA devices; training on the CPU in float32")
 
-    if state["epoch"] == 0:
-        say(
-            f"training {canonical_arch(args.arch)}{args.depth if canonical_arch(args.arch) == 'ResNet' else ''} "
-            f"on {args.name} ({len(train_set)} train / {len(test_set)} test), method {args.method}, "
-            f"batch {args.batch_size} x up to {args.large_ratio} accumulated x {ctx.world_size} process(es) "
-            f"= effective batch up to {args.batch_size * args.large_ratio * ctx.world_size}, device {ctx.device}"
+
+def restore(run: _Run, loaded) -> None:
+    """Continue from a checkpoint (read and checked against the command line by :func:`_main`)."""
+    args, ctx = run.args, run.ctx
+    ckpt, spec, state = loaded
+    load_state_into(
+        run.model, upgrade_state_dict(state, spec.arch), args.resume,
+        f"{canonical_arch(args.arch)} for {args.name}", "the checkpoint's weights contradict its own settings",
+    )  # fmt: skip
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    # the run flags were checked against the checkpoint; only --epochs may have grown
+    run.controller.load_state_dict(ckpt["absa"], strict=False)
+    if run.tracker is not None and ckpt.get("tracker"):
+        run.tracker.load_state_dict(ckpt["tracker"])
+    set_rng_state(ckpt["rng"])
+    for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
+        run.state[k] = ckpt.get(k, run.state[k])
+    run.say(f"resuming {args.resume} after epoch {run.state['epoch']}")
+    last = run.state["history"][-1] if run.state["history"] else None
+    if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
+        run.say(
+            f"note: written by {last['batch_size'] // (args.batch_size * last['large_ratio'])} process(es), "
+            f"resumed by {ctx.world_size}: the effective batch (batch size x large ratio x processes) "
+            f"changes from {last['batch_size']} to {args.batch_size * last['large_ratio'] * ctx.world_size}"
         )
-    for epoch in range(state["epoch"], args.epochs):
-        t0 = time.time()
-        lr = controller.lr(epoch)
-        set_lr(optimizer, lr)
-        ratio, adv = controller.large_ratio, controller.current_adv_ratio(epoch)
-        sampler.set_epoch(epoch)
-        set_augmentation_epoch(train_set, epoch)  # crops/flips from (seed, epoch): a resumed run repeats them
-        stats = train_epoch(
-            train_model, train_loader, optimizer, criterion, ratio, adv_ratio=adv, eps=eps, clamp=clamp,
-            device=ctx.device, progress=progress, epoch=epoch + 1, autocast_dtype=amp_dtype,
+
+
+def start(run: _Run) -> None:
+    """The first line of a new run."""
+    args, ctx = run.args, run.ctx
+    if run.state["epoch"] == 0:
+        arch = canonical_arch(args.arch)
+        run.say(
+            f"training {arch}{args.depth if arch == 'ResNet' else ''} on {args.name} ({len(run.train_set)} train / "
+            f"{len(run.test_set)} test), method {args.method}, batch {args.batch_size} x up to {args.large_ratio} "
+            f"accumulated x {ctx.world_size} process(es) = effective batch up to "
+            f"{args.batch_size * args.large_ratio * ctx.world_size}, device {ctx.device}"
+        )
+
+
+def _eigenvalue_check(run: _Run, epoch: int):
+    """ABSA's top eigenvalue on a fresh un-augmented batch, when the controller asks for one."""
+    args = run.args
+    if not run.controller.needs_eigenvalue(epoch):
+        return None
+    x, y = _hessian_batch(run.plain_set, args.hessian_batch_size, args.seed * 7919 + epoch, run.ctx)
+    res = top_eigenvalue(
+        run.model, run.criterion, dataloader=[(x, y)], method="power", max_iter=args.eig_max_iter,
+        tol=args.eig_tol, seed=args.seed + epoch,
+    )  # fmt: skip
+    return float(res.eigenvalues[0])
+
+
+def train_one_epoch(run: _Run, epoch: int) -> dict:
+    """Train, evaluate, check the eigenvalue and let ABSA decide; the epoch's log record."""
+    args, ctx, controller = run.args, run.ctx, run.controller
+    t0 = time.time()
+    lr = controller.lr(epoch)
+    set_lr(run.optimizer, lr)
+    ratio, adv = controller.large_ratio, controller.current_adv_ratio(epoch)
+    run.sampler.set_epoch(epoch)
+    set_augmentation_epoch(run.train_set, epoch)  # crops/flips from (seed, epoch): a resumed run repeats them
+    stats = train_epoch(
+        run.train_model, run.train_loader, run.optimizer, run.criterion, ratio, adv_ratio=adv, eps=run.eps,
+        clamp=run.clamp, device=ctx.device, progress=run.progress, epoch=epoch + 1, autocast_dtype=run.amp_dtype,
+    )  # fmt: skip
+    t_train = time.time() - t0
+    # DDP syncs BatchNorm statistics before each forward, then every rank updates its own copy:
+    # evaluate, take the eigenvalue and save one model, rank 0's
+    broadcast_buffers(run.model)
+    run.state["updates"] += int(stats["optimizer_steps"])  # every rank steps together under DDP
+    test = _evaluate(run.model, run.test_set, args, run.criterion, ctx)
+    t1 = time.time()
+    eig = _eigenvalue_check(run, epoch)
+    decision = controller.end_of_epoch(epoch, eig)
+    # the eigenvalue is collective (bit-identical on every rank): a rank that decided otherwise
+    # would dead-lock the next epoch's collectives, so make that an error instead
+    assert_same_on_all_ranks([eig, controller.large_ratio], "the eigenvalue and the next batch size")
+    metrics = {
+        "lr": lr, "batch_size": args.batch_size * ratio * ctx.world_size, "train_loss": stats["loss"],
+        "train_acc": stats["accuracy"], "test_loss": test["loss"], "test_acc": test["accuracy"],
+    }  # fmt: skip
+    if run.tracker is not None:
+        run.tracker.step(run.model, epoch + 1, **metrics)
+        if eig is None:
+            eig = run.tracker.history[-1]["eigenvalue"]
+    return {
+        "epoch": epoch + 1, **metrics, "large_ratio": ratio, "adv_ratio": adv, "updates": run.state["updates"],
+        "eigenvalue": eig, "decision": decision.reason,
+        "next_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
+        "seconds": time.time() - t0, "seconds_train": t_train, "seconds_eigen": time.time() - t1,
+        "grew": decision.grew,
+    }  # fmt: skip
+
+
+def end_epoch(run: _Run, record: dict) -> None:
+    """Print and log the epoch, and save the checkpoint (rank 0)."""
+    args, state = run.args, run.state
+    grew = record.pop("grew")
+    best = state["best_test_acc"]
+    state["best_test_acc"] = record["test_acc"] if best is None else max(best, record["test_acc"])
+    state["history"].append(record)
+    state["epoch"] = record["epoch"]
+    state["elapsed"] += record["seconds"]
+    if run.ctx.is_main:
+        run.say(
+            f"epoch {record['epoch']:3d}/{args.epochs}  lr {record['lr']:.4g}  batch {record['batch_size']:5d}  "
+            f"train loss {_fmt(record['train_loss'])} acc {_fmt(record['train_acc'], '.3f')}  "
+            f"test loss {_fmt(record['test_loss'])} acc {record['test_acc']:.3f}  "
+            f"eig {_fmt(record['eigenvalue'], '.4g')}  updates {state['updates']}  {record['seconds']:.1f}s"
+            + (f"  -> batch {record['next_batch_size']} ({record['decision']})" if grew else "")
+        )
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt = make_checkpoint(
+            run.model, dataset=args.name, epoch=state["epoch"], args=vars(args), optimizer=run.optimizer.state_dict(),
+            absa=run.controller.state_dict(), tracker=run.tracker.state_dict() if run.tracker is not None else None,
+            rng=rng_state(), **{k: state[k] for k in ("history", "updates", "best_test_acc", "elapsed")},
         )  # fmt: skip
-        t_train = time.time() - t0
-        # DDP syncs BatchNorm statistics before each forward, then every rank updates its own copy:
-        # evaluate, take the eigenvalue and save one model, rank 0's
-        broadcast_buffers(model)
-        steps = torch.tensor([stats["optimizer_steps"]], device=ctx.device)
-        state["updates"] += int(steps.item())  # every rank steps together under DDP
-        test = _evaluate(model, test_set, args, criterion, ctx)
+        try:
+            save_checkpoint(ckpt, args.save)
+        except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
+            raise OSError(f"{exc} (the checkpoint of epoch {record['epoch'] - 1} is kept)") from exc
+    run.ctx.barrier()
 
-        t1 = time.time()
-        eig = None
-        if controller.needs_eigenvalue(epoch):
-            x, y = _hessian_batch(plain_set, args.hessian_batch_size, args.seed * 7919 + epoch, ctx)
-            res = top_eigenvalue(
-                model, criterion, dataloader=[(x, y)], method="power", max_iter=args.eig_max_iter,
-                tol=args.eig_tol, seed=args.seed + epoch,
-            )  # fmt: skip
-            eig = float(res.eigenvalues[0])
-        decision = controller.end_of_epoch(epoch, eig)
-        # the eigenvalue is collective (bit-identical on every rank): a rank that decided otherwise
-        # would dead-lock the next epoch's collectives, so make that an error instead
-        assert_same_on_all_ranks([eig, controller.large_ratio], "the eigenvalue and the next batch size")
-        metrics = {
-            "lr": lr,
-            "batch_size": args.batch_size * ratio * ctx.world_size,
-            "train_loss": stats["loss"],
-            "train_acc": stats["accuracy"],
-            "test_loss": test["loss"],
-            "test_acc": test["accuracy"],
-        }
-        if tracker is not None:
-            tracker.step(model, epoch + 1, **metrics)
-            if eig is None:
-                eig = tracker.history[-1]["eigenvalue"]
-        t_eig = time.time() - t1
 
-        record = {
-            "epoch": epoch + 1,
-            **metrics,
-            "large_ratio": ratio,
-            "adv_ratio": adv,
-            "updates": state["updates"],
-            "eigenvalue": eig,
-            "decision": decision.reason,
-            "next_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
-            "seconds": time.time() - t0,
-            "seconds_train": t_train,
-            "seconds_eigen": t_eig,
-        }
-        best = state["best_test_acc"]
-        state["best_test_acc"] = test["accuracy"] if best is None else max(best, test["accuracy"])
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
-        state["elapsed"] += record["seconds"]
-        if ctx.is_main:
-            say(
-                f"epoch {epoch + 1:3d}/{args.epochs}  lr {lr:.4g}  batch {record['batch_size']:5d}  "
-                f"train loss {_fmt(stats['loss'])} acc {_fmt(stats['accuracy'], '.3f')}  "
-                f"test loss {_fmt(test['loss'])} acc {test['accuracy']:.3f}  "
-                f"eig {_fmt(eig, '.4g')}  updates {state['updates']}  {record['seconds']:.1f}s"
-                + (f"  -> batch {record['next_batch_size']} ({decision.reason})" if decision.grew else "")
-            )
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            try:
-                save_checkpoint(_checkpoint(args, model, optimizer, controller, tracker, state, info), args.save)
-            except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
-                raise OSError(f"{exc} (the checkpoint of epoch {epoch} is kept)") from exc
-        ctx.barrier()
-
+def finish(run: _Run) -> dict:
+    """The run's summary: ``metrics.json``, the eigenvalue plot and the last line."""
+    args, ctx, state = run.args, run.ctx, run.state
     metrics = {
         "updates": state["updates"],
         "final_test_acc": state["history"][-1]["test_acc"] if state["history"] else None,
         "best_test_acc": state["best_test_acc"],
-        "final_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
+        "final_batch_size": args.batch_size * run.controller.large_ratio * ctx.world_size,
         "epochs": state["epoch"],
         "wall_time": state["elapsed"],
         "world_size": ctx.world_size,
@@ -514,17 +496,17 @@ def _main(args, ctx) -> dict:
         "eigenvalues": [r["eigenvalue"] for r in state["history"]],
     }
     if ctx.is_main:
-        _write_json(os.path.join(out_dir, "metrics.json"), metrics)
-        if tracker is not None and tracker.history:
+        write_json(os.path.join(run.out_dir, "metrics.json"), metrics)
+        if run.tracker is not None and run.tracker.history:
             try:
-                tracker.plot(
-                    os.path.join(out_dir, "eigen_history.png"),
+                run.tracker.plot(
+                    os.path.join(run.out_dir, "eigen_history.png"),
                     lr_decay_epochs=args.lr_decay_epoch,
                     title=f"{canonical_arch(args.arch)} on {args.name}: top Hessian eigenvalue ({args.eigen_type})",
                 )
             except ImportError as exc:
-                say(f"(no plot: {exc})")
-        say(
+                run.say(f"(no plot: {exc})")
+        run.say(
             f"done: {state['updates']} updates, final test acc {_fmt(metrics['final_test_acc'], '.3f')}, "
             f"best {_fmt(metrics['best_test_acc'], '.3f')}, checkpoint {args.save}"
         )
