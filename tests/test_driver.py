@@ -4,6 +4,7 @@ independent computation, its figures, its JSON against what it prints, and its e
 import json
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -440,3 +441,24 @@ def test_gradient_start(ckpt, capsys):
     tight = lanczos(H, k=2, tol=1e-7, seed=7)  # a random start, tight: within the asked 1e-4 relative
     for a, b in zip(out["eigen"]["eigenvalues"], tight.eigenvalues.tolist()):
         assert abs(a - b) <= drv.LANCZOS_TOL * abs(b), (a, b)
+
+
+def test_figures_are_skipped_with_a_note_without_matplotlib(ckpt, capsys, tmp_path, monkeypatch):
+    """matplotlib is optional: without it the numbers are computed and written, and one line says why
+    there is no figure (what a plain `pip install hessianflow` user meets)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    jpath = tmp_path / "d.json"
+    argv = ["--resume", ckpt["path"], "--hessian-batch-size", str(BATCH), "--density", "--density-runs", "1",
+            "--density-steps", "8", "--out-dir", str(tmp_path), "--json", str(jpath), "--no-progress"]  # fmt: skip
+    code = _cli.run(drv.main, drv.parse_args, argv)
+    out = capsys.readouterr().out
+    assert code == 0 and "no figures (matplotlib is not installed: pip install 'hessianflow[plot]')" in out
+    saved = json.loads(jpath.read_text())
+    assert saved["density"]["figure"] is None and saved["figures"] == {}
+    assert len(saved["density"]["nodes"]) > 0 and not list(tmp_path.glob("*.png"))
+
+
+def test_json_naming_a_directory_fails_before_work(ckpt, capsys, tmp_path):
+    code, err = run_cli(["--resume", ckpt["path"], "--json", str(tmp_path), "--no-progress"], capsys)
+    assert code == 2 and "is a directory" in one_line_error(err)
+    assert not list(tmp_path.parent.glob(tmp_path.name + ".tmp"))
