@@ -6,7 +6,7 @@ Usage::
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_ggn_memory.py --vocab 50257 --batch 2 --seq 128
 
 The CPU has no allocator statistics, so each measurement runs in its own process and reads the peak
-resident set size (``ru_maxrss``): first after one gradient (forward and backward of the causal-LM loss),
+resident set size (``VmHWM``): first after one gradient (forward and backward of the causal-LM loss),
 then after two GGN products with the first-order graph reused. ``MALLOC_MMAP_THRESHOLD_=65536`` makes
 glibc serve every large tensor by ``mmap`` and return it on free, so the resident size tracks the live
 tensors. Reported: the product's peak beyond the gradient's peak, as a multiple of the logits tensor
@@ -52,6 +52,15 @@ class _LM(nn.Module):
 
 
 def _maxrss_mib() -> float:
+    """This process's peak resident set size in MiB: ``VmHWM`` (the address space's own high-water mark;
+    ``ru_maxrss`` would carry over the parent's size from before ``exec``), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
