@@ -68,20 +68,8 @@ DEFAULTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-    )
-    _cli.add_version_flag(p)
-    _cli.add_data_args(p, name_default=None)
-    for action in p._actions:
-        if action.dest == "name":
-            action.help = "data set (default: the checkpoint's; cifar10 for a bare state_dict)"
-        if action.dest in ("synthetic_train", "synthetic_test"):
-            action.help += "; a train.py checkpoint on synthetic data defaults to its own sizes"
+def _add_checkpoint_and_model_flags(p, d) -> None:
+    """The 'checkpoint and model' flags."""
     g = p.add_argument_group("checkpoint and model")
     g.add_argument("--resume", type=str, required=True, help="the checkpoint (train.py format, or a bare state_dict)")
     g.add_argument(
@@ -96,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ResNet depth 6n+2 of a bare state_dict (default: the checkpoint's, or read off the state_dict)",
     )
+
+
+def _add_what_to_compute_on_flags(p, d) -> None:
+    """The 'what to compute on' flags."""
     g = p.add_argument_group("what to compute on")
     g.add_argument(
         "--eigen-type",
@@ -128,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="hessian",
         help="hessian, or ggn: the generalised Gauss-Newton matrix, positive semi-definite (default: hessian)",
     )
+
+
+def _add_eigenvalues_flags(p, d) -> None:
+    """The 'eigenvalues' flags."""
     g = p.add_argument_group("eigenvalues")
     g.add_argument("--top-k", type=_cli.positive_int, default=1, help="number of eigenvalues (default: 1)")
     g.add_argument(
@@ -171,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="lanczos: total products (default: lanczos's own, max(150, 30k)); power: products per eigenvalue "
         "(default 100, PyHessian's)",
     )
+
+
+def _add_more_analyses_flags(p, d) -> None:
+    """The 'more analyses' flags."""
     g = p.add_argument_group("more analyses")
     g.add_argument("--trace", action="store_true", default=False, help="estimate the trace (with a standard error)")
     g.add_argument(
@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d["landscape_points"],
         help=f"points per direction, at least 3; odd includes 0 (default: {d['landscape_points']})",
     )
+
+
+def _add_output_and_run_flags(p, d) -> None:
+    """The 'output and run' flags."""
     g = p.add_argument_group("output and run")
     g.add_argument("--json", type=str, default=None, help="write every number, the settings and versions here")
     g.add_argument("--out-dir", type=str, default=None, help="directory for figures (default: the checkpoint's)")
@@ -253,6 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tqdm progress bars (default: when stderr is a terminal)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    _cli.add_version_flag(p)
+    _cli.add_data_args(p, name_default=None)
+    for action in p._actions:
+        if action.dest == "name":
+            action.help = "data set (default: the checkpoint's; cifar10 for a bare state_dict)"
+        if action.dest in ("synthetic_train", "synthetic_test"):
+            action.help += "; a train.py checkpoint on synthetic data defaults to its own sizes"
+    _add_checkpoint_and_model_flags(p, d)
+    _add_what_to_compute_on_flags(p, d)
+    _add_eigenvalues_flags(p, d)
+    _add_more_analyses_flags(p, d)
+    _add_output_and_run_flags(p, d)
     return p
 
 

@@ -72,22 +72,18 @@ TRAIN_DEFAULTS = {
 }
 
 
-def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) -> argparse.ArgumentParser:
-    """The training flags; ``defaults`` overrides :data:`TRAIN_DEFAULTS` (train_resnet.py has its own)."""
-    d = {**TRAIN_DEFAULTS, **(defaults or {})}
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description=description or __doc__.split("\n\n")[0],
-        formatter_class=_cli.DefaultsHelpFormatter,
-    )
-    _cli.add_version_flag(p)
-    _cli.add_data_args(p, name_default=d["name"])
+def _add_model_flags(p, d, fixed_arch=None) -> None:
+    """The 'model' flags (no ``--arch`` where the script fixes it)."""
     g = p.add_argument_group("model")
     if fixed_arch is None:
         g.add_argument("--arch", type=_cli.choice_ci(ARCHS), default=d["arch"], help=f"model: {', '.join(ARCHS)}")
     g.add_argument(
         "--depth", type=_cli.positive_int, default=d["depth"], help="ResNet depth, 6n+2 (20, 32, 44, 56, 110)"
     )
+
+
+def _add_optimisation_flags(p, d) -> None:
+    """The 'optimisation' flags."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_cli.positive_int, default=d["batch_size"], help="mini-batch size per process")
     g.add_argument("--test-batch-size", type=_cli.positive_int, default=d["test_batch_size"], help="test batch size")
@@ -105,6 +101,10 @@ def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) ->
     g.add_argument("--momentum", type=_cli.nonneg_float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", "--wd", type=_cli.nonneg_float, default=d["weight_decay"], help="weight decay")
     g.add_argument("--seed", type=int, default=d["seed"], help="random seed (data order, init, Hessian batches)")
+
+
+def _add_absa_flags(p, d) -> None:
+    """The 'ABSA (Yao et al. 2018)' flags."""
     g = p.add_argument_group("ABSA (Yao et al. 2018)")
     g.add_argument(
         "--method",
@@ -136,6 +136,10 @@ def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) ->
     g.add_argument(
         "--eig-tol", type=_cli.positive_float, default=1e-2, help="relative tolerance of the power iteration"
     )
+
+
+def _add_eigenvalue_tracking_flags(p, d) -> None:
+    """The 'eigenvalue tracking' flags."""
     g = p.add_argument_group("eigenvalue tracking")
     g.add_argument(
         "--track-eigen",
@@ -156,6 +160,10 @@ def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) ->
     g.add_argument(
         "--eig-batches", type=_cli.positive_int, default=None, help="tracking, full: use the first N batches"
     )
+
+
+def _add_run_flags(p, d) -> None:
+    """The 'run' flags."""
     g = p.add_argument_group("run")
     _cli.add_device_arg(p)
     g.add_argument("--save", type=str, default=d["save"], help="checkpoint path, written after every epoch")
@@ -168,6 +176,23 @@ def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) ->
         default=None,
         help="tqdm progress bars (default: when stderr is a terminal)",
     )
+
+
+def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) -> argparse.ArgumentParser:
+    """The training flags; ``defaults`` overrides :data:`TRAIN_DEFAULTS` (train_resnet.py has its own)."""
+    d = {**TRAIN_DEFAULTS, **(defaults or {})}
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description or __doc__.split("\n\n")[0],
+        formatter_class=_cli.DefaultsHelpFormatter,
+    )
+    _cli.add_version_flag(p)
+    _cli.add_data_args(p, name_default=d["name"])
+    _add_model_flags(p, d, fixed_arch)
+    _add_optimisation_flags(p, d)
+    _add_absa_flags(p, d)
+    _add_eigenvalue_tracking_flags(p, d)
+    _add_run_flags(p, d)
     p.set_defaults(fixed_arch=fixed_arch, default_decay=list(d["lr_decay_epoch"]))
     return p
 
