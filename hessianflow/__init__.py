@@ -10,9 +10,11 @@ from ._version import __version__
 from .absa import ABSAController, Decision, evaluate, set_lr, train_epoch
 from .adversarial import fgsm, normalized_bounds, pgd, pixel_eps
 from .analysis import LayerResult, layer_blocks, loss_landscape, per_layer
+from .attention import AttentionKernelError, product_kernels
 from .batches import LossSpec, move_batch
 from .checkpoint import (
     CheckpointError,
+    atomic_write,
     check_writable_dir,
     extract_state_dict,
     load_checkpoint,
@@ -20,7 +22,9 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
     versions,
+    write_json,
 )
+from .checkpoint_format import ModelSpec, load_model, make_checkpoint, read_checkpoint
 from .compat import (
     get_eigen,
     get_eigen_full_dataset,
@@ -57,6 +61,8 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "EmpiricalFisherOperator",
+    "product_kernels",
+    "AttentionKernelError",
     "exact_hessian",
     "resolve_params",
     "NonFiniteError",
@@ -115,6 +121,13 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "versions",
+    "atomic_write",
+    "write_json",
+    # the checkpoint format of the scripts (rebuild the model of any checkpoint)
+    "ModelSpec",
+    "make_checkpoint",
+    "read_checkpoint",
+    "load_model",
     # torch.distributed (torchrun)
     "DistContext",
     "init_distributed",
