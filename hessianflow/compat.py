@@ -31,12 +31,18 @@ def group_product(xs, ys) -> torch.Tensor:
     return sum(torch.sum(x * y) for x, y in zip(xs, ys))
 
 
-def group_add(params, update, alpha: float = 1.0) -> list[torch.Tensor]:
-    """``params[i] + alpha * update[i]`` for every ``i``, as a new list (the inputs are not modified)."""
-    params, update = list(params), list(update)
+def group_add(params, update, alpha: float = 1.0):
+    """``params[i] += alpha * update[i]`` in place, for every ``i``; returns ``params`` (HessianFlow's).
+
+    As in HessianFlow (``params[i].data.add_(update[i] * alpha)``), the tensors of ``params`` are updated
+    in place, outside autograd, so old code that perturbs a model's weights through it keeps working.
+    """
     if len(params) != len(update):
         raise ValueError(f"group_add got lists of {len(params)} and {len(update)} tensors")
-    return [p + alpha * u for p, u in zip(params, update)]
+    with torch.no_grad():
+        for p, u in zip(params, update):
+            p.add_(u.to(p.device, p.dtype), alpha=alpha)
+    return params
 
 
 def normalization(v) -> list[torch.Tensor]:
@@ -81,7 +87,10 @@ def _eigen(op, maxIter, tol):
     from .eigen import power_iteration
     from .hvp import unflatten
 
-    res = power_iteration(op, k=1, max_iter=maxIter, tol=tol)
+    # HessianFlow's start: torch.randn per parameter from the global generator (torch.manual_seed
+    # reproduces it), on the CPU, then moved to the operator's device
+    v0 = torch.cat([torch.randn(p.size()).reshape(-1) for p in op.params]).to(op.device, op.dtype)
+    res = power_iteration(op, k=1, max_iter=maxIter, tol=tol, v0=v0)
     vec = unflatten(res.eigenvectors[:, 0], op.params)
     return float(res.eigenvalues[0]), [t.clone() for t in vec]
 

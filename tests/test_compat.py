@@ -55,11 +55,11 @@ def test_group_helpers():
     a = [torch.tensor([1.0, 2.0], dtype=DT), torch.tensor([[3.0]], dtype=DT)]
     b = [torch.tensor([0.5, -1.0], dtype=DT), torch.tensor([[2.0]], dtype=DT)]
     assert hf.group_product(a, b).item() == pytest.approx(0.5 - 2.0 + 6.0)
-    s = hf.group_add(a, b, alpha=2.0)
-    assert torch.equal(s[0], torch.tensor([2.0, 0.0], dtype=DT)) and s[1].item() == 7.0
-    assert a[0][0].item() == 1.0  # inputs not modified
     n = hf.normalization(a)
     assert hf.group_product(n, n).item() == pytest.approx(1.0, abs=1e-14)
+    s = hf.group_add(a, b, alpha=2.0)
+    # in place, as HessianFlow's params[i].data.add_(update[i] * alpha): the same list, updated
+    assert s is a and torch.equal(a[0], torch.tensor([2.0, 0.0], dtype=DT)) and a[1].item() == 7.0
     z = hf.normalization([torch.zeros(3, dtype=DT)])
     assert torch.equal(z[0], torch.zeros(3, dtype=DT))
     with pytest.raises(ValueError):
@@ -83,3 +83,28 @@ def test_hessian_vector_product_and_get_params_grad():
         hf.hessian_vector_product(gradsH, params, [torch.ones(2, dtype=DT)] * 4)
     for p in model.parameters():
         p.grad = None
+
+
+def test_group_add_perturbs_a_models_weights_in_place():
+    """Old code moved the weights along a direction through group_add (e.g. HessianFlow's landscape)."""
+    model, x, y = setup_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    direction = [torch.ones_like(p) for p in params]
+    hf.group_add(params, direction, alpha=0.5)
+    assert all(torch.equal(p, b + 0.5) for p, b in zip(params, before))
+    assert all(p.requires_grad and p.is_leaf for p in params)
+    hf.group_add(params, direction, alpha=-0.5)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_get_eigen_follows_torch_manual_seed():
+    """HessianFlow drew its start vector with torch.randn: the global seed reproduces the result."""
+    model, x, y = setup_model()
+    crit = nn.CrossEntropyLoss()
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(hf.get_eigen(model, x, y, crit, cuda=False, maxIter=3, tol=1e-12)[0])
+    assert runs[0] == runs[1]  # bit for bit
+    assert runs[0] != runs[2]  # 3 iterations from another start: another estimate
