@@ -1,5 +1,6 @@
-"""Data sets and loaders for hessianflow's scripts: CIFAR-10/100, SVHN, MNIST (through torchvision) and
-an in-memory synthetic data set that needs no download.
+"""Data sets and loaders for hessianflow's scripts: CIFAR-10/100, SVHN, MNIST (through torchvision),
+scikit-learn's bundled handwritten digits (a real data set that needs no download) and an in-memory
+synthetic data set.
 
 The library itself (``hessianflow``) knows nothing of data sets; this module is the data layer of the
 training and analysis scripts. No training code lives here.
@@ -10,6 +11,7 @@ Usage::
 
     train_loader, test_loader = getData(name="cifar10", train_bs=128, test_bs=1000)   # HessianFlow's call
     train_loader, test_loader = getData("synthetic", train_bs=64, num_train=2000)     # no download
+    train_loader, test_loader = getData("digits", train_bs=32)                         # real, no download
     train_set, train_set_plain, test_set = get_datasets("cifar10", data_dir="./data", download=True)
     inputs, targets = fixed_batch(train_set_plain, batch_size=512, seed=0)             # for a Hessian
 
@@ -26,6 +28,7 @@ Differences from HessianFlow's ``utils.getData`` (all deliberate):
   normalise its default ``"cifar10"`` or ``"svhn"`` at all. Eigenvalues depend on the input scale, so
   numbers are comparable with HessianFlow's only up to that scale.
 * SVHN trains on ``split="train"`` (HessianFlow used ``"extra"``).
+* ``"digits"`` is new: see :func:`load_digits_tensors` for how the 8x8 images are shaped for the models.
 * Nothing is downloaded unless ``download=True``; a missing data set raises :class:`DataNotFoundError`.
 * Augmentation draws from its own seeded generator (:class:`RandomCropFlip`), so a seed reproduces the
   augmented batches too, with any number of loader workers; :func:`set_augmentation_epoch` ties the
@@ -57,6 +60,7 @@ __all__ = [
     "fixed_batch",
     "getData",
     "get_datasets",
+    "load_digits_tensors",
     "make_synthetic",
     "set_augmentation_epoch",
     "subset_loader",
@@ -95,6 +99,8 @@ class DatasetInfo:
 
 # Per-channel statistics of each training set, as computed over all training pixels in [0, 1]
 # (the values quoted throughout the literature; CIFAR-10's std is the per-channel one, 0.247/0.243/0.261).
+# Digits: the fixed 1,437-image training split of load_digits_tensors (pixels /16, bilinear 8x8 -> 16x16);
+# bilinear upsampling keeps the mean of the 8x8 pixels (0.3060) and lowers their std (0.3765 -> 0.3195).
 # The synthetic set's generator is built so that its pixels have mean ~0.5 and std ~0.25 at the defaults
 # (measured: mean 0.51, std 0.246); these nominal values are used for every configuration.
 DATASETS: dict[str, DatasetInfo] = {
@@ -107,7 +113,13 @@ DATASETS: dict[str, DatasetInfo] = {
     "svhn": DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 73257, 26032, False),
     "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), 60000, 10000, False),
     "synthetic": DatasetInfo("synthetic", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 5000, 1000, False),
+    "digits": DatasetInfo("digits", 10, 1, 16, (0.3060,), (0.3195,), 1437, 360, False),
 }
+
+# The digits split: this many test images per class (36 x 10 = 360, 20% of 1,797), drawn with this seed.
+_DIGITS_TEST_PER_CLASS = 36
+_DIGITS_SPLIT_SEED = 0
+_DIGITS_SIZE = 16
 
 # Defaults of the synthetic generator (see make_synthetic for what they mean and why).
 _SYNTHETIC_DEFAULTS = {
@@ -502,6 +514,78 @@ def _synthetic_datasets(augment: bool, seed: int, cfg: dict):
     return train, train_plain, test
 
 
+def load_digits_tensors() -> dict:
+    """scikit-learn's handwritten digits, shaped for the models, with a fixed stratified train/test split.
+
+    The data are the 1,797 8x8 grey images of ``sklearn.datasets.load_digits`` (the test set of the UCI
+    "Optical Recognition of Handwritten Digits" data; 16 grey levels 0..16, 10 classes, 174-183 images a
+    class), which ship inside the scikit-learn wheel: nothing is downloaded. They become model inputs as
+    follows:
+
+    * **Pixels** are divided by 16, to [0, 1] like the other sets before normalisation.
+    * **Size**: bilinearly upsampled (``align_corners=False``) from 8x8 to 16x16, one channel. 16x16 is
+      the smallest size every model here accepts (C2's two valid 5x5 convolutions need it; C1 and the
+      ResNet take any size), and a 4x cheaper forward pass than 32x32. Bilinear interpolation keeps the
+      values in [0, 1] (convex combinations; bicubic overshoots to [-0.24, 1.23]) and the strokes
+      smooth (nearest-neighbour would only repeat each pixel in 2x2 blocks).
+    * **Split**: a fixed, stratified 1,437 / 360 split: 36 test images of each class (20% of the set),
+      chosen with ``torch.randperm`` under seed 0 per class; the rest, in the data set's order, train.
+      The split never depends on a run's seed, so every run and the eigenvalue driver see the same test
+      set. The test set is exactly balanced; the training set holds 138-147 images a class.
+
+    Normalisation (with the training split's mean 0.3060 and std 0.3195, stored in :data:`DATASETS`)
+    is done by :func:`get_datasets`, not here.
+
+    Returns:
+        A dict with ``train_images`` ``[1437, 1, 16, 16]`` and ``test_images`` ``[360, 1, 16, 16]``
+        (float32 in [0, 1]), ``train_targets`` and ``test_targets`` (int64), and ``train_index`` and
+        ``test_index``: the rows of ``load_digits()`` each image comes from.
+
+    Raises:
+        DataNotFoundError: when scikit-learn is not installed (``pip install 'hessianflow[data]'``).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataNotFoundError(
+            "the digits data set ships with scikit-learn, which is not installed: "
+            f"pip install 'hessianflow[data]' (or scikit-learn) ({type(exc).__name__}: {exc})"
+        ) from exc
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)  # [1797, 1, 8, 8]
+    targets = torch.as_tensor(bunch.target, dtype=torch.int64)
+    images = F.interpolate(images, size=(_DIGITS_SIZE, _DIGITS_SIZE), mode="bilinear", align_corners=False)
+    g = make_generator(_DIGITS_SPLIT_SEED)
+    picks = []
+    for c in range(int(targets.max()) + 1):
+        rows = (targets == c).nonzero().flatten()
+        picks.append(rows[torch.randperm(len(rows), generator=g)[:_DIGITS_TEST_PER_CLASS]])
+    test_index = torch.cat(picks).sort().values
+    is_train = torch.ones(len(targets), dtype=torch.bool)
+    is_train[test_index] = False
+    train_index = is_train.nonzero().flatten()
+    return {
+        "train_images": images[train_index].contiguous(),
+        "train_targets": targets[train_index].contiguous(),
+        "test_images": images[test_index].contiguous(),
+        "test_targets": targets[test_index].contiguous(),
+        "train_index": train_index,
+        "test_index": test_index,
+    }
+
+
+def _digits_datasets():
+    # No training augmentation: a mirrored digit is not the same digit (a mirrored 3 or 7 is no digit at
+    # all), and a 4-pixel crop of a 16x16 image shifts it by a quarter of its width, enough to cut strokes
+    # off; without it the experiments' Hessians are over the very data the optimiser saw.
+    info = DATASETS["digits"]
+    data = load_digits_tensors()
+    norm = _Normalize(info.mean, info.std)
+    train = TensorImageDataset(norm(data["train_images"]), data["train_targets"])
+    test = TensorImageDataset(norm(data["test_images"]), data["test_targets"])
+    return train, train, test
+
+
 def _missing_files(key: str, root: str) -> list:
     files, _ = _SOURCES[key]
     missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
@@ -581,13 +665,17 @@ def get_datasets(
     """Return ``(train_set, train_set_plain, test_set)`` of a data set.
 
     Args:
-        name: ``"cifar10"``, ``"cifar100"``, ``"svhn"``, ``"mnist"`` or ``"synthetic"`` (case-insensitive).
-        data_dir: directory torchvision reads from (and downloads to).
+        name: ``"cifar10"``, ``"cifar100"``, ``"svhn"``, ``"mnist"``, ``"digits"`` or ``"synthetic"``
+            (case-insensitive).
+        data_dir: directory torchvision reads from (and downloads to); unused by digits and synthetic.
         download: download a missing torchvision data set (never by default: a training run should not
             start a download by surprise).
         augment: whether ``train_set`` is augmented (random crop with 4-pixel padding, plus a
-            horizontal flip except for the digit sets SVHN and MNIST, as in He et al., 2016).
+            horizontal flip except for the digit sets SVHN and MNIST, as in He et al., 2016). Digits
+            are never augmented (a mirrored digit is not the same digit, and a 4-pixel crop is a quarter
+            of a 16x16 image): their ``train_set`` is ``train_set_plain``.
         seed: seeds the augmentation (:class:`RandomCropFlip`) and, for ``"synthetic"``, the data.
+            The digits split is fixed (see :func:`load_digits_tensors`) whatever the seed.
         **synthetic_kwargs: options of :func:`make_synthetic` (``num_train``, ``num_test``,
             ``num_classes``, ``image_size``, ``channels``, ``noise``, ``distortion``, ``max_shift``).
 
@@ -600,11 +688,14 @@ def get_datasets(
         ValueError: for an unknown name.
         DataNotFoundError: when the files are missing (or corrupted) and ``download`` is false, or a
             download fails; the message names the data set, the directory and how to get the files.
+            For digits: when scikit-learn is not installed.
     """
     key = _canonical_name(name)
     if key == "synthetic":
         return _synthetic_datasets(augment, seed, _synthetic_config(synthetic_kwargs))
     _reject_synthetic_kwargs(key, synthetic_kwargs)
+    if key == "digits":
+        return _digits_datasets()
     root = os.path.expanduser(os.fspath(data_dir))
     return _torchvision_datasets(key, root, download, augment, seed)
 

@@ -103,7 +103,7 @@ def unnormalise(x, info):
 
 
 def test_dataset_metadata():
-    assert set(DATASETS) == {"cifar10", "cifar100", "svhn", "mnist", "synthetic"}
+    assert set(DATASETS) == {"cifar10", "cifar100", "svhn", "mnist", "synthetic", "digits"}
     info = dataset_info("CIFAR10")
     assert (info.num_classes, info.in_channels, info.input_size) == (10, 3, 32)
     assert info.mean == CIFAR10_MEAN and info.std == CIFAR10_STD

@@ -133,7 +133,9 @@ def add_data_args(parser, name_default="cifar10"):
         "--name",
         type=choice_ci(tuple(DATASETS)),
         default=name_default,
-        help=f"data set: {', '.join(DATASETS)} (synthetic: generated offline, no download) (default: {name_default})",
+        help=f"data set: {', '.join(DATASETS)} (offline, no download: digits, scikit-learn's 1,797 handwritten "
+        "digits as 1x16x16 images, needs pip install 'hessianflow[data]'; synthetic, generated) "
+        f"(default: {name_default})",
     )
     g.add_argument("--data-dir", type=str, default="./data", help="where the data sets live (default: ./data)")
     g.add_argument("--download", action="store_true", help="download the data set if it is missing (needs a network)")
