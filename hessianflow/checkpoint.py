@@ -14,12 +14,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import platform
 import random
 import re
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -122,15 +124,33 @@ def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
         tmp = None
         _fsync_dir(directory)
     except BaseException as exc:
+        cause = _cause(exc, directory) if isinstance(exc, Exception) else None  # before the space is freed
         if tmp is not None:
             try:
                 os.remove(tmp)
             except OSError:
                 pass
         if isinstance(exc, Exception):
-            raise CheckpointError(f"cannot save {what} {path}: {_one_line(exc)}") from exc
+            raise CheckpointError(f"cannot save {what} {path}: {cause}") from exc
         raise  # KeyboardInterrupt, SystemExit: clean up, then let them through unchanged
     return path
+
+
+def _cause(exc: Exception, directory: str) -> str:
+    """The reason a write failed, in words: torch's serializer reports a full disk as an internal
+    "unexpected pos" error with no errno, so a nearly full file system is named as the cause."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on device ({_one_line(exc)})"
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < _NEARLY_FULL:
+        return f"no space left on device ({free:,} bytes free in {directory}; {_one_line(exc, 120)})"
+    return _one_line(exc)
+
+
+_NEARLY_FULL = 1 << 20  # bytes: below this, a failed write is put down to a full disk
 
 
 def save_checkpoint(obj, path: str | os.PathLike) -> str:
@@ -216,7 +236,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (truncated or corrupt)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on raw pickles (protocol, legacy format) are not the user's concern: the
+            # file either loads safely or is refused below in one line
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         match = re.search(r"GLOBAL\s+([\w.]+)", text) or re.search(r"[Uu]nsupported global:?\s*([\w.]+)", text)
@@ -364,10 +388,11 @@ def extract_state_dict(ckpt) -> OrderedDict:
     return state
 
 
-def check_writable_dir(path: str | os.PathLike) -> str:
+def check_writable_dir(path: str | os.PathLike, what: str = "files") -> str:
     """Create ``path`` if needed and check that a file can be written in it.
 
-    Meant to run before training starts, so that a long run does not fail at its first checkpoint.
+    Meant to run before any work, so that a long run does not fail at its first output. ``what`` names
+    the outputs in the error message ("checkpoints", "figures", ...).
 
     Returns:
         The absolute path of the directory.
@@ -377,11 +402,11 @@ def check_writable_dir(path: str | os.PathLike) -> str:
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"cannot write checkpoints to {path}: it exists and is not a directory")
+        raise CheckpointError(f"cannot write {what} to {path}: it exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise CheckpointError(f"cannot create the checkpoint directory {path}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot create the directory {path} for {what}: {_one_line(exc)}") from exc
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test.", suffix=".tmp")
@@ -390,7 +415,7 @@ def check_writable_dir(path: str | os.PathLike) -> str:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoints to {path}: {_one_line(exc)}") from exc
+        raise CheckpointError(f"cannot write {what} to {path}: {_one_line(exc)}") from exc
     finally:
         if tmp is not None:
             try:

@@ -199,7 +199,10 @@ def resume_settings(ckpt: Mapping, args, explicit, path) -> None:
     """Put the run flags of ``ckpt`` into ``args`` (an argparse namespace), refusing contradictions.
 
     A flag given on the command line (its name in ``explicit``) with another value than the one the run
-    was started with is an error: the run would silently change meaning. ``--epochs`` may grow.
+    was started with is an error: the run would silently change meaning. ``--epochs`` may grow. Without
+    ``--save`` the run continues in the file it resumes (so that resuming it again continues from the
+    newest epoch), and without ``--out-dir`` in the run's own output directory. A script that trains one
+    architecture (``args.fixed_arch``, train_resnet.py) refuses a checkpoint of another.
     """
     saved = ckpt.get("args", {})
     conflicts = [
@@ -209,11 +212,20 @@ def resume_settings(ckpt: Mapping, args, explicit, path) -> None:
     ]
     if conflicts:
         raise CheckpointError(f"resuming {path}, which was run with other settings: " + "; ".join(conflicts))
+    fixed = getattr(args, "fixed_arch", None)
+    if fixed is not None and canonical_arch(ckpt["arch"]) != canonical_arch(fixed):
+        raise CheckpointError(
+            f"{path} holds a {ckpt['arch']}, and this script trains a {fixed} only: resume it with train.py"
+        )
     for k in RUN_FLAGS:
         if k in saved:
             setattr(args, k, saved[k])
     if "epochs" not in explicit:
         args.epochs = saved.get("epochs", args.epochs)
+    if "save" not in explicit:
+        args.save = str(path)
+    if "out_dir" not in explicit and isinstance(saved.get("out_dir"), str):
+        args.out_dir = saved["out_dir"]
     if ckpt["epoch"] > args.epochs:
         raise CheckpointError(f"{path} already holds {ckpt['epoch']} epochs, more than --epochs {args.epochs}")
 

@@ -135,7 +135,9 @@ def test_permission_denied_is_reported_even_when_running_as_root(tmp_path, monke
 
     monkeypatch.setattr(ck.tempfile, "mkstemp", denied)
     with pytest.raises(CheckpointError, match=r"cannot write checkpoints to .*Permission denied"):
-        check_writable_dir(tmp_path)
+        check_writable_dir(tmp_path, what="checkpoints")
+    with pytest.raises(CheckpointError, match=r"cannot write figures to .*Permission denied"):
+        check_writable_dir(tmp_path, what="figures")  # the driver's figure directory is not for checkpoints
     with pytest.raises(CheckpointError, match=r"ckpt\.pt.*Permission denied"):
         save_checkpoint({"a": 1}, tmp_path / "ckpt.pt")
     assert os.listdir(tmp_path) == []

@@ -16,6 +16,7 @@ import torch
 # Exit statuses, documented in the README: 0 success, 2 a user error (bad flag, missing data, unusable
 # checkpoint), 3 a numerical fault (NaN/Inf loss or curvature), 4 an I/O failure during the run.
 EXIT_USAGE, EXIT_NUMERIC, EXIT_IO = 2, 3, 4
+INTERRUPTED = "interrupted; the last finished epoch's checkpoint is kept"
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -24,6 +25,21 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         return text if "(default" in text else super()._get_help_string(action)
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that reports what every rank sees alike."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block: the README promises one line), printed once
+    under torchrun, exit status 2."""
+
+    def error(self, message):
+        if is_main_rank():
+            sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
 
 
 def add_version_flag(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +54,11 @@ def add_version_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def entry_point(main, parse_args):
+def entry_point(main, parse_args, interrupted: str = INTERRUPTED):
     """A console script: ``sys.exit`` of :func:`run` over the command line."""
 
     def cli(argv=None) -> int:
-        return run(main, parse_args, argv)
+        return run(main, parse_args, argv, interrupted=interrupted)
 
     return cli
 
@@ -203,11 +219,12 @@ def explicit_flags(parser, argv) -> set[str]:
     return set(vars(ns))
 
 
-def run(main, parse_args, argv=None) -> int:
+def run(main, parse_args, argv=None, interrupted: str = INTERRUPTED) -> int:
     """Parse, run ``main(args)`` and map failures to exit statuses with a one-line message.
 
     A user mistake (bad flag value, missing data set, unusable checkpoint, unwritable directory) prints
-    ``error: ...`` and exits 2; a NaN/Inf loss or curvature exits 3; an I/O failure mid-run exits 4.
+    ``error: ...`` and exits 2 (once under torchrun: every rank meets it alike); a NaN/Inf loss or
+    curvature exits 3; an I/O failure mid-run exits 4; Ctrl-C prints ``interrupted`` and exits 130.
     Anything else is a bug and keeps its traceback.
     """
     from ..checkpoint import CheckpointError
@@ -226,10 +243,11 @@ def run(main, parse_args, argv=None) -> int:
         print(f"{prog}: numerical error: {exc}", file=sys.stderr)
         return EXIT_NUMERIC
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if is_main_rank():
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except OSError as exc:
         print(f"{prog}: I/O error: {exc}", file=sys.stderr)

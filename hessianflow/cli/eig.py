@@ -261,7 +261,7 @@ def _add_output_and_run_flags(p, d) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -503,7 +503,7 @@ def check_outputs(run: _Run) -> None:
     """
     args = run.args
     if args.density or args.per_layer or args.landscape:
-        run.out_dir = check_writable_dir(run.out_dir)
+        run.out_dir = check_writable_dir(run.out_dir, what="figures")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -515,7 +515,7 @@ def check_outputs(run: _Run) -> None:
             raise _cli.UsageError(f"--json {args.json}: the directory {json_dir} does not exist")
         if os.path.isdir(args.json):
             raise _cli.UsageError(f"--json {args.json}: is a directory (give a file name)")
-        check_writable_dir(json_dir)
+        check_writable_dir(json_dir, what="the JSON file")
 
 
 def describe(run: _Run, model, meta, name, data_desc, op) -> dict:
@@ -856,7 +856,7 @@ def _main(args, ctx) -> dict:
     return finish(run, result, t_start)
 
 
-cli = _cli.entry_point(main, parse_args)
+cli = _cli.entry_point(main, parse_args, interrupted="interrupted; nothing written (the JSON comes at the end)")
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -32,7 +33,9 @@ from ..absa import ABSAController, evaluate, set_lr, train_epoch
 from ..adversarial import normalized_bounds, pixel_eps
 from ..checkpoint import (
     CheckpointError,
+    atomic_write,
     check_writable_dir,
+    jsonable,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
@@ -48,6 +51,7 @@ from ..checkpoint_format import (
 )
 from ..data import dataset_info, get_datasets, set_augmentation_epoch
 from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, shard
+from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
 from ..tracking import EigenTracker, top_eigenvalue
 from . import common as _cli
@@ -181,7 +185,7 @@ def _add_run_flags(p, d) -> None:
 def build_parser(defaults=None, prog=None, description=None, fixed_arch=None) -> argparse.ArgumentParser:
     """The training flags; ``defaults`` overrides :data:`TRAIN_DEFAULTS` (train_resnet.py has its own)."""
     d = {**TRAIN_DEFAULTS, **(defaults or {})}
-    p = argparse.ArgumentParser(
+    p = _cli.ArgumentParser(
         prog=prog,
         description=description or __doc__.split("\n\n")[0],
         formatter_class=_cli.DefaultsHelpFormatter,
@@ -211,8 +215,8 @@ def validate(parser: argparse.ArgumentParser, args, argv=None) -> argparse.Names
     if canonical_arch(args.arch) == "ResNet" and (args.depth < 8 or (args.depth - 2) % 6):
         parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {args.depth}")
     _cli.check_device(parser, args.device)
-    if args.name != "synthetic" and (args.synthetic_train or args.synthetic_test):
-        parser.error("--synthetic-train/--synthetic-test apply to --name synthetic only")
+    if args.name != "synthetic" and (args.synthetic_train or args.synthetic_test) and args.resume is None:
+        parser.error("--synthetic-train/--synthetic-test apply to --name synthetic only")  # resumed: see _main
     args.explicit = sorted(_cli.explicit_flags(parser, sys.argv[1:] if argv is None else argv))
     return args
 
@@ -300,6 +304,7 @@ class _Run:
         self.args, self.ctx = args, ctx
         self.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and ctx.is_main
         self.state = {"epoch": 0, "history": [], "updates": 0, "best_test_acc": None, "elapsed": 0.0}
+        self.epochs_run = 0
 
     def say(self, *a, **k) -> None:
         if self.ctx.is_main:
@@ -313,6 +318,8 @@ def _main(args, ctx) -> dict:
     ckpt = read_checkpoint(args.resume, purpose="resume") if args.resume else None
     if ckpt is not None:
         resume_settings(ckpt[0], args, set(getattr(args, "explicit", [])), args.resume)
+        if args.name != "synthetic" and _cli.synthetic_kwargs(args):
+            raise _cli.UsageError(f"--synthetic-train/--synthetic-test: {args.resume} was trained on {args.name}")
     check_outputs(run)
     setup(run)
     if ckpt is not None:
@@ -327,8 +334,10 @@ def _main(args, ctx) -> dict:
 def check_outputs(run: _Run) -> None:
     """Fail on an unwritable output before any work; remove what a killed run left behind."""
     args = run.args
-    run.out_dir = check_writable_dir(args.out_dir)
-    check_writable_dir(os.path.dirname(os.path.abspath(args.save)))
+    if os.path.isdir(args.save):
+        raise _cli.UsageError(f"--save {args.save}: is a directory (give the checkpoint's file name)")
+    run.out_dir = check_writable_dir(args.out_dir, what="the log and metrics")
+    check_writable_dir(os.path.dirname(os.path.abspath(args.save)), what="checkpoints")
     if run.ctx.is_main:
         remove_stale_temporaries(args.save)  # left by a run killed while writing its checkpoint
     run.log_path = os.path.join(run.out_dir, "train_log.jsonl")
@@ -381,6 +390,15 @@ def setup(run: _Run) -> None:
         run.say("--amp: mixed precision is for CUDA devices; training on the CPU in float32")
 
 
+def _restore_field(path, field: str, load) -> None:
+    """``load()`` one part of a checkpoint's training state; a damaged part is a one-line error."""
+    try:
+        load()
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise CheckpointError(f"cannot resume from {path}: its field {field!r} is damaged ({detail})") from None
+
+
 def restore(run: _Run, loaded) -> None:
     """Continue from a checkpoint (read and checked against the command line by :func:`_main`)."""
     args, ctx = run.args, run.ctx
@@ -389,14 +407,15 @@ def restore(run: _Run, loaded) -> None:
         run.model, upgrade_state_dict(state, spec.arch), args.resume,
         f"{canonical_arch(args.arch)} for {args.name}", "the checkpoint's weights contradict its own settings",
     )  # fmt: skip
-    run.optimizer.load_state_dict(ckpt["optimizer"])
     # the run flags were checked against the checkpoint; only --epochs may have grown
-    run.controller.load_state_dict(ckpt["absa"], strict=False)
+    _restore_field(args.resume, "optimizer", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]))
+    _restore_field(args.resume, "absa", lambda: run.controller.load_state_dict(ckpt["absa"], strict=False))
     if run.tracker is not None and ckpt.get("tracker"):
-        run.tracker.load_state_dict(ckpt["tracker"])
-    set_rng_state(ckpt["rng"])
+        _restore_field(args.resume, "tracker", lambda: run.tracker.load_state_dict(ckpt["tracker"]))
+    _restore_field(args.resume, "rng", lambda: set_rng_state(ckpt["rng"]))
     for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
         run.state[k] = ckpt.get(k, run.state[k])
+    _restore_field(args.resume, "history", lambda: [r["batch_size"] + r["large_ratio"] for r in ckpt["history"]])
     run.say(f"resuming {args.resume} after epoch {run.state['epoch']}")
     last = run.state["history"][-1] if run.state["history"] else None
     if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
@@ -475,15 +494,53 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
     }  # fmt: skip
 
 
+def _check_finite(run: _Run, record: dict) -> None:
+    """Refuse to save a broken model: parameters, buffers (BatchNorm statistics) and the epoch's losses
+    must be finite before a checkpoint replaces the previous one."""
+    bad = [k for k in ("train_loss", "test_loss") if record[k] is not None and not math.isfinite(record[k])]
+    bad += [n for n, t in (*run.model.named_parameters(), *run.model.named_buffers())
+            if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
+    if bad:
+        kept = f"the checkpoint of epoch {record['epoch'] - 1} is kept" if os.path.exists(run.args.save) else (
+            "no checkpoint was written")
+        raise NonFiniteError(
+            f"epoch {record['epoch']}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} not finite: the training "
+            f"diverged (lower --lr); {kept}"
+        )
+
+
+def _save(run: _Run) -> None:
+    """Write the checkpoint, then the epoch log from the checkpoint's own history (rank 0).
+
+    The log is rewritten whole, atomically, after the checkpoint: after any sequence of kills and
+    resumes it holds each epoch of the checkpoint once, in strict JSON (NaN/Inf as null).
+    """
+    args, state = run.args, run.state
+    ckpt = make_checkpoint(
+        run.model, dataset=args.name, epoch=state["epoch"], args=vars(args), optimizer=run.optimizer.state_dict(),
+        absa=run.controller.state_dict(), tracker=run.tracker.state_dict() if run.tracker is not None else None,
+        rng=rng_state(), **{k: state[k] for k in ("history", "updates", "best_test_acc", "elapsed")},
+    )  # fmt: skip
+    try:
+        save_checkpoint(ckpt, args.save)
+    except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
+        kept = "the previous checkpoint is kept" if os.path.exists(args.save) else "no checkpoint was written"
+        raise OSError(f"{exc} ({kept})") from exc
+    lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in state["history"])
+    atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log")
+
+
 def end_epoch(run: _Run, record: dict) -> None:
-    """Print and log the epoch, and save the checkpoint (rank 0)."""
+    """Print the epoch, check the model is finite, save the checkpoint and the log (rank 0)."""
     args, state = run.args, run.state
     grew = record.pop("grew")
+    _check_finite(run, record)
     best = state["best_test_acc"]
     state["best_test_acc"] = record["test_acc"] if best is None else max(best, record["test_acc"])
     state["history"].append(record)
     state["epoch"] = record["epoch"]
     state["elapsed"] += record["seconds"]
+    run.epochs_run += 1
     if run.ctx.is_main:
         run.say(
             f"epoch {record['epoch']:3d}/{args.epochs}  lr {record['lr']:.4g}  batch {record['batch_size']:5d}  "
@@ -492,17 +549,7 @@ def end_epoch(run: _Run, record: dict) -> None:
             f"eig {_fmt(record['eigenvalue'], '.4g')}  updates {state['updates']}  {record['seconds']:.1f}s"
             + (f"  -> batch {record['next_batch_size']} ({record['decision']})" if grew else "")
         )
-        with open(run.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        ckpt = make_checkpoint(
-            run.model, dataset=args.name, epoch=state["epoch"], args=vars(args), optimizer=run.optimizer.state_dict(),
-            absa=run.controller.state_dict(), tracker=run.tracker.state_dict() if run.tracker is not None else None,
-            rng=rng_state(), **{k: state[k] for k in ("history", "updates", "best_test_acc", "elapsed")},
-        )  # fmt: skip
-        try:
-            save_checkpoint(ckpt, args.save)
-        except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
-            raise OSError(f"{exc} (the checkpoint of epoch {record['epoch'] - 1} is kept)") from exc
+        _save(run)
     run.ctx.barrier()
 
 
@@ -521,6 +568,8 @@ def finish(run: _Run) -> dict:
         "eigenvalues": [r["eigenvalue"] for r in state["history"]],
     }
     if ctx.is_main:
+        if run.epochs_run == 0 and os.path.abspath(args.save) != os.path.abspath(args.resume or args.save):
+            _save(run)  # resumed with nothing left to train, to a new --save: write it there as promised
         write_json(os.path.join(run.out_dir, "metrics.json"), metrics)
         if run.tracker is not None and run.tracker.history:
             try:
