@@ -255,6 +255,7 @@ def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> i
 
 
 def _driver(out_dir: str, argv: list[str], rank: int) -> int:
+    from hessianflow.checkpoint import write_json
     from hessianflow.cli import common as _cli
     from hessianflow.cli import eig as drv
 
@@ -268,8 +269,7 @@ def _driver(out_dir: str, argv: list[str], rank: int) -> int:
 
     def main(args):
         result = drv.main(args)
-        with open(os.path.join(out_dir, f"driver_rank{rank}.json"), "w") as f:
-            json.dump(drv._plain(result), f)
+        write_json(os.path.join(out_dir, f"driver_rank{rank}.json"), result)
         return result
 
     return _cli.run(main, drv.parse_args, argv)
