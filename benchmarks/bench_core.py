@@ -234,8 +234,8 @@ def mlp_workload(seed: int = 0, steps: int = 300) -> Workload:
 
 def resnet_workload(batch: int = 64, seed: int = 0) -> Workload:
     """ResNet-20 in eval mode on one batch of the synthetic CIFAR-shaped set, float32."""
-    from hessianflow.models import get_model
     from hessianflow.data import fixed_batch, get_datasets
+    from hessianflow.models import get_model
 
     _, plain, _ = get_datasets("synthetic", augment=False, seed=seed, num_train=max(1024, batch), num_test=16)
     with torch.random.fork_rng():
@@ -832,6 +832,100 @@ def section_slq(w: Workload, repeats: int, peers: dict, steps: int = 90) -> dict
 # ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# start-vector study (--workload start): v0=None (random) vs v0="gradient" over models and stages
+# ------------------------------------------------------------------------------------------------
+def start_models(quick: bool = False):
+    """(name, model, x, y) in float64: the MLP at 3 stages, C1/C2 at init and after 20 SGD steps, ResNet-8/20.
+
+    float64 so that the errors measured are the solver's, not float32 rounding of the products.
+    """
+    from hessianflow.data import fixed_batch, get_datasets
+    from hessianflow.models import get_model
+
+    out = []
+    for steps in ((0, 300) if quick else (0, 30, 300)):
+        w = mlp_workload(steps=steps)
+        out.append((f"MLP, {steps} Adam steps", w.model, w.x, w.y))
+    _, plain, _ = get_datasets("synthetic", augment=False, seed=0, num_train=1024, num_test=16)
+    # 16x16 crops of batch 16: float64 products of the full C1 took 2-4 s each on the shared 2-core machine
+    x, y = fixed_batch(plain, 16, seed=0)
+    x = x[:, :, :16, :16].double()
+    archs = (("c1", None),) if quick else (("c1", None), ("c2", None), ("ResNet", 8), ("ResNet", 20))
+    for arch, depth in archs:
+        for sgd in ((0,) if arch == "ResNet" else (0, 20)):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = (get_model(arch, depth=depth) if depth else get_model(arch, input_size=16)).double()
+            model.train()
+            if sgd:
+                opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+                for i in range(sgd):
+                    xb, yb = fixed_batch(plain, 64, seed=100 + i)
+                    xb = xb[:, :, :16, :16]
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(model(xb.double()), yb).backward()
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                with torch.no_grad():  # BatchNorm running statistics, as resnet_workload
+                    for m in model.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.momentum = None
+                    for i in range(4):
+                        model(fixed_batch(plain, 128, seed=1000 + i)[0][:, :, :16, :16].double())
+            model.eval()
+            name = f"{arch}{depth or ''}, " + (f"{sgd} SGD steps" if sgd else "init")
+            out.append((name, model, x, y))
+    return out
+
+
+def start_study(seeds: int = 3, quick: bool = False) -> dict:
+    """Products and errors of ``lanczos(criterion="eigenvalue")`` from random and gradient starts."""
+    rows, raw = [], []
+    cases = ((1, 1e-4), (1, 1e-6), (5, 1e-4))
+    for name, model, x, y in start_models(quick):
+        # float64 convolutional networks cost 1-3 s a product here: two seeds, and no k=1 tol=1e-4 case
+        mine = cases if name.startswith("MLP") else cases[1:]
+        nseeds = seeds if name.startswith("MLP") else min(seeds, 2)
+        def op(model=model, x=x, y=y):
+            return HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
+
+        t0 = time.perf_counter()
+        H = op()
+        ref = quiet(lanczos, H, 5, tol=1e-8, criterion="residual", max_iter=600, seed=12345)
+        H.release()
+        refv = ref.eigenvalues.tolist()
+        info = {"model": name, "reference": refv, "ref_products": ref.num_matvecs}
+        for k, tol in mine:
+            for v0 in (None, "gradient"):
+                prods, errs = [], []
+                for s in range(nseeds):
+                    H = op()
+                    r = quiet(lanczos, H, k, tol=tol, criterion="eigenvalue", seed=s, v0=v0)
+                    H.release()
+                    prods.append(r.num_matvecs)
+                    errs.append(rel_err(r.eigenvalues.tolist(), refv[:k]))
+                key = f"k={k} tol={tol:.0e} {'gradient' if v0 else 'random'}"
+                info[key] = {"products": prods, "errors": errs}
+        raw.append(info)
+        row = [name, f"{refv[0]:.4g}, {refv[1]:.4g}"]
+        for k, tol in cases:
+            for v0 in ("random", "gradient"):
+                d = info.get(f"k={k} tol={tol:.0e} {v0}")
+                if d is None:
+                    row.append("-")
+                    continue
+                row.append(f"{median(d['products']):g} ({min(d['products'])}-{max(d['products'])}), "
+                           f"{max(d['errors']):.1e}")
+        rows.append(row)
+        print(f"- {name}: {time.perf_counter() - t0:.0f} s, load {load()}: {' | '.join(row)}", flush=True)
+    headers = ["model", "lambda_1, lambda_2"]
+    for k, tol in cases:
+        headers += [f"k={k} tol={tol:.0e} random", f"k={k} tol={tol:.0e} gradient"]
+    return {"table": table(headers, rows), "raw": raw}
+
+
 def targets_summary(name: str, res: dict) -> list:
     """Plain-language verdicts on the targets, from the measured numbers."""
     lines = []
@@ -982,7 +1076,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workload", choices=("mlp", "resnet", "all"), default="all", help="which model(s)")
+    p.add_argument(
+        "--workload",
+        choices=("mlp", "resnet", "all", "start"),
+        default="all",
+        help="which model(s); start: the start-vector study (lanczos from random vs gradient starts over "
+        "models and training stages, float64)",
+    )
     p.add_argument("--sections", type=str, default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row (median reported)")
     p.add_argument("--slq-repeats", type=int, default=None, help="repeats of the SLQ rows (default --repeats)")
@@ -1027,6 +1127,14 @@ def main(args) -> dict:
     print(f"- command: {' '.join(sys.argv)}")
     results = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "peers": {}}
     results["peers"] = {n: (_peers.version(n) if ok else None) for n, ok in peers.items()}
+    if args.workload == "start":
+        results["start"] = start_study(seeds=min(args.seeds, 5) if not args.quick else 1, quick=args.quick)
+        print("\n## Start vectors: lanczos(criterion='eigenvalue'), products median (range) and max rel. error\n")
+        print(results["start"]["table"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        return results
     names = ("mlp", "resnet") if args.workload == "all" else (args.workload,)
     for name in names:
         w = mlp_workload() if name == "mlp" else resnet_workload(batch=args.batch)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_positive
 from ._random import make_generator, rademacher
-from .eigen import _check_int, _lanczos_quadrature
+from .eigen import _lanczos_quadrature
 from .linop import as_operator
 
 __all__ = ["DensityResult", "spectral_density"]
@@ -85,15 +86,13 @@ class DensityResult:
         grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
         if sigma is None:
             sigma = self.default_sigma()
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+        sigma = check_positive("sigma", sigma)
         flat = grid.reshape(-1, 1, 1)  # [g, 1, 1] against [R, m]
         kernel = torch.exp(-0.5 * ((flat - self.nodes) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         return (kernel * self.weights).sum(dim=2).mean(dim=1).reshape(grid.shape)
 
     def _per_run_moments(self, p: int) -> torch.Tensor:
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"p must be a non-negative integer, got {p!r}")
+        p = check_int("p", p, minimum=0)
         return (self.weights * self.nodes**p).sum(dim=1)  # [R]
 
     def moments(self, p: int) -> float:
@@ -151,8 +150,8 @@ def spectral_density(A, num_runs: int = 10, num_steps: int = 90, seed=None, prog
         ValueError: for ``num_runs < 1`` or ``num_steps < 1``.
     """
     op = as_operator(A)
-    num_runs = _check_int("num_runs", num_runs, 1)
-    num_steps = _check_int("num_steps", num_steps, 1)
+    num_runs = check_int("num_runs", num_runs, minimum=1)
+    num_steps = check_int("num_steps", num_steps, minimum=1)
     gen = make_generator(seed)
     start = op.num_matvecs
     m = min(num_steps, op.size)

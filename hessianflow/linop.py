@@ -31,11 +31,16 @@ class LinearOperator:
         device: the device of those vectors.
         num_matvecs: the number of matrix-vector products computed so far (a ``matmat`` with ``k``
             columns counts ``k``).
+        deterministic: whether two products with the same vector give the same result. ``False`` for a
+            curvature operator in train mode with dropout, or with BatchNorm batch statistics over a
+            shuffled loader: it is not a fixed matrix, and the eigensolvers then never report
+            convergence.
     """
 
     size: int
     dtype: torch.dtype
     device: torch.device
+    deterministic: bool = True
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.size = int(size)
@@ -97,6 +102,7 @@ class DenseOperator(LinearOperator):
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
             raise ValueError(f"expected a square matrix, got shape {shape}")
+        _refuse_complex(matrix.dtype)
         if not matrix.is_floating_point():
             matrix = matrix.to(torch.get_default_dtype())
         if check_symmetric and matrix.numel():
@@ -121,6 +127,7 @@ class DenseOperator(LinearOperator):
 def as_operator(A) -> LinearOperator:
     """Return ``A`` as a :class:`LinearOperator` (a dense tensor is wrapped, an operator passes)."""
     if isinstance(A, LinearOperator):
+        _refuse_complex(A.dtype)
         return A
     if isinstance(A, torch.Tensor):
         return DenseOperator(A)
@@ -134,6 +141,17 @@ def check_vector(v, size: int, dtype: torch.dtype, device: torch.device) -> torc
     if v.dim() != 1 or v.shape[0] != size:
         raise ValueError(f"expected a flat vector of length {size}, got shape {tuple(v.shape)}")
     return v.to(device=device, dtype=dtype)
+
+
+def _refuse_complex(dtype: torch.dtype) -> None:
+    # Casting a complex matrix to a real dtype drops the imaginary part: [[1, 1j], [-1j, 1]] (eigenvalues
+    # 0 and 2) would be solved as the identity. The algorithms are for real symmetric operators.
+    if dtype.is_complex:
+        raise ValueError(
+            f"complex operators are not supported (got {dtype}): the algorithms are for real symmetric "
+            "matrices; a Hermitian H = A + iB has the eigenvalues of the real symmetric [[A, -B], [B, A]], "
+            "each twice"
+        )
 
 
 def _check_finite(out: torch.Tensor, what: str) -> None:

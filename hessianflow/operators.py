@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -67,6 +68,36 @@ def _affine_forward(m: nn.Module):
         return inp * scale.view(shape) + shift.view(shape)
 
     return forward
+
+
+def _randomness(model: nn.Module, train_mode: bool, dataloader, reuse_graph: bool) -> tuple[str | None, bool]:
+    """Why two products with the same vector may differ: ``(reason or None, deterministic)``.
+
+    In train mode a dropout module draws a new mask at every forward: the operator is a random matrix
+    (two products of a C1-like network with the same vector differed by 24%). With the first-order graph
+    reused (one batch) the mask is drawn once, so the products are of one fixed matrix, the Hessian for
+    that mask, but a different one each time the graph is rebuilt. BatchNorm in train mode normalises by
+    the batch statistics, so over a shuffled loader the batches, and the matrix, change from pass to pass
+    (0.85% measured).
+    """
+    if not train_mode:
+        return None, True
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if drops and not reuse_graph:
+        return f"{len(drops)} dropout module(s) draw a new mask at every product", False
+    if _batch_norms(model) and dataloader is not None and _shuffled(dataloader):
+        return "BatchNorm uses the batch statistics of a shuffled loader, whose batches change every pass", False
+    if drops:
+        return f"{len(drops)} dropout module(s): the products are of the Hessian for one random mask", True
+    return None, True
+
+
+def _shuffled(loader) -> bool:
+    """Whether a ``DataLoader`` draws its samples in a new random order on every pass."""
+    from torch.utils.data import RandomSampler
+
+    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    return any(isinstance(smp, RandomSampler) for smp in samplers)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -332,6 +363,14 @@ class CurvatureOperator(LinearOperator):
         self._batched_ok = (self.device.type == "cuda") if batched_matmat is None else bool(batched_matmat)
         self.allow_tf32 = bool(allow_tf32)
         self._nhwc = True  # see _forward
+        why, self.deterministic = _randomness(self.model, self.train_mode, self.dataloader, self.reuse_graph)
+        if why is not None:
+            warnings.warn(
+                f"{type(self).__name__}(train_mode=True): {why}"
+                + ("" if self.deterministic else "; not a fixed matrix, so no eigensolver will report convergence"),
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.num_samples = None if self.data is None else self.spec.weight(self.data)
 
     # -- model state ---------------------------------------------------------------------------
@@ -404,7 +443,11 @@ class CurvatureOperator(LinearOperator):
 
         oneDNN's CPU convolutions work in NHWC: fed NCHW, they reorder every activation and gradient.
         Measured on this project's CPU machine (ResNet-20, batch 64, 1 thread): the reused-graph product
-        took 0.435 s instead of 0.479 s. The values are the same tensors up to rounding. A model that
+        took 0.435 s instead of 0.479 s. The values are the same up to rounding, but rounding decides on
+        which side of a ReLU or max-pool kink a float32 activation falls, so against float64 either layout
+        can be the more accurate one (product errors, one batch of 64: ResNet-20 1.4e-6 NCHW, 4.9e-5 NHWC;
+        C1 8.5e-4 NCHW, 8.7e-7 NHWC; plain PyTorch without any of these paths 5.2e-5 and 8.9e-7;
+        benchmarks/README.md, "Float32 honesty"). A model that
         cannot take it (e.g. ``x.view(n, -1)`` on a non-contiguous activation raises) is run in NCHW
         from then on.
         """

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_positive
 from ._random import make_generator, rademacher, randn
-from .eigen import _check_int, _check_positive
 from .linop import LinearOperator, as_operator
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
@@ -142,11 +142,11 @@ def hutchinson_trace(
             ``batch_size < 1``.
     """
     op = as_operator(A)
-    num_matvecs = _check_int("num_matvecs", num_matvecs, 2)
-    min_samples = _check_int("min_samples", min_samples, 2)
+    num_matvecs = check_int("num_matvecs", num_matvecs, minimum=2)
+    min_samples = check_int("min_samples", min_samples, minimum=2)
     if rtol is not None:
-        rtol = _check_positive("rtol", rtol)
-    batch_size = min(num_matvecs, 10) if batch_size is None else _check_int("batch_size", batch_size, 1)
+        rtol = check_positive("rtol", rtol)
+    batch_size = min(num_matvecs, 10) if batch_size is None else check_int("batch_size", batch_size, minimum=1)
     gen = make_generator(seed)
     start = op.num_matvecs
     samples = torch.zeros(0, dtype=torch.float64)
@@ -196,7 +196,7 @@ def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
         ValueError: for ``num_matvecs < 4``.
     """
     op = as_operator(A)
-    m = _check_int("num_matvecs", num_matvecs, 4)
+    m = check_int("num_matvecs", num_matvecs, minimum=4)
     gen = make_generator(seed)
     start, n = op.num_matvecs, op.size
     k = m // 3
@@ -369,7 +369,7 @@ def xtrace(A, num_matvecs: int = 100, seed=None):
         ValueError: for ``num_matvecs < 4``.
     """
     op = as_operator(A)
-    m = _check_int("num_matvecs", num_matvecs, 4)
+    m = check_int("num_matvecs", num_matvecs, minimum=4)
     gen = make_generator(seed)
     start, n = op.num_matvecs, op.size
     s = m // 2
@@ -437,7 +437,7 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
     if method == "xtrace":
         return xtrace(A, num_matvecs=num_matvecs, seed=seed)
     op = as_operator(A)
-    m = _check_int("num_matvecs", num_matvecs, 4)
+    m = check_int("num_matvecs", num_matvecs, minimum=4)
     gen = make_generator(seed)
     start, n = op.num_matvecs, op.size
     s = m // 2

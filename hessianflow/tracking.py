@@ -32,6 +32,7 @@ import os
 import tempfile
 import time
 
+from ._checks import check_int, check_positive, is_int
 from .batches import LossSpec
 from .eigen import EigenResult, lanczos, power_iteration
 from .linop import NonFiniteError
@@ -73,18 +74,6 @@ def _check_method(method: str) -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     return method
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (0 < float(tol) < math.inf):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    return float(tol)
 
 
 def top_eigenvalue(
@@ -129,8 +118,9 @@ def top_eigenvalue(
         max_iter: for power iteration the products per eigenpair, for Lanczos the total number of
             products. Default 100: PyHessian's ``maxIter`` (HessianFlow's ``get_eigen`` used 50).
         tol: for power iteration the relative change of the eigenvalue between iterations; for Lanczos
-            the relative residual (which bounds the eigenvalue error by about ``tol**2``, so the same
-            number is far more accurate there). Default ``1e-3``: PyHessian's and HessianFlow's.
+            a bound on each eigenvalue's relative error (its default ``criterion="eigenvalue"``, issue 13;
+            before 0.3 it bounded the residual, i.e. the eigenvalues to about ``tol**2``). Default
+            ``1e-3``: PyHessian's and HessianFlow's, which is what their users mean by it.
         seed: the seed of the start vector(s) (an int, a ``torch.Generator`` or ``None``); the default 0
             makes repeated calls reproducible.
         num_batches: use only the first ``num_batches`` batches of ``dataloader``.
@@ -149,9 +139,9 @@ def top_eigenvalue(
         ValueError: bad arguments.
     """
     method = _check_method(method)
-    k = _check_int("k", k, 1)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    tol = _check_tol(tol)
+    k = check_int("k", k, minimum=1)
+    max_iter = check_int("max_iter", max_iter, minimum=1)
+    tol = check_positive("tol", tol)
     op = HessianOperator(
         model,
         criterion,
@@ -360,19 +350,19 @@ class EigenTracker:
         if criterion is not None and not callable(criterion):
             raise ValueError("criterion must be callable as criterion(outputs, targets)")
         LossSpec(criterion, loss_fn, reduction, batch_weight)  # the checks of the forms, now
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None (it is saved in state_dict), got {seed!r}")
         self.criterion = criterion
         self.loss_kwargs = {"loss_fn": loss_fn, "reduction": reduction, "batch_weight": batch_weight}
         self.data = data
         self.dataloader = dataloader
-        self.num_batches = None if num_batches is None else _check_int("num_batches", num_batches, 1)
-        self.top_k = _check_int("top_k", top_k, 1)
+        self.num_batches = None if num_batches is None else check_int("num_batches", num_batches, minimum=1)
+        self.top_k = check_int("top_k", top_k, minimum=1)
         self.method = _check_method(method)
-        self.max_iter = _check_int("max_iter", max_iter, 1)
-        self.tol = _check_tol(tol)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1)
+        self.tol = check_positive("tol", tol)
         self.trace = bool(trace)
-        self.trace_matvecs = _check_int("trace_matvecs", trace_matvecs, 1)
+        self.trace_matvecs = check_int("trace_matvecs", trace_matvecs, minimum=1)
         if trace_method not in _TRACE_METHODS:
             raise ValueError(f"trace_method must be one of {_TRACE_METHODS}, got {trace_method!r}")
         self.trace_method = trace_method

@@ -50,7 +50,7 @@ def test_lanczos_top5_and_bottom3_match_eigvalsh(name, which, k, n):
     lam = spectrum(name, n)
     A = sym_matrix(lam, seed=n)
     scale = float(lam.abs().max())
-    res = lanczos(A, k=k, which=which, seed=0, max_iter=400)
+    res = lanczos(A, k=k, which=which, seed=0, max_iter=400, criterion="residual")
     ref = eig_order(lam, which)[:k]
     assert res.all_converged, res.converged
     # 1e-8 relative with tol=1e-6: the eigenvalue error is ~ residual^2 / gap, far below the residual
@@ -67,7 +67,7 @@ def test_lanczos_clustered_end_error_within_residual():
     # (theta_i >= lambda_i for SA), and the values are within about tol * max|lambda| of the bottom.
     lam = spectrum("geometric", 300)
     A = sym_matrix(lam, seed=1)
-    res = lanczos(A, k=3, which="SA", seed=0, max_iter=400)
+    res = lanczos(A, k=3, which="SA", seed=0, max_iter=400, criterion="residual")
     assert res.all_converged
     assert bool((res.residuals <= 1e-6 * 10).all())
     dist = (res.eigenvalues[:, None] - lam[None, :]).abs().min(dim=1).values
@@ -80,7 +80,7 @@ def test_lanczos_clustered_end_error_within_residual():
 def test_lanczos_largest_magnitude_on_indefinite():
     lam = spectrum("indefinite", 120)
     A = sym_matrix(lam, seed=3)
-    res = lanczos(A, k=4, which="LM", seed=1)
+    res = lanczos(A, k=4, which="LM", seed=1, criterion="residual")
     assert res.eigenvalues.tolist() == pytest.approx([25.0, -20.0, 15.0, -12.0], abs=1e-8)
     assert res.all_converged
     assert_pairs(A, res)
@@ -90,7 +90,7 @@ def test_lanczos_residual_rule_gives_eigenvalues_far_below_tol():
     # tol=1e-3 on the residual still gives eigenvalues to ~ residual^2/gap ~ 1e-6 * scale^2 / gap
     lam = spectrum("outliers", 200)
     A = sym_matrix(lam, seed=1)
-    res = lanczos(A, k=1, tol=1e-3, seed=0)
+    res = lanczos(A, k=1, tol=1e-3, seed=0, criterion="residual")
     assert res.converged.item()
     assert res.residuals.item() <= 1e-3 * 20.0
     gap = 20.0 - 16.0
@@ -101,7 +101,7 @@ def test_lanczos_eigenvectors_match_dense_ones():
     lam = spectrum("outliers", 80)
     Q = torch.linalg.eigh(sym_matrix(lam, seed=4)).eigenvectors
     A = sym_matrix(lam, seed=4)
-    res = lanczos(A, k=3, seed=2)
+    res = lanczos(A, k=3, seed=2, criterion="residual")  # eigenvectors: the residual rule certifies them
     ref = torch.linalg.eigh(A).eigenvectors[:, -3:].flip(1)  # top 3, descending
     # |cos| of the angle to the exact eigenvector: sin(angle) <= residual / gap (Davis-Kahan)
     cos = (ref * res.eigenvectors).sum(dim=0).abs()
@@ -247,7 +247,7 @@ def test_lanczos_seed_reproduces():
 def test_lanczos_counts_products_of_an_operator():
     lam = spectrum("indefinite", 150)
     op = CountingOperator(sym_matrix(lam, seed=1))
-    res = lanczos(op, k=4, which="LM", seed=0)
+    res = lanczos(op, k=4, which="LM", seed=0, criterion="residual")
     assert res.num_matvecs == op.products == op.num_matvecs
     assert res.iterations == res.num_matvecs
     assert res.eigenvalues.tolist() == pytest.approx([25.0, -20.0, 15.0, -12.0], abs=1e-8)
@@ -337,8 +337,8 @@ def test_lanczos_on_small_mlp_hessian():
     H = torch.stack(rows).detach()
     H = 0.5 * (H + H.T)
     lam = torch.linalg.eigvalsh(H).flip(0)
-    top1 = lanczos(H, k=1, seed=0)
-    top5 = lanczos(H, k=5, seed=0)
+    top1 = lanczos(H, k=1, seed=0, criterion="residual")
+    top5 = lanczos(H, k=5, seed=0, criterion="residual")
     assert top1.all_converged and top5.all_converged
     assert abs(top1.eigenvalues.item() - lam[0].item()) <= 1e-10 * lam[0].item()
     assert torch.allclose(top5.eigenvalues, lam[:5], rtol=1e-10, atol=0)
@@ -423,7 +423,7 @@ def test_lanczos_beats_power_iteration():
     lam = spectrum("geometric", 200)
     A = sym_matrix(lam, seed=0)
     pi = power_iteration(A, k=1, tol=1e-10, max_iter=1000, seed=0)
-    lz = lanczos(A, k=1, tol=1e-6, seed=0)
+    lz = lanczos(A, k=1, tol=1e-6, seed=0, criterion="residual")
     assert abs(lz.eigenvalues.item() - 10) < 1e-10 and abs(pi.eigenvalues.item() - 10) < 1e-8
     assert lz.num_matvecs * 3 < pi.num_matvecs
     assert math.isfinite(lz.residuals.item())
@@ -463,7 +463,8 @@ def test_start_vector_v0():
     assert abs(float(r.eigenvalues[0]) - 9.0) < 1e-10
     # a warm start near the answer converges in fewer products than a random one
     near = Q[:, 0] + 1e-3 * torch.randn(60, dtype=DT, generator=torch.Generator().manual_seed(1))
-    warm, cold = lanczos(A, k=1, tol=1e-8, v0=near, seed=0), lanczos(A, k=1, tol=1e-8, seed=0)
+    warm = lanczos(A, k=1, tol=1e-8, v0=near, seed=0, criterion="residual")
+    cold = lanczos(A, k=1, tol=1e-8, seed=0, criterion="residual")
     assert warm.num_matvecs < cold.num_matvecs and abs(float(warm.eigenvalues[0]) - 10.0) < 1e-10
     for bad in ("gradient", "random", torch.zeros(60, dtype=DT), torch.ones(59, dtype=DT), [1.0] * 60):
         with pytest.raises(ValueError, match="v0"):
@@ -542,7 +543,7 @@ def test_eigenvalue_criterion_saves_products_on_a_separated_top():
     lam = torch.cat([torch.tensor([10.0], dtype=DT), torch.linspace(0, 5, 199, dtype=DT)])
     A = sym_matrix(lam, seed=1)
     eig = lanczos(A, k=1, tol=1e-6, seed=0, criterion="eigenvalue")
-    res = lanczos(A, k=1, tol=1e-6, seed=0)
+    res = lanczos(A, k=1, tol=1e-6, seed=0, criterion="residual")
     assert eig.num_matvecs < res.num_matvecs and abs(float(eig.eigenvalues[0]) - 10.0) <= 1e-5
     assert float(eig.residuals[0]) > 1e-6 * 10.0  # it stopped on the eigenvalue bound, not the residual
     with pytest.raises(ValueError, match="criterion"):
@@ -553,16 +554,16 @@ def test_check_multiplicity_off_is_cheaper_and_misses_copies_as_documented():
     # simple spectrum: the same values, fewer products
     lam = torch.cat([torch.tensor([9.0, 7.0, 6.0], dtype=DT), torch.linspace(0, 4, 97, dtype=DT)])
     A = sym_matrix(lam, seed=2)
-    on = lanczos(A, k=3, tol=1e-8, seed=0)
-    off = lanczos(A, k=3, tol=1e-8, seed=0, check_multiplicity=False)
+    on = lanczos(A, k=3, tol=1e-8, seed=0, criterion="residual")
+    off = lanczos(A, k=3, tol=1e-8, seed=0, check_multiplicity=False, criterion="residual")
     torch.testing.assert_close(off.eigenvalues, torch.tensor([9.0, 7.0, 6.0], dtype=DT), rtol=1e-12, atol=0)
     assert off.all_converged and off.num_matvecs < on.num_matvecs
     # a double eigenvalue: without the check the next value takes the copy's place, "converged"
     # (what the option's docstring warns of); with it, the right values
     lam = torch.cat([torch.tensor([5.0, 5.0, 4.0], dtype=DT), torch.linspace(0, 3, 97, dtype=DT)])
     A = sym_matrix(lam, seed=3)
-    off = lanczos(A, k=2, tol=1e-8, seed=0, check_multiplicity=False)
-    on = lanczos(A, k=2, tol=1e-8, seed=0)
+    off = lanczos(A, k=2, tol=1e-8, seed=0, check_multiplicity=False, criterion="residual")
+    on = lanczos(A, k=2, tol=1e-8, seed=0, criterion="residual")
     torch.testing.assert_close(on.eigenvalues, torch.tensor([5.0, 5.0], dtype=DT), rtol=1e-10, atol=0)
     torch.testing.assert_close(off.eigenvalues, torch.tensor([5.0, 4.0], dtype=DT), rtol=1e-10, atol=0)
     assert off.all_converged
