@@ -45,8 +45,8 @@ CONFIGS = {
     # the test of this script's plumbing
     "tiny": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 16, "batch": 2, "tokens": 16},
 }  # fmt: skip
-ROWS = ("gradient", "hf hessian (reused)", "hf hessian (fresh)", "hf ggn", "he hessian", "he hessian +math",
-        "he ggn", "he ggn +math")  # fmt: skip
+ROWS = ("gradient", "hf hessian (reused)", "hf hessian (fresh)", "hf hessian (fwd-over-rev)",
+        "hf hessian (finite diff)", "hf ggn", "he hessian", "he hessian +math", "he ggn", "he ggn +math")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +95,12 @@ def _calls(row: str, model, batch):
     if row == "gradient":
         return None, lambda: torch.autograd.grad(causal_lm_loss(model, batch), params)
     if row.startswith("hf "):
-        kind = {"hf hessian (reused)": "reused", "hf hessian (fresh)": "fresh", "hf ggn": "ggn"}[row]
+        kind = {"hf hessian (reused)": "reused", "hf hessian (fresh)": "fresh", "hf ggn": "ggn",
+                "hf hessian (fwd-over-rev)": "forward_over_reverse",
+                "hf hessian (finite diff)": "finite_difference"}[row]  # fmt: skip
         Op = hf.GGNOperator if kind == "ggn" else hf.HessianOperator
-        op = Op(model, loss_fn=causal_lm_loss, data=batch, reuse_graph=kind != "fresh")
+        backend = kind if kind in ("forward_over_reverse", "finite_difference") else "double_backprop"
+        op = Op(model, loss_fn=causal_lm_loss, data=batch, reuse_graph=kind == "reused", backend=backend)
         return None, lambda: op @ v
     import hessian_eigenthings as he
     from hessian_eigenthings.loss_fns.huggingface import hf_lm_forward, hf_lm_loss, hf_lm_loss_of_output
