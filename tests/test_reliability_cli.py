@@ -328,3 +328,19 @@ def test_driver_interrupt_message_claims_no_checkpoint(good, capsys, monkeypatch
     code = drv.cli(["--resume", str(good / "c.pkl"), "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 130 and "nothing written" in err and "checkpoint" not in err
+
+
+@pytest.mark.slow
+def test_a_diverging_run_under_torchrun_keeps_the_last_finite_checkpoint(tmp_path):
+    try:
+        from test_distributed import torchrun
+    except ImportError:  # run from another rootdir
+        from tests.test_distributed import torchrun
+
+    argv = [*T, "--epochs", "6", "--large-ratio", "4", "--duration", "1", "--lr", "1", "--out-dir", str(tmp_path),
+            "--save", str(tmp_path / "c.pkl")]  # fmt: skip
+    proc, _ = torchrun(*argv, script=os.path.join(ROOT, "train.py"), timeout=400)
+    assert proc.returncode != 0 and "not finite" in proc.stderr  # torchrun reports the failing rank(s)
+    ckpt = load_checkpoint(tmp_path / "c.pkl")
+    assert finite(ckpt["state_dict"]) and ckpt["epoch"] >= 1
+    assert log_epochs(tmp_path / "train_log.jsonl") == list(range(1, ckpt["epoch"] + 1))
