@@ -415,6 +415,7 @@ def restore(run: _Run, loaded) -> None:
     _restore_field(args.resume, "rng", lambda: set_rng_state(ckpt["rng"]))
     for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
         run.state[k] = ckpt.get(k, run.state[k])
+    # the records the resumed run reads back (the effective batch of the last epoch)
     _restore_field(args.resume, "history", lambda: [r["batch_size"] + r["large_ratio"] for r in ckpt["history"]])
     run.say(f"resuming {args.resume} after epoch {run.state['epoch']}")
     last = run.state["history"][-1] if run.state["history"] else None
