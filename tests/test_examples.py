@@ -40,7 +40,7 @@ def test_quickstart_runs_and_its_numbers_are_right(tmp_path):
     assert len(top) == 3 and top[0] >= top[1] >= top[2] > 0
     assert "converged: True" in text
     err = float(re.search(r"max \|lanczos - eigvalsh\| = (\S+);", text).group(1))
-    assert err < 1e-8
+    assert err < 1e-10 * top[0]  # what tol=1e-10 promises each eigenvalue
 
     # the trace estimate is within 4 standard errors of the exact trace, and the per-layer traces
     # (exact diagonal blocks) add up to the exact trace

@@ -18,7 +18,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def _args(tmp_path, *extra):
     return ts.build_parser().parse_args(
         ["--layers", "1", "--embd", "4", "--heads", "2", "--vocab", "256", "--seq-len", "8", "--batch-size", "2",
-         "--dtype", "float64", "--exact-threshold", "300", "--tol", "1e-6", "--trace-matvecs", "40",
+         "--dtype", "float64", "--exact-threshold", "300", "--tol", "1e-10", "--trace-matvecs", "40",
          "--density-steps", "20", "--out", str(tmp_path), *extra]
     )  # fmt: skip
 
