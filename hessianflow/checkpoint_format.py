@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -64,6 +64,7 @@ RUN_FLAGS = (
 # training state (needed to resume). "depth" may be None for c1/c2.
 _MODEL_FIELDS = {"arch": str, "num_classes": int, "in_channels": int, "dataset": str, "epoch": int}
 _RUN_FIELDS = {"args": Mapping, "optimizer": Mapping, "absa": Mapping, "rng": Mapping, "history": list}
+_RECORD_INTS = ("batch_size", "large_ratio")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping
     return {
         "format": FORMAT,
         "state_dict": extract_state_dict({"state_dict": inner.state_dict()}),
-        **{k: v for k, v in asdict(spec).items()},
+        **asdict(spec),
         "dataset": dataset,
         "args": {k: v for k, v in (args or {}).items() if isinstance(v, plain)},
         "versions": versions(),
@@ -175,6 +176,10 @@ def read_checkpoint(path, purpose: str = "analyse"):
     _check_fields(ckpt, _MODEL_FIELDS, path)
     if purpose == "resume":
         _check_fields(ckpt, _RUN_FIELDS, path)
+        # the records a resumed run reads back (the effective batch of the last epoch)
+        for record in ckpt["history"]:
+            if not (isinstance(record, Mapping) and all(isinstance(record.get(k), int) for k in _RECORD_INTS)):
+                raise _field_error(path, "history", f"holds a record without integer {' and '.join(_RECORD_INTS)}")
     try:
         arch = canonical_arch(ckpt["arch"])
     except ValueError as exc:
@@ -348,7 +353,7 @@ def load_model(path, spec: ModelSpec | None = None, *, arch=None, depth=None, lo
             depth = found or 20
             if found and log is not None:
                 log(f"note: --depth not given; ResNet-{depth} read off the state_dict")
-        spec = ModelSpec(**{**asdict(spec), "depth": (depth or spec.depth) if spec.arch == "ResNet" else None})
+        spec = replace(spec, depth=(depth or spec.depth) if spec.arch == "ResNet" else None)
         hint = "check --arch, --depth and --name"
     model = spec.build()
     desc = f"a {spec.describe()} with {spec.num_classes} classes"

@@ -172,8 +172,9 @@ DAMAGE = {
     "num_classes -1": (lambda c: c.update(num_classes=-1), "'num_classes' is out of range: -1"),
     "optimizer garbage": (lambda c: c.update(optimizer={"state": 3}), "'optimizer' is damaged"),
     "rng garbage": (lambda c: c.update(rng={"torch": 1}), "'rng' is damaged"),
+    "history garbage": (lambda c: c.update(history=[{"x": 1}]), "'history' holds a record without integer"),
 }
-ANALYSABLE = {"no optimizer", "no rng", "no absa", "no history", "optimizer garbage", "rng garbage"}
+ANALYSABLE = {"no optimizer", "no rng", "no absa", "no history", "optimizer garbage", "rng garbage", "history garbage"}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

@@ -415,8 +415,6 @@ def restore(run: _Run, loaded) -> None:
     _restore_field(args.resume, "rng", lambda: set_rng_state(ckpt["rng"]))
     for k in ("epoch", "history", "updates", "best_test_acc", "elapsed"):
         run.state[k] = ckpt.get(k, run.state[k])
-    # the records the resumed run reads back (the effective batch of the last epoch)
-    _restore_field(args.resume, "history", lambda: [r["batch_size"] + r["large_ratio"] for r in ckpt["history"]])
     run.say(f"resuming {args.resume} after epoch {run.state['epoch']}")
     last = run.state["history"][-1] if run.state["history"] else None
     if last and last["batch_size"] != args.batch_size * last["large_ratio"] * ctx.world_size:
@@ -502,12 +500,18 @@ def _check_finite(run: _Run, record: dict) -> None:
     bad += [n for n, t in (*run.model.named_parameters(), *run.model.named_buffers())
             if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
     if bad:
-        kept = f"the checkpoint of epoch {record['epoch'] - 1} is kept" if os.path.exists(run.args.save) else (
-            "no checkpoint was written")
         raise NonFiniteError(
             f"epoch {record['epoch']}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} not finite: the training "
-            f"diverged (lower --lr); {kept}"
+            f"diverged (lower --lr); {_kept(run.args.save, run.state['epoch'])}"
         )
+
+
+def _kept(path, epoch=None) -> str:
+    """What a failed epoch or checkpoint write leaves at ``path``: only a checkpoint that exists is claimed
+    (``epoch``: the last one saved there, when known)."""
+    if not os.path.exists(path):
+        return "no checkpoint was written"
+    return "the previous checkpoint is kept" if epoch is None else f"the checkpoint of epoch {epoch} is kept"
 
 
 def _save(run: _Run) -> None:
@@ -525,8 +529,7 @@ def _save(run: _Run) -> None:
     try:
         save_checkpoint(ckpt, args.save)
     except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
-        kept = "the previous checkpoint is kept" if os.path.exists(args.save) else "no checkpoint was written"
-        raise OSError(f"{exc} ({kept})") from exc
+        raise OSError(f"{exc} ({_kept(args.save)})") from exc
     lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in state["history"])
     atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log")
 
