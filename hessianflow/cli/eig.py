@@ -483,15 +483,17 @@ class _Run:
         self.log(f"WARNING: {text}")
         self.warnings.append(text)
 
-    def figure(self, what: str, plot, *plot_args, **plot_kwargs) -> str | None:
-        """Draw one figure (rank 0; the others get the path it writes), or None without matplotlib."""
+    def figure(self, what: str, plot, *plot_args, key: str | None = None, **plot_kwargs) -> str | None:
+        """Draw one figure (rank 0; the others get the path it writes), or None without matplotlib.
+
+        ``what`` ends the file name; ``key`` (default ``what``) names it in the result's ``figures``."""
         if not self.can_plot:
             return None
         stem = os.path.splitext(os.path.basename(self.args.resume))[0]
         tag = f"{self.args.operator}_{self.args.eigen_type}-{self.args.data}"
         path = os.path.join(self.out_dir, f"{stem}_{tag}_{what}.png")
         path = plot(*plot_args, path=path, **plot_kwargs) if self.ctx.is_main else path
-        self.figures[what] = path
+        self.figures[key or what] = path
         return path
 
 
@@ -754,17 +756,15 @@ def landscape(run: _Run, model, criterion, source, eig) -> dict:
         run.warn("the loss is not finite at some points of the landscape; lower --landscape-radius")
     elif dims == 1:
         path = run.figure(
-            "landscape1d", plot_landscape_1d, alphas, losses, title=run.title,
+            "landscape1d", plot_landscape_1d, alphas, losses, key="landscape", title=run.title,
             subtitle=f"{run.subtitle}; v₁ with λ₁ = {_num(lam[0])}",
             xlabel=f"step α along the {which} eigenvector v₁ (θ + α·v₁, ‖v₁‖ = 1)",
         )  # fmt: skip
     else:
         path = run.figure(
-            "landscape2d", plot_landscape_2d, alphas, betas, losses, title=run.title,
+            "landscape2d", plot_landscape_2d, alphas, betas, losses, key="landscape", title=run.title,
             subtitle=f"{run.subtitle}; {which} eigenvalues λ₁ = {_num(lam[0])}, λ₂ = {_num(lam[1])}",
         )  # fmt: skip
-    if path is not None:
-        run.figures["landscape"] = run.figures.pop("landscape1d" if dims == 1 else "landscape2d")
     run.log()
     run.log(
         f"landscape   {dims}-D, {m}{'x' + str(m) if dims == 2 else ''} points in [-{_num(r)}, {_num(r)}] along the "
