@@ -26,7 +26,9 @@ from .linop import LinearOperator, as_operator
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
 
-_METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
+#: The values ``trace(method=...)`` accepts (public: :mod:`hessianflow.tracking` checks against it).
+METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
+_METHODS = METHODS  # old private name, kept until nothing imports it
 
 
 @dataclass
@@ -428,8 +430,8 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
     Raises:
         ValueError: for an unknown ``method`` or ``num_matvecs`` below the chosen method's minimum.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hutchinson":
         return hutchinson_trace(A, num_matvecs=num_matvecs, seed=seed)
     if method == "hutch++":
@@ -448,7 +450,7 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
     # [s, n] transposed: the same vectors hutchinson_trace draws first for this seed.
     Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T
     Y = _products(op, Om)
-    rho = _captured_fraction(Y)
+    rho = _uncaptured_fraction(Y)
     if rho < 0.5:
         ests, se = _xtrace_from_sketch(op, Om, Y, improved=False)
         return TraceResult(float(ests.mean()), se, op.num_matvecs - start, "auto(xtrace)", ests.tolist())
@@ -459,8 +461,10 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
     return TraceResult(mean, se, op.num_matvecs - start, "auto(hutchinson)", samples.tolist())
 
 
-def _captured_fraction(Y: torch.Tensor) -> float:
-    """:math:`\\sum_i \\|(I - P_{(i)}) y_i\\|^2 / \\sum_i \\|y_i\\|^2` for the columns ``y_i`` of ``Y``.
+def _uncaptured_fraction(Y: torch.Tensor) -> float:
+    """The share of the sketch ``Y`` that each column's other columns leave uncaptured.
+
+    :math:`\\sum_i \\|(I - P_{(i)}) y_i\\|^2 / \\sum_i \\|y_i\\|^2` for the columns ``y_i`` of ``Y``.
 
     With ``Y = QR``, the part of ``y_i`` outside the span of the other columns has norm
     ``1 / ||row i of R^{-1}||``.
@@ -476,3 +480,7 @@ def _captured_fraction(Y: torch.Tensor) -> float:
     Rinv = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True)
     outside = 1.0 / (Rinv * Rinv).sum(dim=1)
     return float(outside.sum()) / total
+
+
+# Old name (it returned the *un*captured share); benchmarks/bench_core.py still imports it.
+_captured_fraction = _uncaptured_fraction
