@@ -8,7 +8,8 @@ Usage::
 Workload: CIFAR ResNet-8 (``models.get_model("ResNet", depth=8)``, float32, eval mode) and the mean
 cross-entropy over ``--samples`` random 3x32x32 images in batches of 128; the product is
 ``HessianOperator(model, loss, dataloader=...) @ v``, i.e. a forward and a double backward per batch.
-Each configuration is a fresh ``torchrun`` launch of ``tests/dist_worker.py bench``:
+Each configuration is a fresh ``torchrun`` launch of this file's worker mode
+(``bench_distributed.py --worker OUT_DIR SAMPLES REPEATS``, one JSON file per rank):
 
 * ``1 proc x 1 thread`` and ``1 proc x T threads`` (T = the CPU count): one process over all samples;
 * ``2 procs x 1 thread``: each rank takes its contiguous half (``hessianflow.distributed.shard``) and one
@@ -30,9 +31,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+WORKER = os.path.abspath(__file__)
 
 
 def _free_port() -> int:
@@ -57,7 +59,7 @@ def launch(nproc: int, threads: int, samples: int, repeats: int, timeout: float)
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            WORKER, "bench", out, str(samples), str(repeats),
+            WORKER, "--worker", out, str(samples), str(repeats),
         ]  # fmt: skip
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
@@ -74,6 +76,56 @@ def launch(nproc: int, threads: int, samples: int, repeats: int, timeout: float)
         "params": ranks[0]["params"],
         "threads": ranks[0]["threads"],
     }
+
+
+def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dict:
+    """Seconds per full-data-set product of a small CIFAR ResNet (float32) over ``n`` synthetic images."""
+    import torch
+    from torch import nn
+
+    from hessianflow._random import make_generator, randn
+    from hessianflow.distributed import shard
+    from hessianflow.models import get_model
+    from hessianflow.operators import HessianOperator
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    torch.manual_seed(0)
+    model = get_model("ResNet", depth=8, num_classes=10)
+    sl = shard(n, rank, world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[sl], y[sl]), batch_size=128)
+    H = HessianOperator(model, nn.CrossEntropyLoss(), dataloader=loader)
+    v = randn((H.size,), make_generator(0))
+    hv = H @ v  # warm-up (allocator, thread pools)
+    times = []
+    for _ in range(repeats):
+        if world > 1:
+            torch.distributed.barrier()
+        t = time.perf_counter()
+        hv = H @ v
+        times.append(time.perf_counter() - t)
+    return {
+        "world": world,
+        "threads": torch.get_num_threads(),
+        "samples": H.num_samples,
+        "params": H.size,
+        "seconds": times,
+        "norm": float(hv.norm()),
+    }
+
+
+def worker(out_dir: str, samples: int, repeats: int) -> None:
+    """One rank of a launch (under torchrun, or alone): time the products, write ``bench_rank{r}.json``."""
+    from hessianflow.distributed import init_distributed
+
+    ctx = init_distributed("cpu")
+    try:
+        res = bench_results(ctx.rank, ctx.world_size, samples, repeats)
+        with open(os.path.join(out_dir, f"bench_rank{ctx.rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        ctx.close()
 
 
 def main(argv=None) -> dict:
@@ -123,4 +175,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()

@@ -1,9 +1,8 @@
-"""The worker that tests/test_distributed.py and benchmarks/bench_distributed.py start under torchrun.
+"""The worker that tests/test_distributed.py starts under torchrun.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py ops OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train OUT_DIR -- TRAIN.PY FLAGS
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train_resnet OUT_DIR -- FLAGS
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py bench OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py driver OUT_DIR -- DRIVER FLAGS
 
 ``ops`` computes curvature products and every algorithm over each rank's shard of a small float64
@@ -11,10 +10,11 @@ problem and saves ``OUT_DIR/ops_rank{r}.pt``; the test computes the one-process 
 with :func:`operator_results` ``(rank=0, world=1)`` and compares. ``train`` runs train.py's ``main``
 (through ``_cli.run``, as ``python train.py`` does) and saves every rank's returned metrics to
 ``OUT_DIR/metrics_rank{r}.json`` (``train_resnet``: the same with train_resnet.py);
-``$DIST_WORKER_FAIL_RANK`` makes that rank's ABSA eigenvalue check raise.
-``bench`` times the full-data-set product and writes ``OUT_DIR/bench_rank{r}.json``. ``driver`` runs
+``$DIST_WORKER_FAIL_RANK`` makes that rank's ABSA eigenvalue check raise. ``driver`` runs
 hessian_eig_driver.py's ``main`` (through ``_cli.run``) and saves every rank's returned result to
 ``OUT_DIR/driver_rank{r}.json``; ``$DIST_WORKER_FAIL_RANK`` makes that rank's loss landscape fail.
+``stall`` has the last rank never join a collective (the group timeout's test). Timings are not taken
+here: benchmarks/bench_distributed.py is its own torchrun worker.
 """
 
 from __future__ import annotations
@@ -198,37 +198,6 @@ def fault_results(rank: int, world: int) -> dict:
     return out
 
 
-def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dict:
-    """Seconds per full-data-set product of a small CIFAR ResNet (float32) over ``n`` synthetic images."""
-    from hessianflow.models import get_model
-
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    torch.manual_seed(0)
-    model = get_model("ResNet", depth=8, num_classes=10)
-    sl = shard(n, rank, world)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[sl], y[sl]), batch_size=128)
-    H = HessianOperator(model, nn.CrossEntropyLoss(), dataloader=loader)
-    v = randn((H.size,), make_generator(0))
-    hv = H @ v  # warm-up (allocator, thread pools)
-    times = []
-    for _ in range(repeats):
-        if world > 1:
-            torch.distributed.barrier()
-        t = time.perf_counter()
-        hv = H @ v
-        times.append(time.perf_counter() - t)
-    return {
-        "world": world,
-        "threads": torch.get_num_threads(),
-        "samples": H.num_samples,
-        "params": H.size,
-        "seconds": times,
-        "norm": float(hv.norm()),
-    }
-
-
 def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> int:
     import importlib
 
@@ -301,10 +270,6 @@ def main(argv=None) -> int:
                 time.sleep(float(rest[0]) if rest else 300.0)
             else:
                 torch.distributed.all_reduce(torch.ones(3))
-        elif mode == "bench":
-            res = bench_results(ctx.rank, ctx.world_size, *(int(a) for a in rest))
-            with open(os.path.join(out_dir, f"bench_rank{ctx.rank}.json"), "w") as f:
-                json.dump(res, f)
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:
