@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ._modes import model_mode
 from .adversarial import fgsm
 from .batches import LossSpec, move_batch, split_inputs_targets
 from .linop import NonFiniteError
@@ -467,17 +468,6 @@ def _correct(outputs, targets) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def _train_mode(model: nn.Module, train: bool):
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
-
-
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -612,7 +602,7 @@ def train_epoch(
 
     optimizer.zero_grad(set_to_none=True)
     try:
-        with _train_mode(model, True):
+        with model_mode(model, True):
             for index, batch, is_last in _lookahead(loader, max_batches):
                 if device is not None:
                     batch = move_batch(batch, device, non_blocking=True)
@@ -729,7 +719,7 @@ def evaluate(
     device = _default_device(model) if device is None else torch.device(device)
     spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "evaluate")
     total_loss, samples, correct, have_acc = 0.0, 0, 0, True
-    with _train_mode(model, False), torch.no_grad():
+    with model_mode(model, False), torch.no_grad():
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break

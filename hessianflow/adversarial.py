@@ -28,12 +28,12 @@ Conventions:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
+from ._modes import model_mode
 from ._random import make_generator
 
 __all__ = ["fgsm", "pgd", "pixel_eps", "normalized_bounds"]
@@ -86,19 +86,6 @@ def normalized_bounds(
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, then restore the exact train/eval flag of every submodule."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        # Set the attribute directly: ``m.train(flag)`` recurses and would overwrite the children.
-        for m, flag in modes:
-            m.training = flag
 
 
 def _check_inputs(inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -210,7 +197,7 @@ def fgsm(
     bounds = _as_bounds(clamp, inputs)
     criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     x0 = inputs.detach()
-    with _eval_mode(model):
+    with model_mode(model, False):
         grad = _input_grad(model, x0, targets, criterion)
     return _clamp(x0 + radius * grad.sign(), bounds).detach()
 
@@ -273,7 +260,7 @@ def pgd(
         u = torch.rand(x0.shape, generator=g, dtype=torch.float64).to(device=x0.device, dtype=x0.dtype)
         x = x0 + (2 * u - 1) * radius
     x = torch.minimum(torch.maximum(x, lower), upper)
-    with _eval_mode(model):
+    with model_mode(model, False):
         for _ in range(steps):
             grad = _input_grad(model, x, targets, criterion)
             x = torch.minimum(torch.maximum(x + alpha * grad.sign(), lower), upper)
