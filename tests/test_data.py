@@ -4,6 +4,8 @@ normalisation, augmentation, missing data, the synthetic set, data_range and the
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -576,6 +578,21 @@ def test_getData_rejects_bad_batch_sizes():
         getData("synthetic", test_bs=2.5)
 
 
-def test_module_exports():
-    for name in utils.__all__:
-        assert hasattr(utils, name)
+def test_root_utils_serves_hessianflows_imports_from_a_checkout():
+    """``from utils import getData`` (HessianFlow's import, run from a checkout) is the package's data layer:
+    the same batches as :func:`hessianflow.data.getData` (and ``import *`` fails on a stale ``__all__``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "from utils import *\n"
+        "from utils import getData\n"
+        "train, test = getData('synthetic', train_bs=8, test_bs=16, num_train=40, num_test=20, seed=5)\n"
+        "x, y = next(iter(train)); xt, yt = next(iter(test))\n"
+        "print(float(x.double().sum()).hex(), y.tolist(), float(xt.double().sum()).hex(), yt.tolist())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    train, test = getData("synthetic", train_bs=8, test_bs=16, num_train=40, num_test=20, seed=5)
+    (x, y), (xt, yt) = next(iter(train)), next(iter(test))
+    expected = f"{float(x.double().sum()).hex()} {y.tolist()} {float(xt.double().sum()).hex()} {yt.tolist()}"
+    assert out.stdout.strip() == expected
