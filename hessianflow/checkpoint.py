@@ -81,7 +81,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
+def atomic_write(
+    path: str | os.PathLike, write, what: str = "file", *, error: type[Exception] = CheckpointError
+) -> str:
     """Write a file so that a crash, a full disk or an interrupt leaves the old file or the new one.
 
     ``write(f)`` writes the content to a binary file object: a temporary file in the target's directory,
@@ -92,21 +94,25 @@ def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
         path: the target; its directory must exist.
         write: a callable taking the open binary file.
         what: what the file is, for error messages ("checkpoint", "JSON file", ...).
+        error: the exception class raised on failure, called with the one-line message (default
+            :class:`CheckpointError`). Files a run rewrites as it goes (the tracker's history, the
+            figures) pass ``OSError``: their failure mid-run is an I/O failure (the scripts' exit
+            status 4), not a user mistake (status 2).
 
     Returns:
         The absolute path written.
 
     Raises:
-        CheckpointError: the file could not be written (directory missing or unwritable, disk full,
-            ``write`` failed...). The previous file at ``path``, if any, is intact and no temporary
-            file is left behind.
+        CheckpointError: (or ``error``) the file could not be written (directory missing or
+            unwritable, disk full, ``write`` failed...). The previous file at ``path``, if any, is
+            intact and no temporary file is left behind.
     """
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     if os.path.isdir(path):
-        raise CheckpointError(f"cannot save {what} {path}: it is a directory")
+        raise error(f"cannot save {what} {path}: it is a directory")
     if not os.path.isdir(directory):
-        raise CheckpointError(f"cannot save {what} {path}: the directory {directory} does not exist")
+        raise error(f"cannot save {what} {path}: the directory {directory} does not exist")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
@@ -131,7 +137,7 @@ def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
             except OSError:
                 pass
         if isinstance(exc, Exception):
-            raise CheckpointError(f"cannot save {what} {path}: {cause}") from exc
+            raise error(f"cannot save {what} {path}: {cause}") from exc
         raise  # KeyboardInterrupt, SystemExit: clean up, then let them through unchanged
     return path
 

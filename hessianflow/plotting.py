@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "plot_density",
@@ -66,19 +67,14 @@ def _titles(fig, ax, title, subtitle, default):
 
 
 def _save(fig, path) -> str:
-    """Save ``fig`` as a PNG at ``path`` atomically (temporary file + ``os.replace``); return the path."""
+    """Save ``fig`` as a PNG at ``path`` with :func:`~hessianflow.checkpoint.atomic_write`; return the path.
+
+    The directory is created if needed. A failed write raises ``OSError`` (an I/O failure, exit status
+    4 in the scripts), and leaves the previous image, if any, in place.
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI), what="figure", error=OSError)
     return path
 
 

@@ -23,38 +23,25 @@ Example::
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
 import numbers
 import os
-import tempfile
 import time
 
 from ._checks import check_int, check_positive, is_int
 from .batches import LossSpec
 from .eigen import EigenResult, lanczos, power_iteration
+from .history import FIELDS as _FIELDS
+from .history import load_history, write_csv, write_json
+from .history import plain_value as _plain
 from .linop import NonFiniteError
 from .operators import HessianOperator
-from .trace import _METHODS as _TRACE_METHODS
+from .trace import METHODS as _TRACE_METHODS
 from .trace import trace as _estimate_trace
 
 __all__ = ["top_eigenvalue", "EigenTracker", "load_history"]
 
 _METHODS = ("power", "lanczos")
-# The columns every record has, in this order; metrics follow in order of first appearance.
-_FIELDS = (
-    "epoch",
-    "eigenvalue",
-    "top_k",
-    "residual",
-    "converged",
-    "trace",
-    "trace_stderr",
-    "num_matvecs",
-    "seconds",
-)
 
 
 def _solve(op, method: str, k: int, max_iter: int, tol: float, seed, v0=None) -> EigenResult:
@@ -159,120 +146,6 @@ def top_eigenvalue(
         return _solve(op, method, k, max_iter, tol, seed, v0)
     finally:
         op.release()
-
-
-# -- values in a record ------------------------------------------------------------------------
-def _plain(name: str, value):
-    """``value`` as a plain JSON/CSV-friendly Python value; non-finite numbers are refused."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if hasattr(value, "detach"):  # a torch tensor
-        if value.numel() != 1:
-            raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.detach().cpu().item()
-    elif hasattr(value, "item") and getattr(value, "size", 1) == 1:  # a NumPy scalar or 1-element array
-        value = value.item()
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{name} is {value}: refusing to record a non-finite value")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    raise ValueError(f"{name} must be a number, a string, a bool, None or a list of those, got {type(value).__name__}")
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return json.dumps(value, allow_nan=False)
-    if isinstance(value, float):
-        return repr(value)  # the shortest string that reads back as the same float
-    return str(value)
-
-
-def _parse_cell(text: str):
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    if text.startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    # Non-finite numbers are never written (they are refused), so "nan" or "inf" was a string.
-    return value if math.isfinite(value) else text
-
-
-def _write_atomic(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _columns(history) -> list[str]:
-    cols = list(_FIELDS)
-    for rec in history:
-        for key in rec:
-            if key not in cols:
-                cols.append(key)
-    return cols
-
-
-def load_history(path) -> list[dict]:
-    """Read a history written by :meth:`EigenTracker.to_csv` or :meth:`EigenTracker.to_json`.
-
-    CSV cells read back as ``None`` (empty), ``bool`` (``True``/``False``), ``int``, ``float`` (written
-    with ``repr``, so the same floats), lists (``top_k``, as JSON) or strings, in that order of trial;
-    a string metric that looks like a number reads back as the number. Empty CSV cells of a record
-    (a column another record has) are dropped unless they are one of the standard fields.
-    """
-    path = os.fspath(path)
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
-            obj = json.load(fh)
-        history = obj.get("history") if isinstance(obj, dict) else obj
-        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-            raise ValueError(f"{path}: not an eigenvalue history (expected a list of records)")
-        return history
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out = []
-    for row in rows:
-        rec = {}
-        for key, text in row.items():
-            value = _parse_cell(text or "")
-            if value is not None or key in _FIELDS:
-                rec[key] = value
-        out.append(rec)
-    return out
 
 
 class EigenTracker:
@@ -493,19 +366,12 @@ class EigenTracker:
 
     # -- files ---------------------------------------------------------------------------------
     def to_csv(self, path) -> str:
-        """Write the history as CSV (one row per record; ``top_k`` as a JSON list); return the path."""
-        cols = _columns(self.history)
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(cols)
-        for rec in self.history:
-            writer.writerow([_cell(rec.get(c)) for c in cols])
-        return _write_atomic(path, buf.getvalue())
+        """Write the history as CSV (see :mod:`hessianflow.history`); return the path."""
+        return write_csv(self.history, path)
 
     def to_json(self, path) -> str:
-        """Write ``{"version", "config", "history"}`` as JSON (atomically); return the path."""
-        obj = {"version": 1, "config": self._config(), "history": self.history}
-        return _write_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+        """Write ``{"version", "config", "history"}`` as JSON (see :mod:`hessianflow.history`); return the path."""
+        return write_json(self.history, path, config=self._config())
 
     def save(self) -> dict:
         """Write ``eigen_history.csv`` and ``eigen_history.json`` into ``out_dir``; return their paths."""
