@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_int, is_int
+
 __all__ = ["C1", "C2", "c1_model", "c2_model", "pair"]
 
 
 def pair(input_size) -> tuple[int, int]:
     """Return ``(height, width)`` from an int or a 2-sequence, validating that both are positive ints."""
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
-        hw = (input_size, input_size)
+    if is_int(input_size):
+        hw = (int(input_size), int(input_size))
     else:
         try:
             hw = tuple(int(s) for s in input_size)
@@ -40,12 +42,6 @@ def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class C1(nn.Module):
     """HessianFlow's C1: two 5x5 convolutions and three fully connected layers.
 
@@ -61,8 +57,8 @@ class C1(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size=32):
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        in_channels = check_int("in_channels", in_channels, minimum=1)
         h, w = pair(input_size)
         self.config = {
             "arch": "c1",
@@ -106,8 +102,8 @@ class C2(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size=32):
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        in_channels = check_int("in_channels", in_channels, minimum=1)
         h, w = pair(input_size)
         self.config = {
             "arch": "c2",

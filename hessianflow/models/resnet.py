@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cnn import _check_positive_int, pair
+from .._checks import check_int, is_int
+from .cnn import pair
 
 __all__ = ["BasicBlock", "ResNet", "resnet", "resnet_num_blocks"]
 
@@ -27,11 +28,11 @@ def resnet_num_blocks(depth) -> int:
     Raises:
         ValueError: unless ``depth = 6n + 2`` with ``n >= 1`` (20, 32, 44, 56, 110, ...).
     """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
+    if not is_int(depth) or depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(
             f"ResNet depth must be of the form 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), got {depth!r}"
         )
-    return (depth - 2) // 6
+    return (int(depth) - 2) // 6
 
 
 class BasicBlock(nn.Module):
@@ -81,9 +82,10 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, input_size=32):
         super().__init__()
         n = resnet_num_blocks(depth)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        in_channels = check_int("in_channels", in_channels, minimum=1)
         pair(input_size)
+        depth = int(depth)
         self.depth = depth
         self.config = {
             "arch": "ResNet",
