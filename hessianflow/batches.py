@@ -40,6 +40,7 @@ __all__ = [
     "move_batch",
     "first_tensor",
     "default_weight",
+    "split_batch",
     "split_samples",
     "split_inputs_targets",
     "call_model",
@@ -132,19 +133,36 @@ def default_weight(batch) -> int:
     return int(t.shape[0])
 
 
-def split_samples(batch) -> list:
-    """The batch's samples: slice ``i:i+1`` of every tensor whose leading dimension is the batch's.
+def split_batch(batch, size: int) -> list:
+    """The batch in consecutive chunks of at most ``size`` samples (micro-batches), in order.
 
     ``n`` is :func:`default_weight` (the first tensor's leading dimension); every tensor leaf with that
-    leading dimension is sliced (keeping the dimension, so a sample is a batch of one), other leaves
-    (scalars, tensors of another leading size, non-tensors) are shared by all samples.
+    leading dimension is sliced ``[i:i+size]``, other leaves (scalars, tensors of another leading size,
+    non-tensors) are shared by all chunks. A batch of at most ``size`` samples comes back as ``[batch]``.
+
+    >>> import torch
+    >>> chunks = split_batch({"x": torch.zeros(5, 3), "y": torch.arange(5), "note": "s"}, 2)
+    >>> [tuple(c["x"].shape) for c in chunks], [c["y"].tolist() for c in chunks], chunks[0]["note"]
+    ([(2, 3), (2, 3), (1, 3)], [[0, 1], [2, 3], [4]], 's')
     """
     n = default_weight(batch)
+    if n <= size:
+        return [batch]
 
     def take(i):
-        return _map(batch, lambda t: t[i : i + 1] if t.dim() > 0 and t.shape[0] == n else t)
+        return _map(batch, lambda t: t[i : i + size] if t.dim() > 0 and t.shape[0] == n else t)
 
-    return [take(i) for i in range(n)]
+    return [take(i) for i in range(0, n, size)]
+
+
+def split_samples(batch) -> list:
+    """The batch's samples: :func:`split_batch` in chunks of one (each sample a batch of one).
+
+    >>> import torch
+    >>> [s[1].tolist() for s in split_samples((torch.zeros(3, 2), torch.tensor([7, 8, 9])))]
+    [[7], [8], [9]]
+    """
+    return split_batch(batch, 1)
 
 
 def _describe(batch) -> str:

@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ._checks import check_int
 from .attention import product_kernels
-from .batches import LossSpec, move_batch, split_samples
+from .batches import LossSpec, move_batch, split_batch, split_samples
 from .hvp import (
     conv2d_forward,
     double_backprop_hmm,
@@ -279,6 +280,15 @@ class CurvatureOperator(LinearOperator):
             curvature of the mean over all counted tokens (a causal LM's shifted labels).
         forward_fn, loss_of_output: a split loss (together, instead of ``loss_fn``):
             ``loss_of_output(forward_fn(model, batch), batch)``; see :class:`GGNOperator`.
+        micro_batch_size: run every batch (``data=`` or a loader's) in consecutive chunks of at most this
+            many samples, one chunk's graph in memory at a time, and combine the chunks' products as a
+            loader's batches are combined (weighted by ``batch_weight``, or summed). The peak memory of a
+            product is then that of a chunk, for the same operator, at the cost of smaller (less
+            efficient) passes and of the reused graph (off when a batch is split). The operator is
+            unchanged when the batch's loss is the weight-weighted mean of its chunks' losses (a mean over
+            samples; a token mean with ``batch_weight`` counting the tokens) or their sum; so the loss's
+            reduction must be known (as over a loader), and train-mode BatchNorm (statistics of the whole
+            batch) is refused. Default ``None``: whole batches.
 
     Attributes:
         num_samples: the total weight of the data of the last product (samples, or what
@@ -314,6 +324,7 @@ class CurvatureOperator(LinearOperator):
         batch_weight: Callable | None = None,
         forward_fn: Callable | None = None,
         loss_of_output: Callable | None = None,
+        micro_batch_size: int | None = None,
     ):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=batch or dataloader=")
@@ -342,6 +353,12 @@ class CurvatureOperator(LinearOperator):
         self.dataloader = dataloader
         self.train_mode = bool(train_mode)
         self.num_batches = None if num_batches is None else int(num_batches)
+        self.micro_batch_size = (
+            None if micro_batch_size is None else check_int("micro_batch_size", micro_batch_size, minimum=1)
+        )
+        if self.micro_batch_size is not None and self.data is not None:
+            # a split batch holds one chunk's graph at a time: nothing to reuse across products
+            reuse_graph = reuse_graph and len(split_batch(self.data, self.micro_batch_size)) == 1
         self.reuse_graph = bool(reuse_graph) and data is not None
         self.backend = backend
         self.progress = progress
@@ -355,8 +372,13 @@ class CurvatureOperator(LinearOperator):
         elif distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
         self.distributed = bool(distributed)
-        if self.dataloader is not None or self.distributed:
-            self.spec.require_reduction()  # batches (or ranks) combine: how depends on it
+        if self.dataloader is not None or self.distributed or self.micro_batch_size is not None:
+            self.spec.require_reduction()  # batches (ranks, chunks) combine: how depends on it
+        if self.micro_batch_size is not None and self.train_mode and _batch_norms(self.model):
+            raise ValueError(
+                "micro_batch_size with train_mode=True and BatchNorm layers: each chunk would be normalised by its "
+                "own statistics, a different function from the whole batch's; use eval mode or whole batches"
+            )
         # one batch: the reduction does not change the operator (the batch's own loss)
         self.reduction = self.spec.reduction or "mean"
         self._graph = None
@@ -485,9 +507,14 @@ class CurvatureOperator(LinearOperator):
         self._graph = None
 
     def _batches(self):
-        """The batches of one pass, each with a flag: is it the single, reusable batch?"""
+        """The batches (or micro-batches) of one pass, each with a flag: is it the single, reusable batch?"""
         if self.data is not None:
-            yield self.data, True
+            chunks = [self.data] if self.micro_batch_size is None else split_batch(self.data, self.micro_batch_size)
+            if len(chunks) == 1:
+                yield self.data, True
+            else:
+                for chunk in chunks:
+                    yield chunk, False
             return
         batches = self.dataloader
         if self.progress:
@@ -501,7 +528,12 @@ class CurvatureOperator(LinearOperator):
             if self.num_batches is not None and b >= self.num_batches:
                 break
             self.spec.check_batch(batch)
-            yield self._to_device(batch), False
+            batch = self._to_device(batch)
+            if self.micro_batch_size is None:
+                yield batch, False
+            else:
+                for chunk in split_batch(batch, self.micro_batch_size):
+                    yield chunk, False
 
     def _local_products(self, pieces, batched: bool):
         """This process's weighted sum of batch products and its total weight.
@@ -720,7 +752,6 @@ class HessianOperator(CurvatureOperator):
             return forward_over_reverse_hvp(loss_fn, self.params, pieces)
         hmm = torch.func.vmap(lambda *t: tuple(forward_over_reverse_hvp(loss_fn, self.params, t)))
         return list(hmm(*pieces))
-
 
     def _finite_difference(self, batch, pieces):
         """:math:`Hv \\approx (g(\\theta + h v) - g(\\theta - h v)) / 2h`, two first-order gradients.
