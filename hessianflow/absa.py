@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from ._checks import check_int, check_positive
 from ._modes import model_mode
 from .adversarial import fgsm
 from .batches import LossSpec, move_batch, split_inputs_targets
@@ -159,16 +159,16 @@ class ABSAController:
         duration: int | None = 10,
         method: str = "absa",
     ):
-        self.large_ratio_cap = _check_int(large_ratio_cap, "large_ratio_cap", 1)
-        self.base_lr = _check_positive(base_lr, "base_lr")
-        self.lr_decay = _check_positive(lr_decay, "lr_decay")
-        self.lr_decay_epochs = sorted(_check_int(d, "each of lr_decay_epochs", 0) for d in lr_decay_epochs)
-        self.epochs = _check_int(epochs, "epochs", 1)
+        self.large_ratio_cap = check_int("large_ratio_cap", large_ratio_cap, minimum=1)
+        self.base_lr = check_positive("base_lr", base_lr)
+        self.lr_decay = check_positive("lr_decay", lr_decay)
+        self.lr_decay_epochs = sorted(check_int("each of lr_decay_epochs", d, minimum=0) for d in lr_decay_epochs)
+        self.epochs = check_int("epochs", epochs, minimum=1)
         adv_ratio = float(adv_ratio)
         if not 0.0 <= adv_ratio <= 1.0:
             raise ValueError(f"adv_ratio must lie in [0, 1], got {adv_ratio}")
         self.initial_adv_ratio = adv_ratio
-        self.duration = None if duration is None else _check_int(duration, "duration", 1)
+        self.duration = None if duration is None else check_int("duration", duration, minimum=1)
         if method not in ("absa", "sgd"):
             raise ValueError(f"method must be 'absa' or 'sgd', got {method!r}")
         self.method = method
@@ -192,13 +192,13 @@ class ABSAController:
 
     def lr(self, epoch: int) -> float:
         """The learning rate for (0-based) ``epoch`` at the current ``large_ratio``."""
-        epoch = _check_int(epoch, "epoch", 0)
+        epoch = check_int("epoch", epoch, minimum=0)
         decays = sum(1 for d in self.lr_decay_epochs if d <= epoch)
         return self.base_lr * (self.large_ratio / self.initial_ratio) * self.lr_decay**decays
 
     def needs_eigenvalue(self, epoch: int) -> bool:
         """Whether :meth:`end_of_epoch` for ``epoch`` needs an eigenvalue (the batch can still grow)."""
-        _check_int(epoch, "epoch", 0)
+        check_int("epoch", epoch, minimum=0)
         return self.method == "absa" and self.large_ratio < self.large_ratio_cap
 
     def current_adv_ratio(self, epoch: int) -> float:
@@ -206,7 +206,7 @@ class ABSAController:
 
         0 for method ``"sgd"``, at the cap, and from :attr:`adv_stop_epoch` on.
         """
-        epoch = _check_int(epoch, "epoch", 0)
+        epoch = check_int("epoch", epoch, minimum=0)
         if self.adv_stopped or self.large_ratio >= self.large_ratio_cap or epoch >= self.adv_stop_epoch:
             return 0.0
         return self.adv_ratio
@@ -227,7 +227,7 @@ class ABSAController:
             ValueError: a missing eigenvalue when one is needed, or an epoch not after the last one.
             NonFiniteError: a NaN or infinite eigenvalue (a ``ValueError``).
         """
-        epoch = _check_int(epoch, "epoch", 0)
+        epoch = check_int("epoch", epoch, minimum=0)
         if self.last_epoch is not None and epoch <= self.last_epoch:
             raise ValueError(f"end_of_epoch({epoch}) after end_of_epoch({self.last_epoch}): epochs must increase")
         ev = None
@@ -360,28 +360,12 @@ class ABSAController:
         )
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from exc
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
 # -- the loops ---------------------------------------------------------------------------------------
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group of ``optimizer`` to ``lr``."""
-    lr = _check_positive(lr, "lr")
+    lr = check_positive("lr", lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -555,12 +539,12 @@ def train_epoch(
         ``accuracy`` (fraction in [0, 1], ``None`` when the outputs are not class logits),
         ``samples``, ``optimizer_steps``, ``micro_batches``, ``skipped``, ``adversarial_samples``.
     """
-    large_ratio = _check_int(large_ratio, "large_ratio", 1)
+    large_ratio = check_int("large_ratio", large_ratio, minimum=1)
     adv_ratio = float(adv_ratio)
     if not 0.0 <= adv_ratio <= 1.0:
         raise ValueError(f"adv_ratio must lie in [0, 1], got {adv_ratio}")
     if max_batches is not None:
-        max_batches = _check_int(max_batches, "max_batches", 1)
+        max_batches = check_int("max_batches", max_batches, minimum=1)
     if non_finite not in ("raise", "skip"):
         raise ValueError(f"non_finite must be 'raise' or 'skip', got {non_finite!r}")
     device = _default_device(model) if device is None else torch.device(device)
@@ -715,7 +699,7 @@ def evaluate(
         (fraction in [0, 1], ``None`` when the outputs are not class logits) and ``samples``.
     """
     if max_batches is not None:
-        max_batches = _check_int(max_batches, "max_batches", 1)
+        max_batches = check_int("max_batches", max_batches, minimum=1)
     device = _default_device(model) if device is None else torch.device(device)
     spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "evaluate")
     total_loss, samples, correct, have_acc = 0.0, 0, 0, True

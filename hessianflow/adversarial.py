@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ._checks import check_int
 from ._modes import model_mode
 from ._random import make_generator
 
@@ -239,8 +240,7 @@ def pgd(
         The adversarial inputs, detached, within ``eps`` of ``inputs`` and within ``clamp``.
     """
     _check_inputs(inputs, targets)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = check_int("steps", steps, minimum=1)
     radius = _as_radius(eps, inputs)
     alpha = 2.5 * radius / steps if step_size is None else _as_radius(step_size, inputs, "step_size")
     bounds = _as_bounds(clamp, inputs)

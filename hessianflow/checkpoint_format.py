@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from ._checks import is_int
 from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint, versions
 from .models import canonical_arch, get_model
 
@@ -140,7 +141,7 @@ def _check_fields(ckpt: Mapping, fields: Mapping, path) -> None:
         if field not in ckpt:
             raise _field_error(path, field, "is missing")
         value = ckpt[field]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if not (is_int(value) if kind is int else isinstance(value, kind)):
             raise _field_error(path, field, f"should be a {kind.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
@@ -178,7 +179,7 @@ def read_checkpoint(path, purpose: str = "analyse"):
         _check_fields(ckpt, _RUN_FIELDS, path)
         # the records a resumed run reads back (the effective batch of the last epoch)
         for record in ckpt["history"]:
-            if not (isinstance(record, Mapping) and all(isinstance(record.get(k), int) for k in _RECORD_INTS)):
+            if not (isinstance(record, Mapping) and all(is_int(record.get(k)) for k in _RECORD_INTS)):
                 raise _field_error(path, "history", f"holds a record without integer {' and '.join(_RECORD_INTS)}")
     try:
         arch = canonical_arch(ckpt["arch"])
@@ -188,7 +189,7 @@ def read_checkpoint(path, purpose: str = "analyse"):
         if ckpt[field] < (0 if field == "epoch" else 1):
             raise _field_error(path, field, f"is out of range: {ckpt[field]}")
     depth = ckpt.get("depth")
-    if arch == "ResNet" and (not isinstance(depth, int) or depth < 8 or (depth - 2) % 6):
+    if arch == "ResNet" and (not is_int(depth) or depth < 8 or (depth - 2) % 6):
         raise _field_error(path, "depth", f"should be a ResNet depth 6n+2, got {depth!r}")
     spec = ModelSpec(
         arch=arch,

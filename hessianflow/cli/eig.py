@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint_format as cf
+from .._checks import is_int
 from ..checkpoint import check_writable_dir, versions, write_json
 from ..checkpoint_format import ModelSpec
 from ..models import ARCHS
@@ -376,9 +377,9 @@ def load_data(args, meta, log, ctx=None):
         # regenerate the very data the model was trained on: its sizes and seed are in the checkpoint
         saved = meta["train_args"]
         for key, flag in (("num_train", "synthetic_train"), ("num_test", "synthetic_test")):
-            if key not in synth and isinstance(saved.get(flag), int):
+            if key not in synth and is_int(saved.get(flag)):
                 synth[key] = saved[flag]
-        if isinstance(saved.get("seed"), int):
+        if is_int(saved.get("seed")):
             data_seed = saved["seed"]
     if name != "synthetic" and synth:
         raise _cli.UsageError("--synthetic-train/--synthetic-test apply to --name synthetic only")
