@@ -1,6 +1,7 @@
 """Reliability of train.py: SIGKILL at random moments, a full disk mid-run, corrupt or foreign checkpoints."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -169,3 +170,56 @@ def test_bad_resume_files_are_one_line_errors(tmp_path, kind, capsys):
         assert "c1" in err  # the model of another architecture does not fit: the mismatch is named
     if kind == "other_classes":
         assert "fc.weight is [100, 64] in the checkpoint, [10, 64] in the model" in err
+
+
+# train.py as a user runs it, with every checkpoint write after the first held open (a marker printed,
+# then a long sleep) after the temporary file is written and before the rename. SIGINT's default handler
+# is set explicitly: a shell's background job (as in some CI runners) may start with SIGINT ignored.
+INTERRUPTIBLE = r"""
+import runpy, signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real, hold, writes = torch.save, float(sys.argv[1]), []
+def slow_save(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    writes.append(1)
+    print("SAVING", flush=True)
+    if len(writes) > 1:
+        time.sleep(hold)
+torch.save = slow_save
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_inside_a_checkpoint_write_exits_130_and_keeps_the_last_epoch(tmp_path):
+    save = tmp_path / "c.pkl"
+    argv = [*TINY, "--arch", "c1", "--method", "sgd", "--large-ratio", "1", "--epochs", "2", "--out-dir",
+            str(tmp_path), "--save", str(save)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTIBLE, "120", *argv],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        # the first write is let through (epoch 1 committed); interrupt the second inside its hold
+        saves, lines = 0, []
+        while saves < 2:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+            saves += line.strip() == "SAVING"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert f"train.py: {_cli.INTERRUPTED}" in output and "Traceback" not in output
+    # the epoch-2 write (the last) never replaced epoch 1's checkpoint, left no temporary file, and the
+    # log holds what the checkpoint holds (a resume from it is tested above, after SIGKILLs)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    ck = load_checkpoint(save)
+    assert ck["epoch"] == 1 and [r["epoch"] for r in ck["history"]] == [1]
+    with open(tmp_path / "train_log.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1]
