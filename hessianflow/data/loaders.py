@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .._checks import check_int
 from .._random import make_generator
 from .digits import _digits_datasets
 from .registry import _canonical_name, _reject_synthetic_kwargs, _synthetic_config
@@ -64,11 +65,6 @@ def get_datasets(
     return _torchvision_datasets(key, root, download, augment, seed)
 
 
-def _check_batch_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def getData(
     name: str = "cifar10",
     train_bs: int = 128,
@@ -103,8 +99,8 @@ def getData(
         ValueError: for an unknown name or a non-positive batch size.
         DataNotFoundError: see :func:`get_datasets`.
     """
-    _check_batch_size("train_bs", train_bs)
-    _check_batch_size("test_bs", test_bs)
+    train_bs = check_int("train_bs", train_bs, minimum=1)
+    test_bs = check_int("test_bs", test_bs, minimum=1)
     train_set, _, test_set = get_datasets(
         name, data_dir=data_dir, download=download, augment=augment, seed=seed, **synthetic_kwargs
     )
@@ -151,12 +147,12 @@ def subset_loader(
     Raises:
         ValueError: for a non-positive batch size or batch count, or more samples than the data set has.
     """
-    _check_batch_size("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     n = len(dataset)
     if num_batches is None:
         count = n
     else:
-        _check_batch_size("num_batches", num_batches)
+        num_batches = check_int("num_batches", num_batches, minimum=1)
         count = num_batches * batch_size
         if count > n:
             raise ValueError(f"{num_batches} batches of {batch_size} need {count} samples; the data set has {n}")
@@ -181,7 +177,7 @@ def fixed_batch(dataset: Dataset, batch_size: int, seed: int = 0) -> tuple:
     Raises:
         ValueError: for a non-positive batch size or one larger than the data set.
     """
-    _check_batch_size("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     n = len(dataset)
     if batch_size > n:
         raise ValueError(f"batch_size {batch_size} exceeds the data set size {n}")

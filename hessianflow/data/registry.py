@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from ..adversarial import normalized_bounds
+
 __all__ = ["DATASETS", "DataNotFoundError", "DatasetInfo", "data_range", "dataset_info"]
 
 
@@ -131,11 +133,11 @@ def data_range(name: str, dtype: torch.dtype = torch.float32, **synthetic_kwargs
     """The valid pixel range [0, 1] mapped into the normalised input space, per channel.
 
     An adversarial perturbation (FGSM) clamps to this box so that the perturbed input is still an image.
+    This is :func:`hessianflow.adversarial.normalized_bounds` of the set's ``mean`` and ``std``.
 
     Returns:
         ``(lo, hi)``, tensors of shape ``[C, 1, 1]``: ``lo = (0 - mean) / std``, ``hi = (1 - mean) / std``.
     """
     info = dataset_info(name, **synthetic_kwargs)
-    mean = torch.tensor(info.mean, dtype=torch.float64).view(-1, 1, 1)
-    std = torch.tensor(info.std, dtype=torch.float64).view(-1, 1, 1)
-    return ((0.0 - mean) / std).to(dtype), ((1.0 - mean) / std).to(dtype)
+    lo, hi = normalized_bounds(info.mean, info.std)  # the formula's one home; float64, then cast
+    return lo.to(dtype), hi.to(dtype)

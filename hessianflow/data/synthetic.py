@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int, is_int
 from .._random import make_generator
 from .registry import dataset_info
 from .transforms import RandomCropFlip, TensorImageDataset, _Compose, _Normalize
@@ -94,21 +95,18 @@ def make_synthetic(
         A dict with ``train_images`` ``[num_train, C, S, S]`` and ``test_images`` (pixels in [0, 1],
         float32, not normalised), ``train_targets`` and ``test_targets`` (int64).
     """
-    for key, val, lo in (
-        ("num_train", num_train, 1),
-        ("num_test", num_test, 1),
-        ("num_classes", num_classes, 2),
-        ("image_size", image_size, 4),
-        ("channels", channels, 1),
-    ):
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ValueError(f"{key} must be an int >= {lo}, got {val!r}")
+    num_train = check_int("num_train", num_train, minimum=1)
+    num_test = check_int("num_test", num_test, minimum=1)
+    num_classes = check_int("num_classes", num_classes, minimum=2)
+    image_size = check_int("image_size", image_size, minimum=4)
+    channels = check_int("channels", channels, minimum=1)
     if not (noise >= 0 and distortion >= 0):
         raise ValueError(f"noise and distortion must be non-negative, got {noise!r}, {distortion!r}")
     if max_shift is None:
         max_shift = image_size // 8
-    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or not 0 <= max_shift < image_size:
-        raise ValueError(f"max_shift must be an int in [0, image_size), got {max_shift!r}")
+    if not is_int(max_shift) or not 0 <= max_shift < image_size:
+        raise ValueError(f"max_shift must be an integer in [0, image_size) = [0, {image_size}), got {max_shift!r}")
+    max_shift = int(max_shift)
     g = make_generator(seed)
     templates = _smooth_fields(num_classes, channels, image_size, g)
     templates = templates / templates.std(dim=(1, 2, 3), keepdim=True)

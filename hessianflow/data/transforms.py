@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .._checks import check_int
 from .._random import make_generator
 
 __all__ = ["RandomCropFlip", "TensorImageDataset", "set_augmentation_epoch"]
@@ -63,9 +64,7 @@ class RandomCropFlip:
     def set_epoch(self, epoch: int, rank: Optional[int] = None) -> None:
         """Make the stream a function of ``(seed, epoch, rank, worker id)``; ``rank`` defaults to the
         ``torch.distributed`` rank (0 when not distributed)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, minimum=0)
         self.rank = _current_rank() if rank is None else int(rank)
         self._gen = None
         self._owner = None
