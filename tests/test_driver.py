@@ -191,6 +191,36 @@ def test_trace_and_per_layer_are_consistent(everything):
     total = sum(r["trace"] for r in layers.values())
     assert saved["per_layer"]["trace_sum"] == pytest.approx(total, rel=1e-12)
     assert f"{drv._num(total)} ± " in everything["text"]
+    # every block converged (the iterative conv2 block too): no row is marked, no warning
+    assert saved["per_layer"]["all_converged"] and all(all(r["converged"]) for r in layers.values())
+    assert "(!)" not in everything["text"] and "per-layer lanczos did not converge" not in everything["text"]
+
+
+def per_layer_rows(text):
+    """The per-layer table's rows: {layer: cells} (the lines under the "per layer" heading)."""
+    block = text.split("per layer   top eigenvalue", 1)[1].split("sum of the block traces", 1)[0]
+    return {ln.split()[0]: ln.split() for ln in block.splitlines()[2:] if ln.strip() and not ln.strip().startswith("-")}
+
+
+def test_a_block_that_did_not_converge_is_marked_in_its_row(ckpt, capsys, tmp_path):
+    """--per-layer with 3 Lanczos steps: the iterative conv2 block cannot converge and its row alone is
+    marked "(!)"; the fc block, formed densely (650 <= --exact-threshold), is exact and unmarked."""
+    jpath = tmp_path / "pl.json"
+    argv = ["--resume", ckpt["path"], "--hessian-batch-size", "8", "--max-iter", "3", "--tol", "1e-9",
+            "--per-layer", "--layers", "fc", "layer3.0.conv2", "--exact-threshold", "700", "--trace-matvecs", "4",
+            "--out-dir", str(tmp_path), "--json", str(jpath), "--no-progress"]  # fmt: skip
+    out, text = run_driver(argv, capsys)
+    layers = {r["name"]: r for r in json.loads(jpath.read_text())["per_layer"]["layers"]}
+    assert layers["fc"]["exact"] and all(layers["fc"]["converged"])
+    assert not layers["layer3.0.conv2"]["exact"] and not all(layers["layer3.0.conv2"]["converged"])
+    rows = per_layer_rows(text)
+    assert set(rows) == {"fc", "layer3.0.conv2"}, text
+    conv, fc = rows["layer3.0.conv2"], rows["fc"]
+    assert conv[3] == "(!)" and float(conv[2]) == float(drv._num(layers["layer3.0.conv2"]["eigenvalue"]))
+    assert "(!)" not in fc and float(fc[2]) == float(drv._num(layers["fc"]["eigenvalue"]))
+    assert text.count("(!)") == 2  # the row and the warning that explains the mark
+    assert "per-layer lanczos did not converge for layer3.0.conv2 (marked (!))" in text
+    assert out["per_layer"]["all_converged"] is False
 
 
 def test_landscape_curve_is_centred_on_the_loss(everything):
@@ -456,6 +486,21 @@ def test_figures_are_skipped_with_a_note_without_matplotlib(ckpt, capsys, tmp_pa
     saved = json.loads(jpath.read_text())
     assert saved["density"]["figure"] is None and saved["figures"] == {}
     assert len(saved["density"]["nodes"]) > 0 and not list(tmp_path.glob("*.png"))
+
+
+def test_an_unusable_out_dir_is_a_one_line_error_before_work(ckpt, capsys, tmp_path):
+    """--out-dir under a regular file cannot be created, whoever runs the test (root included)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    jpath = tmp_path / "r.json"
+    argv = ["--resume", ckpt["path"], "--hessian-batch-size", "8", "--density", "--out-dir", str(blocker / "sub"),
+            "--json", str(jpath), "--no-progress"]  # fmt: skip
+    code = _cli.run(drv.main, drv.parse_args, argv)
+    captured = capsys.readouterr()
+    line = one_line_error(captured.err)
+    assert code == 2 and "error:" in line and str(blocker / "sub") in line and "figures" in line
+    assert "loss" not in captured.out and "eigenvalue" not in captured.out  # nothing was computed
+    assert not jpath.exists() and blocker.read_text() == "not a directory"
 
 
 def test_json_naming_a_directory_fails_before_work(ckpt, capsys, tmp_path):
