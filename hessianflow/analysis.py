@@ -22,17 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._modes import model_mode
 from ._random import make_generator
-from .batches import LossSpec, move_batch
+from .batches import LossModule, LossSpec, move_batch
+from .distributed import reduce_or_raise, use_distributed
 from .eigen import lanczos
-from .operators import (
-    EmpiricalFisherOperator,
-    GGNOperator,
-    HessianOperator,
-    _LossModule,
-    resolve_params,
-    unwrap_model,
-)
+from .hvp import unflatten
+from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, resolve_params, unwrap_model
 from .trace import trace as _trace
 
 __all__ = ["LayerResult", "layer_blocks", "per_layer", "loss_landscape"]
@@ -394,6 +390,43 @@ def loss_landscape(
             count, empty or non-finite steps, an empty loader (distributed: no samples on any rank), or
             ``distributed=True`` without a process group.
     """
+    _check_landscape_args(data, dataloader, directions, alphas, num_batches)
+    model = unwrap_model(model)
+    chosen, names = resolve_params(model, params)
+    dtype, device = chosen[0].dtype, chosen[0].device
+    dirs = _directions(directions, 1 if betas is None else 2, sum(p.numel() for p in chosen), dtype, device)
+    a = _steps(alphas, "alphas")
+    b = None if betas is None else _steps(betas, "betas")
+    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
+    distributed = use_distributed(distributed, default=dataloader is not None)
+    if dataloader is not None or distributed:
+        spec.require_reduction()
+    reduction = spec.reduction or "mean"
+    batches = _landscape_batches(spec, data, dataloader, num_batches, device, dtype)
+    grid = [(float(x),) for x in a] if b is None else [(float(x), float(y)) for x in a for y in b]
+
+    def local():
+        """This rank's ``[points, 2]`` table: the (weighted) loss sum and the weight at each point."""
+        with model_mode(model, False), torch.no_grad():
+            at = _perturbed_loss(model, spec, chosen, names, dirs)
+            sums = [_loss_sum(at(c), spec, batches(), reduction) for c in grid]
+        if not distributed and any(count == 0 for _, count in sums):
+            raise ValueError("the data loader yielded no samples")
+        return [torch.tensor(sums, dtype=torch.float64)], 0
+
+    if distributed:
+        zeros = lambda: [torch.zeros(len(grid), 2, dtype=torch.float64)]  # noqa: E731
+        (table,), _ = reduce_or_raise(local, zeros, what="evaluate the loss landscape", device=device)
+    else:
+        (table,), _ = local()
+    totals, counts = table.cpu().unbind(dim=1)
+    if distributed and counts[0] == 0:
+        raise ValueError("the data loader yielded no samples on any rank")
+    out = totals / counts if reduction == "mean" else totals
+    return out if b is None else out.view(len(a), len(b))
+
+
+def _check_landscape_args(data, dataloader, directions, alphas, num_batches) -> None:
     if (data is None) == (dataloader is None):
         raise ValueError("pass exactly one of data=batch or dataloader=")
     if directions is None or alphas is None:
@@ -401,49 +434,41 @@ def loss_landscape(
     bad_nb = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     if num_batches is not None and bad_nb:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    model = unwrap_model(model)
-    chosen, names = resolve_params(model, params)
-    dtype, device = chosen[0].dtype, chosen[0].device
-    n = sum(p.numel() for p in chosen)
-    dirs = _directions(directions, 1 if betas is None else 2, n, dtype, device)
-    a = _steps(alphas, "alphas")
-    b = None if betas is None else _steps(betas, "betas")
-    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
-    group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed is None:
-        distributed = dataloader is not None and group and torch.distributed.get_world_size() > 1
-    elif distributed and not group:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
-    if dataloader is not None or distributed:
-        spec.require_reduction()
-    reduction = spec.reduction or "mean"
+
+
+def _landscape_batches(spec: LossSpec, data, dataloader, num_batches, device, dtype):
+    """A function giving one pass over the batches, checked and moved to the parameters' device and dtype:
+    the one batch (moved once), or the loader's first ``num_batches``, streamed (a large loader is never
+    held in memory)."""
 
     def to_device(batch):
         spec.check_batch(batch)
         return move_batch(batch, device, dtype=dtype)
 
     if data is not None:
-        batches = [to_device(data)]
-    else:
-        batches = None  # streamed, so a large loader is never held in memory
+        one = [to_device(data)]
+        return lambda: iter(one)
 
+    def stream():
+        for j, batch in enumerate(dataloader):
+            if num_batches is not None and j >= num_batches:
+                break
+            yield to_device(batch)
+
+    return stream
+
+
+def _perturbed_loss(model: nn.Module, spec: LossSpec, chosen, names: list[str], dirs: list[torch.Tensor]):
+    """``at(coefs)``: the loss of a batch at :math:`\\theta + \\sum_i c_i d_i`, as a function of the
+    batch, through ``torch.func.functional_call`` on perturbed copies (the model's own parameters are
+    never touched)."""
     base = [p.detach() for p in chosen]
-    shapes = [p.shape for p in chosen]
     fixed = {k: v for k, v in model.named_parameters() if k not in set(names)}
     fixed.update(dict(model.named_buffers()))
-    wrapper = _LossModule(model, spec)
+    wrapper = LossModule(model, spec)
+    d_pieces = [unflatten(d, base) for d in dirs]
 
-    def pieces(vec):
-        out, off = [], 0
-        for s, p in zip(shapes, base):
-            out.append(vec[off : off + p.numel()].view(s))
-            off += p.numel()
-        return out
-
-    d_pieces = [pieces(d) for d in dirs]
-
-    def loss_at(coefs) -> tuple[float, int]:
-        """This process's (sample-weighted) loss sum and sample count at ``theta + sum c_i d_i``."""
+    def at(coefs):
         perturbed = {}
         for i, (name, p) in enumerate(zip(names, base)):
             q = p
@@ -452,70 +477,22 @@ def loss_landscape(
                     q = q + c * dp[i]
             perturbed[name] = q
         state = {"model." + k: v for k, v in {**fixed, **perturbed}.items()}
-        total, count = 0.0, 0
-        source = batches if batches is not None else dataloader
-        for j, batch in enumerate(source):
-            if batches is None:
-                if num_batches is not None and j >= num_batches:
-                    break
-                batch = to_device(batch)
-            nb = spec.weight(batch)
-            if nb == 0:
-                continue
-            loss = torch.func.functional_call(wrapper, state, (batch,))
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"the loss must be a scalar, got {shape}")
-            total += float(loss) * (nb if reduction == "mean" else 1.0)
-            count += nb
-        if count == 0 and not distributed:
-            raise ValueError("the data loader yielded no samples")
-        return total, count
+        return lambda batch: torch.func.functional_call(wrapper, state, (batch,))
 
-    grid = [(float(x),) for x in a] if b is None else [(float(x), float(y)) for x in a for y in b]
-    modes = [(m, m.training) for m in model.modules()]
-    sums, error = None, None
-    try:
-        model.eval()
-        with torch.no_grad():
-            sums = torch.tensor([loss_at(c) for c in grid], dtype=torch.float64)  # [points, 2]: total, count
-    except Exception as exc:
-        if not distributed:
-            raise
-        error = exc  # re-raised below, after telling the other ranks
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    if distributed:
-        sums = _reduce_over_ranks(sums, len(grid), error, device)
-    totals, counts = sums.unbind(dim=1)
-    if distributed and counts[0] == 0:
-        raise ValueError("the data loader yielded no samples on any rank")
-    out = totals / counts if reduction == "mean" else totals
-    return out if b is None else out.view(len(a), len(b))
+    return at
 
 
-def _reduce_over_ranks(sums, points: int, error, device) -> torch.Tensor:
-    """Sum the ``[points, 2]`` (loss sum, count) table over the ranks in one all-reduce.
-
-    A status entry (the number of failed ranks) travels with the payload, so that a rank whose own
-    evaluation failed makes every rank raise rather than return a partial sum.
-    """
-    import torch.distributed as dist
-
-    flat = torch.zeros(2 * points + 1, dtype=torch.float64)
-    if error is None:
-        flat[:-1] = sums.reshape(-1)
-    else:
-        flat[-1] = 1.0
-    flat = flat.to(device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flat)
-    flat = flat.cpu()
-    if error is not None:
-        raise error
-    if flat[-1] != 0:
-        raise RuntimeError(
-            f"{int(flat[-1])} other rank(s) failed to evaluate the loss landscape "
-            "(their errors are in their own output); stopping on this rank too"
-        )
-    return flat[:-1].view(points, 2)
+def _loss_sum(loss_of, spec: LossSpec, batches, reduction: str) -> tuple[float, float]:
+    """``(sum of the batch losses, weighted by the batch weights for a mean, total weight)`` over a pass."""
+    total, count = 0.0, 0
+    for batch in batches:
+        nb = spec.weight(batch)
+        if nb == 0:
+            continue
+        loss = loss_of(batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"the loss must be a scalar, got {shape}")
+        total += float(loss) * (nb if reduction == "mean" else 1.0)
+        count += nb
+    return total, count

@@ -37,6 +37,7 @@ __all__ = [
     "INPUT_KEYS",
     "TARGET_KEYS",
     "LossSpec",
+    "LossModule",
     "move_batch",
     "first_tensor",
     "default_weight",
@@ -392,3 +393,20 @@ class LossSpec:
     def __repr__(self):
         fn = self.criterion if self.kind == "criterion" else self.loss_fn
         return f"LossSpec({self.kind}, {getattr(fn, 'name', type(fn).__name__)}, reduction={self.reduction!r})"
+
+
+class LossModule(torch.nn.Module):
+    """The loss of a batch as a module around the model, so ``torch.func.functional_call`` can swap the
+    model's parameters (``"model." + name``) under any loss form, a ``loss_fn`` calling the model too.
+
+    The unchecked :meth:`LossSpec.raw_loss` (traceable by ``torch.func``). Used by the operators'
+    ``torch.func`` paths and by :func:`~hessianflow.analysis.loss_landscape`.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: LossSpec):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, batch):
+        return self.spec.raw_loss(self.model, batch)

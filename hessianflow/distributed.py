@@ -20,16 +20,22 @@ from __future__ import annotations
 import datetime
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .linop import NonFiniteError
 
 __all__ = [
     "DistContext",
     "init_distributed",
     "launched_by_torchrun",
     "is_distributed",
+    "use_distributed",
+    "reduce_or_raise",
+    "FallbackOnAllRanks",
     "shard",
     "all_reduce_sum",
     "broadcast_object",
@@ -90,6 +96,129 @@ def launched_by_torchrun() -> bool:
 def is_distributed() -> bool:
     """An initialised process group with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def use_distributed(requested: bool | None, default: bool = True) -> bool:
+    """Whether a computation combines the ranks: the one rule for an operator's or a function's ``distributed=``.
+
+    Args:
+        requested: ``None``: ``default`` and :func:`is_distributed` (a process group of more than one
+            rank); ``True``: on, which needs an initialised process group (one rank allowed);
+            ``False``: off.
+        default: whether the computation would be distributed when a group exists, e.g. "a loader is
+            given" (each rank holding its shard).
+
+    Raises:
+        ValueError: ``requested=True`` without an initialised process group.
+
+    Example:
+        >>> from hessianflow.distributed import use_distributed
+        >>> use_distributed(None), use_distributed(False)  # a plain process: no group
+        (False, False)
+    """
+    if requested is None:
+        return bool(default) and is_distributed()
+    if requested and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
+    return bool(requested)
+
+
+class FallbackOnAllRanks(Exception):
+    """Some rank asked for the slower path (e.g. no batching rule): every rank takes it together."""
+
+
+def _collective_device(device: torch.device | str) -> torch.device:
+    """Where a collective's tensor must live: the computing device under NCCL, the CPU otherwise."""
+    return torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def reduce_or_raise(
+    compute: Callable[[], tuple[Sequence[torch.Tensor] | None, float]],
+    zeros: Callable[[], Sequence[torch.Tensor]],
+    *,
+    what: str,
+    device: torch.device | str = "cpu",
+    fallback: tuple[type[BaseException], ...] = (),
+) -> tuple[list[torch.Tensor], float]:
+    """This rank's ``compute()``, summed over the ranks; a failure on any rank raises on every rank.
+
+    The one status-plus-payload protocol of the package (the curvature operators' products, the loss
+    landscape's losses). Two all-reduces:
+
+    1. a float64 status ``[weight, non-finite failures, failures, fallbacks]`` (exact for integer
+       weights such as sample and token counts up to 2**53), so that a rank whose computation raised
+       makes *every* rank raise, instead of the others waiting in the payload's all-reduce until the
+       timeout;
+    2. the payload: ``compute()``'s tensors, flattened into one vector.
+
+    Args:
+        compute: this rank's part: ``(tensors or None, weight)``; ``None`` (e.g. an empty shard) counts
+            as ``zeros()``.
+        zeros: tensors shaped like the payload, for a rank without one.
+        what: what the ranks failed to do, for the other ranks' message ("compute their curvature
+            products").
+        device: the device the computation runs on (the collectives' under NCCL).
+        fallback: exception types that mean "take the slower path" rather than "failed": if any rank
+            raised one (and none failed), every rank raises :class:`FallbackOnAllRanks`.
+
+    Returns:
+        ``(tensors, total weight)``: the sums over the ranks (the tensors ``compute`` returned, updated
+        in place, or new ones from ``zeros``), the same on every rank; the weight an ``int`` when whole.
+
+    Raises:
+        The rank's own exception on the rank that raised it; on the others :class:`NonFiniteError` when
+        every failure was one, ``RuntimeError`` otherwise; :class:`FallbackOnAllRanks`.
+
+    Without a process group it is ``compute()`` itself (errors raised as they come, a ``fallback``
+    one as :class:`FallbackOnAllRanks`):
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.distributed import reduce_or_raise
+        >>> reduce_or_raise(lambda: ([torch.ones(2)], 3), lambda: [torch.zeros(2)], what="add")
+        ([tensor([1., 1.])], 3)
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        try:
+            tensors, weight = compute()
+        except fallback as exc:
+            raise FallbackOnAllRanks(str(exc)) from exc
+        return (list(zeros()) if tensors is None else list(tensors)), weight
+    tensors, weight, error, fell_back = None, 0, None, False
+    try:
+        tensors, weight = compute()
+    except fallback as exc:
+        fell_back, error = True, exc
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = exc
+    failed = error is not None and not fell_back
+    where = _collective_device(device)
+    status = torch.tensor(
+        [float(weight), int(failed and isinstance(error, NonFiniteError)), int(failed), int(fell_back)],
+        dtype=torch.float64,
+        device=where,
+    )
+    dist.all_reduce(status)
+    total, nonfinite, failures, fallbacks = status.tolist()
+    total = int(total) if total.is_integer() else total
+    if failures:
+        if failed:
+            raise error
+        kind = NonFiniteError if int(nonfinite) == int(failures) else RuntimeError
+        raise kind(
+            f"{int(failures)} other rank(s) failed to {what} (their errors are in their own output); "
+            "stopping on this rank too"
+        )
+    if fallbacks:
+        raise FallbackOnAllRanks(str(error) if error is not None else "another rank asked for the fallback path")
+    tensors = list(zeros()) if tensors is None else list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(where) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return tensors, total
 
 
 def _timeout_s(timeout_s: float | None) -> float:

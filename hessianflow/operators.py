@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from ._checks import check_int
+from ._modes import model_mode
 from .attention import product_kernels
-from .batches import LossSpec, move_batch, split_batch, split_samples
+from .batches import LossModule, LossSpec, move_batch, split_batch, split_samples
+from .distributed import FallbackOnAllRanks, reduce_or_raise, use_distributed
+from .fast_paths import FastPaths
 from .hvp import (
-    conv2d_forward,
     double_backprop_hmm,
     double_backprop_hvp,
     flatten,
@@ -41,34 +43,38 @@ __all__ = [
 ]
 
 
-class _NoBatchingRule(Exception):
-    """Some rank could not do a batched product: every rank falls back to single products."""
-
-
 def _batch_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _affine_forward(m: nn.Module):
-    """Eval-mode BatchNorm as the affine map it computes (same function of the same parameters).
+@contextlib.contextmanager
+def _running_stats_frozen(norms: list[nn.Module]):
+    """``track_running_stats=False`` on train-mode BatchNorms for a block: the batch statistics normalise
+    either way, and the running ones are left alone (a reused graph holds no reference to them, which
+    restoring them afterwards would invalidate)."""
+    try:
+        for m in norms:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
-    :math:`x \\mapsto x\\,s + (\\beta - \\mu s)` with :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`
-    from the running statistics. Its double backward is a few elementwise products instead of the
-    generic batch-norm double backward: the reused-graph product of a ResNet-20 was 6-7% faster on
-    this project's CPU machine (benchmarks/README.md), with products equal to rounding.
-    """
 
-    def forward(inp):
-        scale = torch.rsqrt(m.running_var + m.eps)
-        if m.weight is not None:
-            scale = m.weight * scale
-        shift = -m.running_mean * scale
-        if m.bias is not None:
-            shift = m.bias + shift
-        shape = (1, -1) + (1,) * (inp.dim() - 2)
-        return inp * scale.view(shape) + shift.view(shape)
-
-    return forward
+@contextlib.contextmanager
+def _tf32_off(device: torch.device, allow_tf32: bool):
+    """True float32 CUDA matrix products and convolutions for a block (an accuracy setting, not a speed
+    path): PyTorch enables TF32 for cuDNN convolutions by default."""
+    if device.type != "cuda" or allow_tf32:
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _randomness(model: nn.Module, train_mode: bool, dataloader, reuse_graph: bool) -> tuple[str | None, bool]:
@@ -251,9 +257,8 @@ class CurvatureOperator(LinearOperator):
         progress: show a tqdm bar over the batches of a loader.
         allow_tf32: let CUDA convolutions and matrix products of float32 models run in TF32 (10-bit
             mantissa) during products. Default ``False``: products in true float32, whatever the global
-            ``torch.backends`` settings (PyTorch enables TF32 for cuDNN convolutions by default). Measured
-            on an H200 (benchmarks/gpu_check.py): with TF32 the top eigenvalues of a C1 network differed
-            from the CPU's by 1e-3 relative, ten times the accuracy asked of them. No effect on the CPU.
+            ``torch.backends`` settings (PyTorch enables TF32 for cuDNN convolutions by default). How far
+            TF32 moves the eigenvalues: see benchmarks/README.md. No effect on the CPU.
         batched_matmat: compute :meth:`matmat` as one batched backward pass (``is_grads_batched``)
             instead of a loop of products; ``None``: on CUDA devices only (on the CPU the loop was
             measured faster for convolutional networks). Either way a graph whose operations have no
@@ -289,6 +294,11 @@ class CurvatureOperator(LinearOperator):
             samples; a token mean with ``batch_weight`` counting the tokens) or their sum; so the loss's
             reduction must be known (as over a loader), and train-mode BatchNorm (statistics of the whole
             batch) is refused. Default ``None``: whole batches.
+        fast_paths: take the speed paths of :mod:`hessianflow.fast_paths` (convolutions with an explicit
+            double backward and channels-last image batches on the CPU, eval-mode BatchNorm as an affine
+            map), each where it was measured faster; the same products to rounding. ``False`` runs the
+            model exactly as written (no module patched), e.g. to debug it; so does the global switch
+            (``hessianflow.fast_paths.enabled(False)``, ``HESSIANFLOW_FAST_PATHS=0``).
 
     Attributes:
         num_samples: the total weight of the data of the last product (samples, or what
@@ -325,6 +335,7 @@ class CurvatureOperator(LinearOperator):
         forward_fn: Callable | None = None,
         loss_of_output: Callable | None = None,
         micro_batch_size: int | None = None,
+        fast_paths: bool = True,
     ):
         if (data is None) == (dataloader is None):
             raise ValueError("pass exactly one of data=batch or dataloader=")
@@ -362,16 +373,7 @@ class CurvatureOperator(LinearOperator):
         self.reuse_graph = bool(reuse_graph) and data is not None
         self.backend = backend
         self.progress = progress
-        if distributed is None:
-            distributed = (
-                (dataloader is not None or single_from_loader)
-                and torch.distributed.is_available()
-                and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1
-            )
-        elif distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun)")
-        self.distributed = bool(distributed)
+        self.distributed = use_distributed(distributed, default=dataloader is not None or single_from_loader)
         if self.dataloader is not None or self.distributed or self.micro_batch_size is not None:
             self.spec.require_reduction()  # batches (ranks, chunks) combine: how depends on it
         if self.micro_batch_size is not None and self.train_mode and _batch_norms(self.model):
@@ -382,12 +384,12 @@ class CurvatureOperator(LinearOperator):
         # one batch: the reduction does not change the operator (the batch's own loss)
         self.reduction = self.spec.reduction or "mean"
         self._graph = None
-        # matmat as one vmapped backward (is_grads_batched) or a loop of products. Measured on this
-        # project's 2-core CPU machine (benchmarks/): per vector, the batched product of a ResNet-20 took
-        # 0.80 s against 0.52 s in a loop, and an MLP was at parity; so the default batches on GPUs only.
+        self._graph_fast = None  # whether the reused graph was built through the speed paths
+        # matmat as one vmapped backward (is_grads_batched) or a loop of products: batched on GPUs only,
+        # where it was measured faster (see benchmarks/README.md).
         self._batched_ok = (self.device.type == "cuda") if batched_matmat is None else bool(batched_matmat)
         self.allow_tf32 = bool(allow_tf32)
-        self._nhwc = True  # see _forward
+        self._fast = FastPaths(fast_paths)
         why, self.deterministic = _randomness(self.model, self.train_mode, self.dataloader, self.reuse_graph)
         if why is not None:
             warnings.warn(
@@ -399,89 +401,40 @@ class CurvatureOperator(LinearOperator):
         self.num_samples = None if self.data is None else self.spec.weight(self.data)
 
     # -- model state ---------------------------------------------------------------------------
+    @property
+    def fast_paths(self) -> bool:
+        """The operator's own switch of the speed paths (see :mod:`hessianflow.fast_paths`)."""
+        return self._fast.on
+
+    @property
+    def _nhwc(self) -> bool:
+        """Whether image batches are still sent channels-last (see :meth:`FastPaths.run`)."""
+        return self._fast.channels_last
+
     @contextlib.contextmanager
     def _prepared(self):
-        """Set the mode and ``requires_grad`` for a product, and put both back afterwards."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        flags = [p.requires_grad for p in self.params]
-        # A train-mode BatchNorm normalises by the batch statistics either way; with track_running_stats
-        # off it also leaves its running statistics alone (and a reused graph holds no reference to
-        # them, which restoring them afterwards would invalidate).
+        """Set the mode and ``requires_grad`` for a product, and put both back afterwards; TF32 off
+        unless allowed, the speed paths (when on) and attention kernels with the derivatives products
+        need (and MHA's fast path off)."""
         norms = [m for m in _batch_norms(self.model) if m.track_running_stats] if self.train_mode else []
-        # Convolutions with an explicit double backward (hvp._ConvGrad: the same products, cheaper on the
-        # CPU, where it was measured; CUDA keeps PyTorch's own until it has been timed there).
-        convs = []
-        if self.backend == "double_backprop" and self.device.type == "cpu":
-            for m in self.model.modules():
-                if isinstance(m, nn.Conv2d) and "forward" not in m.__dict__:
-                    fwd = conv2d_forward(m)
-                    if fwd is not None:
-                        convs.append((m, fwd))
-        # In eval mode a BatchNorm with running statistics is an affine map: run it as one (cheaper
-        # double backward). Not under torch.func (forward-over-reverse), which traces the module's own
-        # forward, and not for a module that already has an instance-level forward of its own.
-        folded = []
-        if not self.train_mode and self.backend == "double_backprop":
-            folded = [
-                m
-                for m in _batch_norms(self.model)
-                if m.running_mean is not None and m.running_var is not None and "forward" not in m.__dict__
-            ]
-        tf32 = None
-        if self.device.type == "cuda" and not self.allow_tf32:
-            tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        try:
-            if tf32 is not None:
-                torch.backends.cuda.matmul.allow_tf32 = False
-                torch.backends.cudnn.allow_tf32 = False
-            self.model.train(self.train_mode)
-            for m in norms:
-                m.track_running_stats = False
-            for m in folded:
-                m.forward = _affine_forward(m)
-            for m, fwd in convs:
-                m.forward = fwd
-            for p in self.params:
-                p.requires_grad_(True)
-            # attention kernels with the derivatives products need (and MHA's fast path off)
-            with product_kernels(self.device, self._kernel_backend, self.model):
-                yield
-        finally:
-            for m, mode in modes:
-                m.training = mode
-            for m in norms:
-                m.track_running_stats = True
-            for m in folded:
-                m.__dict__.pop("forward", None)
-            for m, _ in convs:
-                m.__dict__.pop("forward", None)
-            for p, f in zip(self.params, flags):
-                p.requires_grad_(f)
-            if tf32 is not None:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        second_order = self.backend == "double_backprop"
+        with (
+            model_mode(self.model, self.train_mode, requires_grad=self.params),
+            _running_stats_frozen(norms),
+            _tf32_off(self.device, self.allow_tf32),
+            self._fast.patched(
+                self.model, device=self.device, double_backprop=second_order, train_mode=self.train_mode
+            ),
+            product_kernels(self.device, self._kernel_backend, self.model),
+        ):
+            yield
 
     def _to_device(self, batch):
         return move_batch(batch, self.device, dtype=self.dtype, non_blocking=True)
 
     def _forward(self, inputs):
-        """The model's outputs; image batches on the CPU go in channels-last (NHWC) memory order.
-
-        oneDNN's CPU convolutions work in NHWC: fed NCHW, they reorder every activation and gradient.
-        Measured on this project's CPU machine (ResNet-20, batch 64, 1 thread): the reused-graph product
-        took 0.435 s instead of 0.479 s. The values are the same up to rounding, but rounding decides on
-        which side of a ReLU or max-pool kink a float32 activation falls, so against float64 either layout
-        can be the more accurate one (product errors, one batch of 64: ResNet-20 1.4e-6 NCHW, 4.9e-5 NHWC;
-        C1 8.5e-4 NCHW, 8.7e-7 NHWC; plain PyTorch without any of these paths 5.2e-5 and 8.9e-7;
-        benchmarks/README.md, "Float32 honesty"). A model that
-        cannot take it (e.g. ``x.view(n, -1)`` on a non-contiguous activation raises) is run in NCHW
-        from then on.
-        """
-        if self._nhwc and inputs.dim() == 4 and inputs.is_floating_point() and inputs.device.type == "cpu":
-            try:
-                return self.model(inputs.contiguous(memory_format=torch.channels_last))
-            except RuntimeError:
-                self._nhwc = False
-        return self.model(inputs)
+        """The model's outputs (image batches on the CPU in channels-last order, see :mod:`~hessianflow.fast_paths`)."""
+        return self._fast.run(self.model, inputs)
 
     def _loss(self, batch):
         """The checked scalar loss of a batch."""
@@ -549,7 +502,9 @@ class CurvatureOperator(LinearOperator):
             with self._prepared():
                 graph = None
                 if reusable and self.reuse_graph:
-                    if self._graph is None:
+                    if self._graph is None or self._graph_fast != self._fast.active():
+                        self._graph = None  # built with the speed paths switched the other way
+                        self._graph_fast = self._fast.active()
                         self._graph = self._batch_graph(batch)
                     graph = self._graph
                 if pieces is None:  # the gradient (see gradient())
@@ -608,55 +563,21 @@ class CurvatureOperator(LinearOperator):
         return acc
 
     def _reduced_products(self, pieces, batched: bool):
-        """The products summed over the ranks: two all-reduces, a status and the payload.
+        """The products summed over the ranks (:func:`~hessianflow.distributed.reduce_or_raise`): a rank
+        whose local products failed makes every rank raise, and a batched product that one rank cannot
+        do (a ``RuntimeError``: no batching rule) makes every rank fall back to single products together."""
 
-        The status (total weight, failed ranks, ranks without a batching rule; float64, exact for
-        integer weights such as sample and token counts up to 2**53) comes first, so that a rank whose
-        local products failed makes *every* rank raise
-        (instead of the others waiting in the payload's all-reduce until the timeout), and a batched
-        product that one rank cannot do makes every rank fall back to single products together.
-        """
-        import torch.distributed as dist
-
-        acc, count, error, no_batching = None, 0, None, False
-        try:
+        def local():
             acc, count, _ = self._local_products(pieces, batched)
-        except RuntimeError as exc:
-            if batched and self._batched_ok:
-                no_batching, error = True, exc  # e.g. no vmap rule for an op's backward: loop instead
-            else:
-                error = exc
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            error = exc
-        failed = error is not None and not no_batching
-        status = torch.tensor(
-            [count, int(failed and isinstance(error, NonFiniteError)), int(failed), int(no_batching)],
-            dtype=torch.float64,
-            device=self.device if dist.get_backend() == "nccl" else "cpu",
+            return acc, count
+
+        return reduce_or_raise(
+            local,
+            lambda: [torch.zeros_like(t).detach() for t in (pieces if pieces is not None else self.params)],
+            what="compute their curvature products",
+            device=self.device,
+            fallback=(RuntimeError,) if batched and self._batched_ok else (),
         )
-        dist.all_reduce(status)
-        total, nonfinite, failures, fallbacks = status.tolist()
-        total = int(total) if total.is_integer() else total
-        nonfinite, failures, fallbacks = int(nonfinite), int(failures), int(fallbacks)
-        if failures:
-            if failed:
-                raise error
-            kind = NonFiniteError if nonfinite == failures else RuntimeError
-            raise kind(
-                f"{failures} other rank(s) failed to compute their curvature products "
-                "(their errors are in their own output); stopping on this rank too"
-            )
-        if fallbacks:
-            raise _NoBatchingRule(str(error) if error is not None else "another rank has no batching rule")
-        if acc is None:  # no samples on this rank: it contributes zeros
-            acc = [torch.zeros_like(t).detach() for t in (pieces if pieces is not None else self.params)]
-        flat = torch.cat([a.reshape(-1) for a in acc])
-        dist.all_reduce(flat)
-        offset = 0
-        for a in acc:
-            a.copy_(flat[offset : offset + a.numel()].view_as(a))
-            offset += a.numel()
-        return acc, total
 
     def _matvec(self, v):
         return flatten(self._products(unflatten(v, self.params), batched=False), like=self.params)
@@ -666,7 +587,7 @@ class CurvatureOperator(LinearOperator):
         if self._batched_ok:
             # Distributed, only the all-reduced verdict counts: a communication error (a RuntimeError
             # too) must propagate, not send this rank alone into a loop of collectives.
-            fallback = (_NoBatchingRule,) if self.distributed else (RuntimeError,)
+            fallback = (FallbackOnAllRanks,) if self.distributed else (RuntimeError,)
             try:
                 return flatten_batched(self._products(unflatten(V, self.params), batched=True), k)
             except fallback:
@@ -741,7 +662,7 @@ class HessianOperator(CurvatureOperator):
         return double_backprop_hvp(graph, self.params, pieces, retain_graph=retain)
 
     def _fwd_over_rev(self, batch, pieces, batched):
-        wrapper = _LossModule(self.model, self.spec)
+        wrapper = LossModule(self.model, self.spec)
         names = ["model." + n for n in self.param_names]
 
         def loss_fn(ps):
@@ -761,7 +682,7 @@ class HessianOperator(CurvatureOperator):
         touching the model's own tensors (``torch.func.functional_call``). ``h = fd_step * max(1,
         ||theta||) / ||v||``; the error is O(h^2) (the third derivative) plus rounding O(eps / h).
         """
-        wrapper = _LossModule(self.model, self.spec)
+        wrapper = LossModule(self.model, self.spec)
         names = ["model." + n for n in self.param_names]
         vnorm = torch.sqrt(sum(torch.sum(v.double() ** 2) for v in pieces)).item()
         if vnorm == 0:
@@ -781,19 +702,6 @@ class HessianOperator(CurvatureOperator):
 
         plus, minus = grad_at(1.0), grad_at(-1.0)
         return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
-
-
-class _LossModule(nn.Module):
-    """The loss of a batch as a module around the model, so ``torch.func.functional_call`` can swap the
-    model's parameters (``"model." + name``) under any loss form, a ``loss_fn`` calling the model too."""
-
-    def __init__(self, model: nn.Module, spec: LossSpec):
-        super().__init__()
-        self.model = model
-        self.spec = spec
-
-    def forward(self, batch):
-        return self.spec.raw_loss(self.model, batch)
 
 
 def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -981,7 +889,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         idx = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n]
         if not idx:
             raise ValueError("no batched tensor for vmap")
-        wrapper = _LossModule(self.model, self.spec)
+        wrapper = LossModule(self.model, self.spec)
         names = ["model." + name for name in self.param_names]
 
         def loss(ps, *sliced):
