@@ -65,6 +65,24 @@ class OutputLoss:
         cross_entropy: optional ``(output, batch) -> CrossEntropyTargets`` saying that the loss is a plain
             softmax cross-entropy of the output; lets the GGN apply the output Hessian analytically.
         name: for messages.
+
+    Example:
+        Half the mean squared error of a linear model, whose Hessian is :math:`X^\top X / n`:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from hessianflow import HessianOperator, OutputLoss
+        >>> half_mse = OutputLoss(
+        ...     forward=lambda model, batch: model(batch[0]),
+        ...     loss_of_output=lambda out, batch: 0.5 * F.mse_loss(out, batch[1]),
+        ...     reduction="mean",
+        ... )
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> net = nn.Linear(2, 1, bias=False).double()
+        >>> HessianOperator(net, loss_fn=half_mse, data=(X, torch.zeros(2, 1, dtype=torch.float64))).to_dense()
+        tensor([[0.5000, 0.0000],
+                [0.0000, 2.0000]], dtype=torch.float64)
     """
 
     forward: Callable
@@ -150,6 +168,20 @@ causal_lm_loss.__doc__ = """Next-token cross-entropy of a causal language model 
 ``labels`` (default: ``input_ids``), or a tensor of token ids. The model is called without
 ``labels`` (so it does not compute a second loss) and must return ``.logits`` (or be a tensor).
 Over a loader with padding, pass ``batch_weight=lambda b: (b["labels"][:, 1:] != -100).sum()``.
+
+Example:
+    An embedding table as the smallest "language model" (token ids in, logits ``[B, T, V]`` out):
+
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> from hessianflow import causal_lm_loss
+    >>> _ = torch.manual_seed(0)
+    >>> lm = nn.Embedding(5, 5)
+    >>> ids = torch.tensor([[1, 2, 3, 4]])
+    >>> loss = causal_lm_loss(lm, ids)
+    >>> torch.allclose(loss, F.cross_entropy(lm(ids)[0, :-1], ids[0, 1:]))  # position t predicts t+1
+    True
 """
 
 
@@ -175,6 +207,20 @@ seq2seq_loss.__doc__ = """Decoder cross-entropy of an encoder-decoder model: ``l
 ``batch``: a dict with the encoder inputs and ``labels`` (``-100`` ignored); the model is called with
 the whole batch (HuggingFace seq2seq models make ``decoder_input_ids`` from the labels) and its
 ``.logits`` used; the mean over counted positions.
+
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> from hessianflow import seq2seq_loss
+    >>> _ = torch.manual_seed(0)
+    >>> emb = nn.Embedding(5, 5)
+    >>> model = lambda input_ids, labels: {"logits": emb(input_ids)}  # called with the whole batch
+    >>> batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[2, 0, -100, 1]])}
+    >>> counted = [0, 1, 3]  # the label -100 is left out
+    >>> ref = F.cross_entropy(emb(batch["input_ids"])[0, counted], batch["labels"][0, counted])
+    >>> torch.allclose(seq2seq_loss(model, batch), ref)
+    True
 """
 
 
@@ -210,4 +256,23 @@ sequence_classification_loss.__doc__ = """The loss of a ``*ForSequenceClassifica
 Integer ``labels``: cross-entropy of ``logits [B, C]``; float labels with one output: mean squared
 error (regression); float labels with several outputs: BCE-with-logits (multi-label). The mean over
 the batch's samples. The model is called without ``labels``.
+
+Example:
+    >>> import torch
+    >>> import torch.nn.functional as F
+    >>> from torch import nn
+    >>> from hessianflow import sequence_classification_loss
+    >>> _ = torch.manual_seed(0)
+    >>> head = nn.Linear(3, 4)
+    >>> model = lambda inputs: head(inputs)  # called without the labels
+    >>> x, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1])
+    >>> torch.allclose(sequence_classification_loss(model, {"inputs": x, "labels": y}), F.cross_entropy(head(x), y))
+    True
 """
+
+# The three losses are instances, which doctest does not collect by itself: their examples run from here.
+__test__ = {
+    "causal_lm_loss": causal_lm_loss.__doc__,
+    "seq2seq_loss": seq2seq_loss.__doc__,
+    "sequence_classification_loss": sequence_classification_loss.__doc__,
+}
