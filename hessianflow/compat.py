@@ -24,7 +24,13 @@ __all__ = [
 
 
 def group_product(xs, ys) -> torch.Tensor:
-    """The inner product of two lists of tensors, :math:`\\sum_i \\langle x_i, y_i \\rangle`."""
+    """The inner product of two lists of tensors, :math:`\\sum_i \\langle x_i, y_i \\rangle`.
+
+    Example:
+        >>> import torch
+        >>> group_product([torch.ones(2), torch.ones(3)], [torch.full((2,), 2.0), torch.ones(3)])
+        tensor(7.)
+    """
     xs, ys = list(xs), list(ys)
     if len(xs) != len(ys):
         raise ValueError(f"group_product got lists of {len(xs)} and {len(ys)} tensors")
@@ -36,6 +42,12 @@ def group_add(params, update, alpha: float = 1.0):
 
     As in HessianFlow (``params[i].data.add_(update[i] * alpha)``), the tensors of ``params`` are updated
     in place, outside autograd, so old code that perturbs a model's weights through it keeps working.
+
+    Example:
+        >>> import torch
+        >>> params = [torch.zeros(2)]
+        >>> group_add(params, [torch.ones(2)], alpha=0.5)
+        [tensor([0.5000, 0.5000])]
     """
     if len(params) != len(update):
         raise ValueError(f"group_add got lists of {len(params)} and {len(update)} tensors")
@@ -46,7 +58,13 @@ def group_add(params, update, alpha: float = 1.0):
 
 
 def normalization(v) -> list[torch.Tensor]:
-    """The list of tensors scaled to unit total Euclidean norm (a zero vector is returned unchanged)."""
+    """The list of tensors scaled to unit total Euclidean norm (a zero vector is returned unchanged).
+
+    Example:
+        >>> import torch
+        >>> normalization([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])
+        [tensor([0.6000, 0.0000]), tensor([0.8000])]
+    """
     v = list(v)
     norm = torch.sqrt(group_product(v, v))
     if norm == 0:
@@ -55,7 +73,14 @@ def normalization(v) -> list[torch.Tensor]:
 
 
 def get_params_grad(model):
-    """The parameters with ``requires_grad`` and their current gradients (zeros where ``.grad`` is None)."""
+    """The parameters with ``requires_grad`` and their current gradients (zeros where ``.grad`` is None).
+
+    Example:
+        >>> from torch import nn
+        >>> params, grads = get_params_grad(nn.Linear(3, 1))  # no backward pass yet: zero gradients
+        >>> [tuple(p.shape) for p in params], [float(g.abs().sum()) for g in grads]
+        ([(1, 3), (1,)], [0.0, 0.0])
+    """
     params, grads = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -66,7 +91,18 @@ def get_params_grad(model):
 
 
 def hessian_vector_product(gradsH, params, v) -> list[torch.Tensor]:
-    """:math:`Hv` from gradients built with ``create_graph=True`` (the graph is retained for reuse)."""
+    """:math:`Hv` from gradients built with ``create_graph=True`` (the graph is retained for reuse).
+
+    Example:
+        The Hessian of :math:`\\tfrac12 w^\\top A w` is :math:`A`:
+
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+        >>> gradsH = torch.autograd.grad(0.5 * w @ A @ w, [w], create_graph=True)
+        >>> hessian_vector_product(gradsH, [w], [torch.tensor([1.0, 0.0])])
+        [tensor([2., 1.])]
+    """
     from .hvp import double_backprop_hvp
 
     gradsH, params, v = list(gradsH), list(params), list(v)
@@ -100,6 +136,18 @@ def get_eigen(model, inputs, targets, criterion, cuda: bool = True, maxIter: int
 
     Returns:
         ``(eigenvalue, eigenvector)``: a float and a list of tensors shaped like the parameters.
+
+    Example:
+        Least squares without bias: ``MSELoss`` over ``X = diag(1, 2)`` has Hessian ``diag(1, 4)``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)  # HessianFlow's start vector comes from the global generator
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> X, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> eigenvalue, eigenvector = get_eigen(net, X, y, nn.MSELoss(), cuda=False)
+        >>> round(eigenvalue, 1), eigenvector[0].abs().round(decimals=1)
+        (4.0, tensor([[0., 1.]]))
     """
     from .operators import HessianOperator
 
@@ -115,6 +163,19 @@ def get_eigen_full_dataset(
     Unlike the original, the last, smaller batch is kept and weighted by its size. ``loss_forms``
     (``loss_fn=``, ``reduction=``, ``batch_weight=``) are those of
     :class:`~hessianflow.operators.HessianOperator`, for batches other than ``(inputs, targets)``.
+
+    Example:
+        The least-squares problem of :func:`get_eigen`, one sample a batch:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> data = TensorDataset(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1))
+        >>> eigenvalue, _ = get_eigen_full_dataset(net, DataLoader(data, batch_size=1), nn.MSELoss(), cuda=False)
+        >>> round(eigenvalue, 1)
+        4.0
     """
     from .operators import HessianOperator
 
