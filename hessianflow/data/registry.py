@@ -109,6 +109,13 @@ def dataset_info(name: str, **synthetic_kwargs) -> DatasetInfo:
 
     Raises:
         ValueError: for an unknown name; the message lists the valid ones.
+
+    Example:
+        >>> info = dataset_info("CIFAR10")
+        >>> info.name, info.num_classes, info.in_channels, info.input_size
+        ('cifar10', 10, 3, 32)
+        >>> dataset_info("synthetic", channels=1, num_classes=4).std
+        (0.25,)
     """
     key = _canonical_name(name)
     info = DATASETS[key]
@@ -137,6 +144,11 @@ def data_range(name: str, dtype: torch.dtype = torch.float32, **synthetic_kwargs
 
     Returns:
         ``(lo, hi)``, tensors of shape ``[C, 1, 1]``: ``lo = (0 - mean) / std``, ``hi = (1 - mean) / std``.
+
+    Example:
+        >>> lo, hi = data_range("synthetic", channels=1)  # mean 0.5, std 0.25
+        >>> lo.flatten().tolist(), hi.flatten().tolist(), tuple(lo.shape)
+        ([-2.0], [2.0], (1, 1, 1))
     """
     info = dataset_info(name, **synthetic_kwargs)
     lo, hi = normalized_bounds(info.mean, info.std)  # the formula's one home; float64, then cast

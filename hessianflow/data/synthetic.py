@@ -70,17 +70,16 @@ def make_synthetic(
     ``sigma = noise``. The nuisance pattern lives in the same low-frequency space as the templates, so
     the classes overlap: the task is learnable but not trivial.
 
-    Measured at the defaults (seed 0, no augmentation, SGD with learning rate 0.05, momentum 0.9, batch
-    64, CPU): a two-layer CNN (16 and 32 channels, 1 to 3 s an epoch) reaches 54-55% test accuracy after
-    one epoch and 65-66% after four; C1 (9 to 30 s an epoch) about 55%, 64%, 70% after one, two, three
-    epochs (chance: 10%). Generation takes about 0.5 s on two idle cores. Pixels have mean ~0.51 and
-    std ~0.246; about 5% are clipped.
+    At the defaults, pixels have mean ~0.51 and std ~0.246, and about 5% are clipped. The accuracies a
+    small CNN and C1 reach on it, epoch by epoch, and what an epoch and the generation cost on a CPU
+    are measured in ``benchmarks/README.md``.
 
     The templates are not mirror-symmetric, so the training augmentation of this set crops but does not
     flip (a flipped sample would look like another class).
 
     Args:
-        num_train: training samples (5000: a few CPU epochs of a small CNN take about a minute).
+        num_train: training samples (5000: a few CPU epochs of a small CNN are cheap; see
+            ``benchmarks/README.md``).
         num_test: test samples.
         num_classes: classes (balanced).
         image_size: height and width.
@@ -94,6 +93,13 @@ def make_synthetic(
     Returns:
         A dict with ``train_images`` ``[num_train, C, S, S]`` and ``test_images`` (pixels in [0, 1],
         float32, not normalised), ``train_targets`` and ``test_targets`` (int64).
+
+    Example:
+        >>> data = make_synthetic(num_train=20, num_test=10, num_classes=4, image_size=8, seed=0)
+        >>> tuple(data["train_images"].shape), data["train_targets"].bincount().tolist()
+        ((20, 3, 8, 8), [5, 5, 5, 5])
+        >>> bool(data["train_images"].min() >= 0 and data["train_images"].max() <= 1)
+        True
     """
     num_train = check_int("num_train", num_train, minimum=1)
     num_test = check_int("num_test", num_test, minimum=1)

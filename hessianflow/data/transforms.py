@@ -49,6 +49,15 @@ class RandomCropFlip:
         padding: zero padding on every side before cropping (4, as in He et al., 2016).
         flip: whether to flip horizontally with probability 1/2.
         seed: seed of the generator.
+
+    Example:
+        >>> img = torch.arange(16.0).view(1, 4, 4)
+        >>> aug = RandomCropFlip(4, padding=1, seed=0)
+        >>> aug.set_epoch(3, rank=0)
+        >>> first = aug(img)
+        >>> aug.set_epoch(3, rank=0)  # the same epoch again: the same crop and flip
+        >>> torch.equal(aug(img), first), tuple(first.shape)
+        (True, (1, 4, 4))
     """
 
     def __init__(self, size: int, padding: int = 4, flip: bool = True, seed: int = 0):
@@ -131,6 +140,12 @@ def set_augmentation_epoch(dataset, epoch: int, rank: Optional[int] = None) -> i
 
     Returns:
         The number of augmentation transforms updated (0 for an un-augmented set).
+
+    Example:
+        >>> from hessianflow.data import get_datasets
+        >>> train, plain, _ = get_datasets("synthetic", num_train=8, num_test=4, image_size=8)
+        >>> set_augmentation_epoch(train, 0), set_augmentation_epoch(plain, 0)
+        (1, 0)
     """
     augs = _augmentations(dataset)
     for aug in augs:
@@ -164,6 +179,11 @@ class TensorImageDataset(Dataset):
         images: ``[N, C, H, W]`` float tensor.
         targets: ``[N]`` int64 labels.
         transform: callable applied to each ``[C, H, W]`` image, or ``None``.
+
+    Example:
+        >>> ds = TensorImageDataset(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]), transform=lambda x: x + 1)
+        >>> len(ds), ds[2][0].sum().item(), ds[2][1].item()
+        (3, 4.0, 2)
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
