@@ -6,6 +6,8 @@ One row per method, each in a fresh process (so that one row's allocations canno
 - ``hf hessian (reused)``: hessianflow's Hessian product with the first-order graph kept (the default
   on one batch); the peak includes building that graph, the time is per further product;
 - ``hf hessian (fresh)``: ``reuse_graph=False``: forward, gradient with ``create_graph``, double backward;
+- ``hf hessian (micro m)`` / ``hf ggn (micro m)``: ``micro_batch_size=batch/m``: the same product over the
+  batch, in ``m`` chunks with one chunk's graph in memory at a time;
 - ``hf ggn``: hessianflow's GGN product with :func:`hessianflow.losses.causal_lm_loss` (the analytic
   softmax cross-entropy Hessian);
 - ``he hessian`` / ``he ggn``: hessian-eigenthings 1.0.0a5's HuggingFace path (``hf_lm_loss()``,
@@ -39,14 +41,18 @@ CONFIGS = {
     # CPU: small enough for a 2-core machine, large enough that the products dominate Python overhead
     "small": {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 2048, "n_positions": 64,
               "batch": 4, "tokens": 64},
+    # the same model on 4x the tokens: activations weigh more against the parameters
+    "small-long": {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 2048, "n_positions": 128,
+                   "batch": 8, "tokens": 128},
     # GPT-2 small (124M parameters), batch 8 x 256 tokens
     "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024,
                    "batch": 8, "tokens": 256},
     # the test of this script's plumbing
     "tiny": {"n_layer": 1, "n_embd": 16, "n_head": 2, "vocab_size": 64, "n_positions": 16, "batch": 2, "tokens": 16},
 }  # fmt: skip
-ROWS = ("gradient", "hf hessian (reused)", "hf hessian (fresh)", "hf hessian (fwd-over-rev)",
-        "hf hessian (finite diff)", "hf ggn", "he hessian", "he hessian +math", "he ggn", "he ggn +math")  # fmt: skip
+ROWS = ("gradient", "hf hessian (reused)", "hf hessian (fresh)", "hf hessian (micro 2)", "hf hessian (micro 4)",
+        "hf hessian (fwd-over-rev)", "hf hessian (finite diff)", "hf ggn", "hf ggn (micro 2)",
+        "he hessian", "he hessian +math", "he ggn", "he ggn +math")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +101,20 @@ def _calls(row: str, model, batch):
     if row == "gradient":
         return None, lambda: torch.autograd.grad(causal_lm_loss(model, batch), params)
     if row.startswith("hf "):
+        micro = None
+        if "(micro " in row:  # "(micro m)": the batch in m chunks (micro_batch_size = batch / m)
+            chunks = int(row.split("(micro ")[1].rstrip(")"))
+            micro = -(-batch["input_ids"].shape[0] // chunks)
+            row = row.split(" (micro")[0] + ("" if row.startswith("hf ggn") else " (fresh)")
         kind = {"hf hessian (reused)": "reused", "hf hessian (fresh)": "fresh", "hf ggn": "ggn",
                 "hf hessian (fwd-over-rev)": "forward_over_reverse",
                 "hf hessian (finite diff)": "finite_difference"}[row]  # fmt: skip
         Op = hf.GGNOperator if kind == "ggn" else hf.HessianOperator
         backend = kind if kind in ("forward_over_reverse", "finite_difference") else "double_backprop"
-        op = Op(model, loss_fn=causal_lm_loss, data=batch, reuse_graph=kind == "reused", backend=backend)
+        op = Op(
+            model, loss_fn=causal_lm_loss, data=batch, reuse_graph=kind == "reused", backend=backend,
+            micro_batch_size=micro,
+        )  # fmt: skip
         return None, lambda: op @ v
     import hessian_eigenthings as he
     from hessian_eigenthings.loss_fns.huggingface import hf_lm_forward, hf_lm_loss, hf_lm_loss_of_output
@@ -217,13 +231,13 @@ def main(args) -> dict:
 
 def _print(out: dict) -> None:
     print(f"config {out['config']} on {out['device']}, {out['dtype']}, threads {out['threads']}")
-    print(f"{'row':<22}{'ms':>10}{'x grad':>9}{'peak MiB':>11}{'x grad':>9}")
+    print(f"{'row':<26}{'ms':>10}{'x grad':>9}{'peak MiB':>11}{'x grad':>9}")
     for r in out["rows"]:
         if "error" in r:
-            print(f"{r['row']:<22}  fails: {r['error']}")
+            print(f"{r['row']:<26}  fails: {r['error']}")
             continue
         tx, mx = r.get("time_x_gradient", float("nan")), r.get("memory_x_gradient", float("nan"))
-        print(f"{r['row']:<22}{1e3 * r['seconds']:>10.1f}{tx:>9.2f}{r['peak_bytes'] / 2**20:>11.1f}{mx:>9.2f}")
+        print(f"{r['row']:<26}{1e3 * r['seconds']:>10.1f}{tx:>9.2f}{r['peak_bytes'] / 2**20:>11.1f}{mx:>9.2f}")
 
 
 if __name__ == "__main__":
