@@ -64,6 +64,12 @@ def get_model(arch: str, depth: int = 20, num_classes: int = 10, in_channels: in
 
     Raises:
         ValueError: for an unknown architecture or an invalid ResNet depth.
+
+    Example:
+        >>> import torch
+        >>> net = get_model("resnet", depth=8, num_classes=10, in_channels=1, input_size=16)
+        >>> net.config["arch"], tuple(net(torch.zeros(2, 1, 16, 16)).shape)
+        ('ResNet', (2, 10))
     """
     name = canonical_arch(arch)
     if name == "ResNet":
@@ -73,5 +79,10 @@ def get_model(arch: str, depth: int = 20, num_classes: int = 10, in_channels: in
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of scalar parameters in ``model`` (optionally only those with ``requires_grad``)."""
+    """Number of scalar parameters in ``model`` (optionally only those with ``requires_grad``).
+
+    Example:
+        >>> count_parameters(get_model("c1")), count_parameters(get_model("ResNet", depth=20))
+        (1756682, 272474)
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

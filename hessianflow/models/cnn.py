@@ -22,7 +22,12 @@ __all__ = ["C1", "C2", "c1_model", "c2_model", "pair"]
 
 
 def pair(input_size) -> tuple[int, int]:
-    """Return ``(height, width)`` from an int or a 2-sequence, validating that both are positive ints."""
+    """Return ``(height, width)`` from an int or a 2-sequence, validating that both are positive ints.
+
+    Example:
+        >>> pair(32), pair((28, 20))
+        ((32, 32), (28, 20))
+    """
     if is_int(input_size):
         hw = (int(input_size), int(input_size))
     else:

@@ -27,6 +27,10 @@ def resnet_num_blocks(depth) -> int:
 
     Raises:
         ValueError: unless ``depth = 6n + 2`` with ``n >= 1`` (20, 32, 44, 56, 110, ...).
+
+    Example:
+        >>> resnet_num_blocks(20), resnet_num_blocks(110)
+        (3, 18)
     """
     if not is_int(depth) or depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(
