@@ -149,11 +149,16 @@ def product_kernels(device: torch.device | str | None = None, backend: str = "do
         ValueError: an unknown ``backend``.
         AttentionKernelError: (from the enclosed code) an attention kernel without the needed derivatives.
 
-    Example::
-
-        with product_kernels(torch.device("cpu"), "double_backprop"):
-            g = torch.autograd.grad(loss_fn(model, batch), params, create_graph=True)
-            hv = torch.autograd.grad(g, params, grad_outputs=v)
+    Example (outside the context, PyTorch's CPU flash kernel raises on the second derivative):
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from hessianflow.attention import product_kernels
+        >>> q = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        >>> with product_kernels(torch.device("cpu"), "double_backprop"):
+        ...     (g,) = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+        ...     (hv,) = torch.autograd.grad(g, q, grad_outputs=torch.ones_like(q))
+        >>> hv.shape
+        torch.Size([1, 1, 3, 4])
     """
     if backend not in SECOND_ORDER_BACKENDS + FIRST_ORDER_BACKENDS:
         raise ValueError(

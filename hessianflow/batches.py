@@ -94,6 +94,13 @@ def move_batch(batch, device, dtype: torch.dtype | None = None, non_blocking: bo
     Floating-point tensors are also cast to ``dtype`` when given (a float64 model is fed float64
     inputs: the curvature is computed in the parameters' precision); integer and boolean tensors (token
     ids, masks, labels) keep theirs.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.batches import move_batch
+        >>> batch = move_batch({"x": torch.zeros(2, 3), "ids": torch.tensor([1, 2]), "note": "a"}, "cpu", torch.float64)
+        >>> batch["x"].dtype, batch["ids"].dtype, batch["note"]
+        (torch.float64, torch.int64, 'a')
     """
     device = torch.device(device)
 
@@ -261,6 +268,16 @@ class LossSpec:
         forward_fn, loss_of_output: a split loss, ``loss_of_output(forward_fn(model, batch), batch)``
             (together, instead of ``loss_fn``); what the GGN needs with batches other than
             ``(inputs, targets)``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow.batches import LossSpec
+        >>> spec = LossSpec(nn.MSELoss(reduction="sum"))
+        >>> spec.kind, spec.reduction, spec.weight((torch.zeros(4, 2), torch.zeros(4, 1)))
+        ('criterion', 'sum', 4)
+        >>> float(spec.loss(nn.Identity(), (torch.ones(4, 1), torch.zeros(4, 1))))
+        4.0
     """
 
     def __init__(

@@ -55,7 +55,14 @@ TIMEOUT_ENV = "HESSIANFLOW_DIST_TIMEOUT"
 
 @dataclass
 class DistContext:
-    """Where this process stands: ``rank`` of ``world_size``; ``device`` is the one it computes on."""
+    """Where this process stands: ``rank`` of ``world_size``; ``device`` is the one it computes on.
+
+    Example:
+        >>> from hessianflow.distributed import DistContext
+        >>> ctx = DistContext()  # a plain process
+        >>> ctx.is_main, ctx.enabled, ctx.device
+        (True, False, device(type='cpu'))
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -94,7 +101,13 @@ def launched_by_torchrun() -> bool:
 
 
 def is_distributed() -> bool:
-    """An initialised process group with more than one rank."""
+    """An initialised process group with more than one rank.
+
+    Example:
+        >>> from hessianflow.distributed import is_distributed
+        >>> is_distributed()  # a plain process
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -169,8 +182,8 @@ def reduce_or_raise(
         The rank's own exception on the rank that raised it; on the others :class:`NonFiniteError` when
         every failure was one, ``RuntimeError`` otherwise; :class:`FallbackOnAllRanks`.
 
-    Without a process group it is ``compute()`` itself (errors raised as they come, a ``fallback``
-    one as :class:`FallbackOnAllRanks`):
+    On one process (:func:`is_distributed` false) it is ``compute()`` itself (errors raised as they
+    come, a ``fallback`` one as :class:`FallbackOnAllRanks`):
 
     Example:
         >>> import torch
@@ -178,7 +191,7 @@ def reduce_or_raise(
         >>> reduce_or_raise(lambda: ([torch.ones(2)], 3), lambda: [torch.zeros(2)], what="add")
         ([tensor([1., 1.])], 3)
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         try:
             tensors, weight = compute()
         except fallback as exc:
@@ -252,6 +265,16 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
 
     Raises:
         ValueError: CUDA asked for but absent, or a bad timeout.
+
+    Example:
+        >>> import os
+        >>> from hessianflow.distributed import init_distributed
+        >>> "RANK" in os.environ  # not started by torchrun
+        False
+        >>> ctx = init_distributed(device="cpu")
+        >>> ctx.rank, ctx.world_size, ctx.initialized_here
+        (0, 1, False)
+        >>> ctx.close()  # a no-op here
     """
     timeout = _timeout_s(timeout_s)
     if device == "auto":
@@ -279,6 +302,13 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
     The slices of ranks ``0 .. world_size - 1`` partition ``range(n)`` in order; a rank may get an empty
     one when ``n < world_size``.
+
+    Example:
+        >>> from hessianflow.distributed import shard
+        >>> [shard(5, rank, 2) for rank in range(2)]
+        [slice(0, 3, None), slice(3, 5, None)]
+        >>> shard(1, 1, 2)  # fewer samples than ranks: an empty shard
+        slice(1, 1, None)
     """
     for name, value, low in (("n", n, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -313,6 +343,12 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:
     updates them with its own batch: after training, the ranks' running statistics differ by their
     last batch. An eval-mode Hessian, an evaluation or a checkpoint after training must see one model,
     so call this first. Returns the number of buffers sent (0 when not distributed).
+
+    Example:
+        >>> from torch import nn
+        >>> from hessianflow.distributed import broadcast_buffers
+        >>> broadcast_buffers(nn.BatchNorm1d(3))  # a plain process: nothing to send
+        0
     """
     if not is_distributed():
         return 0

@@ -29,6 +29,12 @@ def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
     """Concatenate tensors into one flat vector; a ``None`` entry becomes zeros shaped like ``like[i]``.
 
     A trailing ``k`` batch dimension is not supported here; see :func:`flatten_batched`.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.hvp import flatten
+        >>> flatten([torch.ones(2, 2), None], like=[None, torch.empty(1)])
+        tensor([1., 1., 1., 1., 0.])
     """
     parts = []
     for i, t in enumerate(tensors):
@@ -49,7 +55,15 @@ def flatten_batched(tensors: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 
 
 def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a flat vector ``[n]`` (or a matrix ``[n, k]``, giving ``[k, *shape]`` pieces) like ``like``."""
+    """Split a flat vector ``[n]`` (or a matrix ``[n, k]``, giving ``[k, *shape]`` pieces) like ``like``.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.hvp import unflatten
+        >>> unflatten(torch.arange(5.0), [torch.empty(2, 2), torch.empty(1)])
+        [tensor([[0., 1.],
+                [2., 3.]]), tensor([4.])]
+    """
     n = sum(p.numel() for p in like)
     if vec.shape[0] != n:
         raise ValueError(f"expected a vector of length {n} (the number of parameters), got {vec.shape[0]}")
@@ -87,6 +101,14 @@ def double_backprop_hvp(
     Returns:
         :math:`Hv`, split like ``params``; a parameter that gets no second-order contribution gets zeros,
         never ``None``.
+
+    Example (:math:`f(w) = \\sum_i w_i^3`, :math:`H = \\operatorname{diag}(6 w)`):
+        >>> import torch
+        >>> from hessianflow.hvp import double_backprop_hvp
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = torch.autograd.grad((w**3).sum(), w, create_graph=True)
+        >>> double_backprop_hvp([g], [w], [torch.ones(2)])
+        [tensor([ 6., 12.])]
     """
     if len(vecs) != len(params) or len(grads) != len(params):
         raise ValueError(f"got {len(grads)} gradients and {len(vecs)} vector pieces for {len(params)} parameters")
@@ -135,6 +157,12 @@ def forward_over_reverse_hvp(loss_fn, params: Sequence[torch.Tensor], vecs: Sequ
 
     Returns:
         :math:`Hv`, split like ``params``.
+
+    Example (:math:`f(w) = \\sum_i w_i^3`, :math:`H = \\operatorname{diag}(6 w)`):
+        >>> import torch
+        >>> from hessianflow.hvp import forward_over_reverse_hvp
+        >>> forward_over_reverse_hvp(lambda ps: (ps[0] ** 3).sum(), [torch.tensor([1.0, 2.0])], [torch.ones(2)])
+        [tensor([ 6., 12.])]
     """
     primals = tuple(p.detach() for p in params)
     tangents = tuple(v.to(dtype=p.dtype) for v, p in zip(vecs, primals))

@@ -149,6 +149,15 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
     Raises:
         ValueError: a name or a pattern that selects nothing (the message lists some names), an object
             that is not a parameter or a module of the model, or an empty selection.
+
+    Example:
+        >>> from torch import nn
+        >>> from hessianflow.operators import resolve_params
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> resolve_params(model, ["2", "0.bias"])[1]  # a module's parameters, then one parameter
+        ['2.weight', '2.bias', '0.bias']
+        >>> resolve_params(model, "*.weight")[1]
+        ['0.weight', '2.weight']
     """
     named = list(model.named_parameters())  # one entry per tensor: tied weights once
     name_of = {id(p): n for n, p in named}
@@ -615,13 +624,24 @@ class HessianOperator(CurvatureOperator):
     (``backend="forward_over_reverse"``). The loss: a criterion, ``loss_fn=``, or the model output's
     ``.loss`` (see :class:`CurvatureOperator`).
 
-    Example::
+    Other loss forms::
 
-        H = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
         H = HessianOperator(gpt2, data={"input_ids": ids, "labels": ids})          # the output's .loss
         H = HessianOperator(gpt2, loss_fn=causal_lm_loss, dataloader=loader,
                             batch_weight=lambda b: (b["labels"][:, 1:] != -100).sum())
-        Hv = H @ v   # v: flat tensor of H.size
+
+    Example (linear least squares: :math:`H = 2 X^\\top X / n`):
+        >>> import torch
+        >>> from torch import nn
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(3, 1, dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> from hessianflow import HessianOperator
+        >>> H = HessianOperator(model, nn.MSELoss(), data=(X, y))
+        >>> H @ torch.tensor([1.0, 0.0], dtype=torch.float64)  # the first column of 2 X^T X / 3
+        tensor([1.3333, 0.6667], dtype=torch.float64)
+        >>> torch.allclose(H.to_dense(), 2 * X.T @ X / 3)
+        True
     """
 
     _backends = ("double_backprop", "forward_over_reverse", "finite_difference")
@@ -765,6 +785,17 @@ class GGNOperator(CurvatureOperator):
     elsewhere, instead of a double backward through ``log_softmax`` (which keeps several logits-sized
     tensors per product: what makes the GGN costly at a language model's vocabulary size).
     ``analytic_cross_entropy=False`` forces the autograd path, ``True`` requires the analytic one.
+
+    Example (a linear model: :math:`J = X`, and the GGN of the squared error is :math:`2 X^\\top X / n`):
+        >>> import torch
+        >>> from torch import nn
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(3, 1, dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> from hessianflow import GGNOperator
+        >>> G = GGNOperator(model, nn.MSELoss(), data=(X, y))
+        >>> torch.allclose(G.to_dense(), 2 * X.T @ X / 3)
+        True
     """
 
     def __init__(self, model, criterion=None, data=None, dataloader=None, params=None, *,
@@ -837,6 +868,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
     ``torch.func.vmap`` over ``torch.func.grad`` (``per_sample="vmap"``) or one backward pass per
     sample (``"loop"``); ``"auto"`` tries the first and falls back to the second for a model or loss
     that vmap cannot trace (e.g. data-dependent control flow).
+
+    Example (squared error of a linear model: :math:`g_i = 2 (w^\\top x_i - y_i)\\, x_i`):
+        >>> import torch
+        >>> from torch import nn
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.zeros(3, 1, dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> from hessianflow import EmpiricalFisherOperator
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0)
+        >>> F = EmpiricalFisherOperator(model, nn.MSELoss(), data=(X, y))
+        >>> g = 2 * (X @ torch.ones(2, dtype=torch.float64))[:, None] * X  # [n, 2] per-sample gradients
+        >>> torch.allclose(F.to_dense(), g.T @ g / 3)
+        True
     """
 
     def __init__(self, model, criterion=None, data=None, dataloader=None, params=None, *,
@@ -918,6 +963,20 @@ def exact_hessian(model, criterion=None, data=None, dataloader=None, params=None
 
     Takes the same arguments as :class:`HessianOperator`. The result is symmetrised
     (:math:`(H + H^\\top)/2`, which only removes rounding).
+
+    Example (logistic regression at :math:`w = 0`: :math:`H = X^\\top \\operatorname{diag}(p(1-p)) X / n`
+    with :math:`p = 1/2`):
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import exact_hessian
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.zero_()
+        >>> exact_hessian(model, nn.BCEWithLogitsLoss(), data=(X, y))
+        tensor([[0.1667, 0.0833],
+                [0.0833, 0.4167]], dtype=torch.float64)
     """
     H = HessianOperator(model, criterion, data=data, dataloader=dataloader, params=params, **kwargs)
     n = H.size
