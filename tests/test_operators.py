@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from dense_reference import func_hessian, ggn, mlp, small_cnn
 from torch import nn
 
 from hessianflow.hvp import flatten, unflatten
@@ -14,42 +15,10 @@ DT = torch.float64
 RTOL = 1e-10
 
 
-def func_hessian(model, criterion, x, y, names=None):
-    """Dense Hessian by torch.func.hessian over a flat parameter vector (an independent implementation)."""
-    named = dict(model.named_parameters())
-    names = names or list(named)
-    base = [named[n].detach() for n in names]
-    buffers = dict(model.named_buffers())
-
-    def f(flat):
-        pieces = unflatten(flat, base)
-        out = torch.func.functional_call(model, {**named, **buffers, **dict(zip(names, pieces))}, (x,))
-        return criterion(out, y)
-
-    return torch.func.hessian(f)(flatten(base))
-
-
 def assert_close(a, b, rtol=RTOL):
     scale = b.abs().max().clamp_min(1e-300)
     err = (a - b).abs().max() / scale
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Softplus(), nn.Linear(5, 4)).to(DT)
-
-
-def small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 3 * 3, 4),
-    ).to(DT)
 
 
 def classification_batch(n=24, d=6, c=4, seed=1):
@@ -73,7 +42,7 @@ def cnn_and_batch():
 @pytest.mark.parametrize("backend", ["double_backprop", "forward_over_reverse"])
 @pytest.mark.parametrize("reuse", [True, False])
 def test_mlp_hessian_matches_torch_func(backend, reuse):
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
     ref = func_hessian(model, crit, x, y)
     H = HessianOperator(model, crit, data=(x, y), backend=backend, reuse_graph=reuse, batched_matmat=True)
@@ -163,7 +132,7 @@ def test_softmax_regression_closed_form():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_dataloader_unequal_batches_equals_whole_data(reduction):
-    model = mlp()
+    model = mlp(6, 8, 5, 4)
     crit = nn.CrossEntropyLoss(reduction=reduction)
     x, y = classification_batch(n=23)
     ref = func_hessian(model, crit, x, y)  # the loss over all 23 samples at once
@@ -181,7 +150,7 @@ def test_dataloader_unequal_batches_equals_whole_data(reduction):
 
 
 def test_parameter_subset_is_the_dense_block():
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
     ref = func_hessian(model, crit, x, y)
     names = [n for n, _ in model.named_parameters()]
@@ -196,19 +165,9 @@ def test_parameter_subset_is_the_dense_block():
 
 
 def test_ggn_equals_dense_jt_h_j():
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
-    base = [p.detach() for p in model.parameters()]
-    names = [n for n, _ in model.named_parameters()]
-
-    def outputs(flat):
-        return torch.func.functional_call(model, dict(zip(names, unflatten(flat, base))), (x,))
-
-    flat = flatten(base)
-    out = outputs(flat).detach()
-    J = torch.func.jacrev(outputs)(flat).reshape(out.numel(), -1)
-    H_out = torch.func.hessian(lambda o: crit(o.view_as(out), y))(out.reshape(-1))
-    expected = J.T @ H_out @ J
+    expected = ggn(model, crit, x, y)
     G = GGNOperator(model, crit, data=(x, y))
     assert_close(G.to_dense(), expected)
     V = torch.randn(G.size, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
@@ -218,8 +177,35 @@ def test_ggn_equals_dense_jt_h_j():
     assert (expected - func_hessian(model, crit, x, y)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_release_then_reuse_rebuilds_the_graph_at_the_current_weights(kind):
+    """``release()`` frees the reused first-order graph; the next product rebuilds it, from the weights as
+    they are then (a product through the released graph would use freed or stale tensors)."""
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
+    x, y = classification_batch()
+    Op, reference = {"hessian": (HessianOperator, func_hessian), "ggn": (GGNOperator, ggn)}[kind]
+    op = Op(model, crit, data=(x, y))
+    assert op.reuse_graph
+    g = torch.Generator().manual_seed(8)
+    v, V = torch.randn(op.size, generator=g, dtype=DT), torch.randn(op.size, 3, generator=g, dtype=DT)
+    before = reference(model, crit, x, y)
+    assert_close(op.matvec(v), before @ v)
+    op.release()
+    assert_close(op.matvec(v), before @ v)
+    op.release()
+    assert_close(op.matmat(V), before @ V)  # the batched product after a release too
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    op.release()
+    after = reference(model, crit, x, y)
+    assert (after - before).abs().max() > 0.1 * before.abs().max()  # the new weights' curvature differs
+    assert_close(op.matvec(v), after @ v)
+    assert_close(op.matmat(V), after @ V)  # and the rebuilt graph is reused
+
+
 def test_library_leaves_model_state_alone():
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
     model[0].weight.requires_grad_(False)
     sentinel = torch.full_like(model[2].weight, 7.0)
@@ -263,7 +249,7 @@ def test_parameters_without_gradient_give_zeros():
 
 
 def test_bad_inputs_are_clear_errors():
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
     with pytest.raises(ValueError, match="exactly one"):
         HessianOperator(model, crit)
@@ -289,23 +275,23 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_float32_model_and_inputs_cast():
-    model = mlp().float()
+    model = mlp(6, 8, 5, 4).float()
     x, y = classification_batch()
     H = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))  # float64 inputs into a float32 model
     assert H.dtype == torch.float32
-    ref = func_hessian(mlp(), nn.CrossEntropyLoss(), x, y)
+    ref = func_hessian(mlp(6, 8, 5, 4), nn.CrossEntropyLoss(), x, y)
     assert_close(H.to_dense().double(), ref, 1e-5)
 
 
 def test_resolve_params_default_skips_frozen():
-    model = mlp()
+    model = mlp(6, 8, 5, 4)
     model[4].bias.requires_grad_(False)
     params, names = resolve_params(model)
     assert "4.bias" not in names and len(params) == 5
 
 
 def test_ddp_style_wrapper_is_looked_through():
-    model, crit = mlp(), nn.CrossEntropyLoss()
+    model, crit = mlp(6, 8, 5, 4), nn.CrossEntropyLoss()
     x, y = classification_batch()
     wrapped = nn.DataParallel(model)  # on the CPU DataParallel just holds the module
     assert_close(HessianOperator(wrapped, crit, data=(x, y)).to_dense(), func_hessian(model, crit, x, y))
@@ -442,16 +428,7 @@ def test_convolutions_with_the_explicit_double_backward(train_mode):
     assert_close(dense, ref)
     assert not any("forward" in m.__dict__ for m in model)
     # the GGN goes through the same convolutions (J^T u, then its derivative in u)
-    base = [p.detach() for p in model.parameters()]
-    names = [n for n, _ in model.named_parameters()]
-
-    def outputs(flat):
-        return torch.func.functional_call(model, dict(zip(names, unflatten(flat, base))), (x,))
-
-    out = outputs(flatten(base)).detach()
-    J = torch.func.jacrev(outputs)(flatten(base)).reshape(out.numel(), -1)
-    H_out = torch.func.hessian(lambda o: crit(o.view_as(out), y))(out.reshape(-1))
-    assert_close(GGNOperator(model, crit, data=(x, y)).to_dense(), J.T @ H_out @ J)
+    assert_close(GGNOperator(model, crit, data=(x, y)).to_dense(), ggn(model, crit, x, y))
     # several vectors at once (vmap over the explicit backward) and a loader of unequal batches
     V = torch.randn(H.size, 3, dtype=DT, generator=g)
     assert_close(HessianOperator(model, crit, data=(x, y), batched_matmat=True).matmat(V), ref @ V)
