@@ -279,6 +279,44 @@ def _xtrace_from_sketch(op, Om, Y, improved: bool):
     ``stderr² = (s-1)/s Σ_j (X_(j) - mean X)²``, conservative in expectation by the Efron-Stein
     inequality (Efron & Stein 1981).
     """
+    s = Om.shape[1]
+    sk = _sketch_coordinates(op, Om, Y, improved)
+    ests = _leave_one_out(sk)
+    if s < 3:
+        return ests, float(ests.std(unbiased=True) / math.sqrt(s))
+    return ests, _jackknife_stderr(sk)
+
+
+@dataclass
+class _Sketch:
+    """The ``s x s`` (and ``s``-long) quantities the XTrace estimates are formed from, on the CPU.
+
+    In the notation of :func:`_xtrace_from_sketch`: ``W = QᵀΩ``, ``T = ZᵀΩ``, ``H = QᵀAQ``
+    (symmetrised), ``R`` from ``Y = QR``, ``Amat`` the normalised ``a_i`` as columns, ``Gm = AmatᵀAmat``,
+    ``AX = Amatᵀ X``, and per test vector: ``om2 = |ω_i|²``, ``omy = ω_iᵀy_i``, ``tw``, ``wr``, ``ww``,
+    ``wHw`` (column-wise products of ``T·W``, ``W·R``, ``W·W``, ``W·HW``).
+    """
+
+    n: int
+    s: int
+    improved: bool
+    om2: torch.Tensor
+    omy: torch.Tensor
+    trH: torch.Tensor
+    tw: torch.Tensor
+    wr: torch.Tensor
+    ww: torch.Tensor
+    wHw: torch.Tensor
+    Gm: torch.Tensor
+    AW: torch.Tensor
+    AT: torch.Tensor
+    AR: torch.Tensor
+    AHW: torch.Tensor
+    AHA: torch.Tensor
+
+
+def _sketch_coordinates(op, Om, Y, improved: bool) -> _Sketch:
+    """QR of the sketch, its ``s`` further products ``Z = AQ``, and everything in ``Q``'s coordinates."""
     n, s = Om.shape
     f64 = torch.float64
     Q, R = torch.linalg.qr(Y)
@@ -303,62 +341,85 @@ def _xtrace_from_sketch(op, Om, Y, improved: bool):
         Rreg[idx, idx] = torch.where(d[idx] < 0, -floor, floor).to(f64)
     Rinv = torch.linalg.solve_triangular(Rreg, torch.eye(s, dtype=f64), upper=True)
     Amat = Rinv.T / torch.linalg.vector_norm(Rinv.T, dim=0, keepdim=True)  # columns a_i, normalised
-    Gm = Amat.T @ Amat
-    AW, AT, AR = Amat.T @ W, Amat.T @ T, Amat.T @ R
-    AHW, AHA = Amat.T @ H @ W, Amat.T @ H @ Amat
-    trH = H.trace()
-    tw, wr, ww = (T * W).sum(dim=0), (W * R).sum(dim=0), (W * W).sum(dim=0)
-    wHw = (W * (H @ W)).sum(dim=0)
+    return _Sketch(
+        n=n,
+        s=s,
+        improved=improved,
+        om2=om2,
+        omy=omy,
+        trH=H.trace(),
+        tw=(T * W).sum(dim=0),
+        wr=(W * R).sum(dim=0),
+        ww=(W * W).sum(dim=0),
+        wHw=(W * (H @ W)).sum(dim=0),
+        Gm=Amat.T @ Amat,
+        AW=Amat.T @ W,
+        AT=Amat.T @ T,
+        AR=Amat.T @ R,
+        AHW=Amat.T @ H @ W,
+        AHA=Amat.T @ H @ Amat,
+    )
 
-    def estimate(col, proj_w, proj_t, proj_r, proj_hw, whw_proj, tr_proj, rank):
-        # proj_x = (Π w_i) . x_i; col reshapes the per-i vectors to broadcast along i.
-        hutch = col(omy) - (col(tw) - proj_t) - (col(wr) - proj_r) + (col(wHw) - 2 * proj_hw + whw_proj)
-        if improved:
-            outside = (col(om2) - col(ww) + proj_w).clamp_min(torch.finfo(f64).tiny)
-            hutch = hutch * (n - (s - rank)) / outside
-        return trH - tr_proj + hutch
 
-    # Leave one out: Π = a_i a_i^T.
-    b = AW.diagonal()  # coefficient of w_i on a_i
-    ests = estimate(
+def _deflated_estimates(sk: _Sketch, col, proj_w, proj_t, proj_r, proj_hw, whw_proj, tr_proj, rank):
+    """The estimates deflated by ``rank`` left-out sketch vectors, from their projections.
+
+    ``proj_x = (Π w_i) . x_i``; ``col`` reshapes the per-``i`` vectors to broadcast along ``i``.
+    """
+    hutch = col(sk.omy) - (col(sk.tw) - proj_t) - (col(sk.wr) - proj_r) + (col(sk.wHw) - 2 * proj_hw + whw_proj)
+    if sk.improved:
+        outside = (col(sk.om2) - col(sk.ww) + proj_w).clamp_min(torch.finfo(torch.float64).tiny)
+        hutch = hutch * (sk.n - (sk.s - rank)) / outside
+    return sk.trH - tr_proj + hutch
+
+
+def _leave_one_out(sk: _Sketch) -> torch.Tensor:
+    """The ``s`` leave-one-out estimates ``t_i``: ``Π = a_i a_iᵀ``."""
+    b = sk.AW.diagonal()  # coefficient of w_i on a_i
+    return _deflated_estimates(
+        sk,
         lambda v: v,
-        b * AW.diagonal(),
-        b * AT.diagonal(),
-        b * AR.diagonal(),
-        b * AHW.diagonal(),
-        b**2 * AHA.diagonal(),
-        AHA.diagonal(),
+        b * sk.AW.diagonal(),
+        b * sk.AT.diagonal(),
+        b * sk.AR.diagonal(),
+        b * sk.AHW.diagonal(),
+        b**2 * sk.AHA.diagonal(),
+        sk.AHA.diagonal(),
         1,
     )
-    if s < 3:
-        return ests, float(ests.std(unbiased=True) / math.sqrt(s))
 
-    # Leave two out, for all pairs as [s, s] arrays indexed [i, j] (i != j): Π = M (MᵀM)⁻¹ Mᵀ with
-    # M = [a_i, a_j], MᵀM = [[1, g], [g, 1]].
-    g = Gm
-    det = (1 - g**2).clamp_min(torch.finfo(f64).eps)
-    m1, m2 = AW.diagonal()[:, None], AW.T  # a_i . w_i, a_j . w_i
+
+def _jackknife_stderr(sk: _Sketch) -> float:
+    """The jackknife standard error over test vectors, from the leave-two-out estimates (``s >= 3``).
+
+    All pairs as ``[s, s]`` arrays indexed ``[i, j]`` (``i != j``): ``Π = M (MᵀM)⁻¹ Mᵀ`` with
+    ``M = [a_i, a_j]``, ``MᵀM = [[1, g], [g, 1]]``.
+    """
+    s = sk.s
+    g = sk.Gm
+    det = (1 - g**2).clamp_min(torch.finfo(torch.float64).eps)
+    m1, m2 = sk.AW.diagonal()[:, None], sk.AW.T  # a_i . w_i, a_j . w_i
     b1 = (m1 - g * m2) / det
     b2 = (m2 - g * m1) / det
 
     def pair(X):  # (Π w_i) . x_i = b1 (a_i . x_i) + b2 (a_j . x_i), X[l, i] = a_l . x_i
         return b1 * X.diagonal()[:, None] + b2 * X.T
 
-    e11, e22, e12 = AHA.diagonal()[:, None], AHA.diagonal()[None, :], AHA
-    pairs = estimate(
+    e11, e22, e12 = sk.AHA.diagonal()[:, None], sk.AHA.diagonal()[None, :], sk.AHA
+    pairs = _deflated_estimates(
+        sk,
         lambda v: v[:, None],
-        pair(AW),
-        pair(AT),
-        pair(AR),
-        pair(AHW),
+        pair(sk.AW),
+        pair(sk.AT),
+        pair(sk.AR),
+        pair(sk.AHW),
         b1**2 * e11 + 2 * b1 * b2 * e12 + b2**2 * e22,
         (e11 - 2 * g * e12 + e22) / det,
         2,
     )
     off = ~torch.eye(s, dtype=torch.bool)
     X = torch.where(off, pairs, 0.0).sum(dim=0) / (s - 1)  # X_(j): XTrace without w_j, the mean over i != j
-    jack = math.sqrt((s - 1) / s * float(((X - X.mean()) ** 2).sum()))
-    return ests, jack
+    return math.sqrt((s - 1) / s * float(((X - X.mean()) ** 2).sum()))
 
 
 def xtrace(A, num_matvecs: int = 100, seed=None):
