@@ -4,48 +4,21 @@ import copy
 
 import pytest
 import torch
+from dense_reference import func_hessian, small_cnn
 from torch import nn
 
 from hessianflow.analysis import LayerResult, layer_blocks, loss_landscape, per_layer
 from hessianflow.eigen import lanczos
-from hessianflow.hvp import flatten, unflatten
 from hessianflow.operators import GGNOperator, HessianOperator, exact_hessian
 
 DT = torch.float64
 
 
-def func_hessian(model, criterion, x, y):
-    """Dense Hessian with torch.func.hessian (independent of the operators' double backprop), in eval mode
-    as the operators default to."""
-    model.eval()
-    named = dict(model.named_parameters())
-    names = list(named)
-    base = [named[n].detach() for n in names]
-    buffers = dict(model.named_buffers())
-
-    def f(flat):
-        out = torch.func.functional_call(model, {**buffers, **dict(zip(names, unflatten(flat, base)))}, (x,))
-        return criterion(out, y)
-
-    return torch.func.hessian(f)(flatten(base))
-
-
 def tiny_cnn(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.Tanh(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(3 * 2 * 2, 5),
-        nn.Softplus(),
-        nn.Linear(5, 4),
-    ).to(DT)
+    model = small_cnn(seed, side=4, hidden=5)
     # non-trivial running statistics, so that eval mode differs from train mode
-    bn = model[1]
-    bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.05], dtype=DT))
-    bn.running_var.copy_(torch.tensor([0.8, 1.3, 0.6], dtype=DT))
+    model[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.05], dtype=DT))
+    model[1].running_var.copy_(torch.tensor([0.8, 1.3, 0.6], dtype=DT))
     return model
 
 
@@ -102,7 +75,7 @@ def test_layer_blocks_names_order_shared_and_frozen():
 def test_per_layer_exact_matches_dense_blocks_and_traces_add_up():
     model = tiny_cnn()
     x, y = batch()
-    H = func_hessian(model, CE, x, y)  # [n, n]
+    H = func_hessian(model.eval(), CE, x, y)  # [n, n], in eval mode as the operators default to
     results = per_layer(model, CE, data=(x, y), top_k=3, exact_threshold=10_000)
     slices = block_slices(model)
     assert [r.name for r in results] == list(slices)
