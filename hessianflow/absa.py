@@ -415,11 +415,12 @@ def _loop_spec(criterion, loss_fn, reduction, batch_weight, where: str) -> LossS
     return spec
 
 
-def _batch_loss(model, spec: LossSpec, batch):
+def _batch_loss(model, spec: LossSpec, batch, summed: bool = True):
     """``(summed loss, weight, outputs, targets)`` of one batch; outputs/targets only for a criterion.
 
     The summed loss is the batch's loss times its weight for a mean (the sum over its samples or
-    weighted units), the loss itself for a sum.
+    weighted units), the loss itself for a sum; ``summed=False`` returns the loss as the loss function
+    gave it.
     """
     outputs = targets = None
     if spec.kind == "criterion":
@@ -432,7 +433,7 @@ def _batch_loss(model, spec: LossSpec, batch):
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"the loss must be a scalar, got {shape}")
     weight = spec.weight(batch)
-    return (loss * weight if spec.reduction == "mean" else loss), weight, outputs, targets
+    return (loss * weight if summed and spec.reduction == "mean" else loss), weight, outputs, targets
 
 
 def _default_device(model: nn.Module):
@@ -692,11 +693,26 @@ def evaluate(
 
     The loss forms, ``reduction`` and ``batch_weight`` are those of :func:`train_epoch` (batches of any
     form are moved to ``device`` recursively; a loss whose reduction is not declared needs
-    ``reduction=``).
+    ``reduction=``). Each batch's loss is taken to a Python float before it is weighted, so the sums
+    are float64 whatever the model's dtype. Batches of weight 0 (an empty shard) are skipped.
 
     Returns:
         A dict: ``loss`` (mean per sample, each mini-batch weighted by its size), ``accuracy``
-        (fraction in [0, 1], ``None`` when the outputs are not class logits) and ``samples``.
+        (fraction in [0, 1], ``None`` when the outputs are not class logits), ``samples`` (the total
+        weight), and the sums they are made of: ``loss_sum`` (``loss * samples``) and ``correct``
+        (``None`` without accuracy), e.g. to be summed over processes.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import evaluate
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(4, 3)
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> out = evaluate(model, [(x[:6], y[:6]), (x[6:], y[6:])], nn.CrossEntropyLoss())
+        >>> round(out["loss"], 4) == round(nn.functional.cross_entropy(model(x), y).item(), 4), out["samples"]
+        (True, 10)
     """
     if max_batches is not None:
         max_batches = check_int("max_batches", max_batches, minimum=1)
@@ -709,8 +725,10 @@ def evaluate(
                 break
             if device is not None:
                 batch = move_batch(batch, device)
-            loss_sum, b, outputs, targets = _batch_loss(model, spec, batch)
-            total_loss += loss_sum.item()
+            if spec.weight(batch) == 0:
+                continue
+            loss, b, outputs, targets = _batch_loss(model, spec, batch, summed=False)
+            total_loss += loss.item() * b if spec.reduction == "mean" else loss.item()
             samples += b
             c = None if outputs is None else _correct(outputs, targets)
             if c is None:
@@ -721,4 +739,6 @@ def evaluate(
         "loss": total_loss / samples if samples else float("nan"),
         "accuracy": (correct / samples if samples else float("nan")) if have_acc else None,
         "samples": samples,
+        "loss_sum": total_loss,
+        "correct": correct if have_acc else None,
     }

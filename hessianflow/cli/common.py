@@ -74,6 +74,30 @@ def rank_zero_first(ctx, enabled: bool, fn):
     return out
 
 
+def evaluate_on_ranks(model, loader, criterion, device) -> dict:
+    """Loss and accuracy of ``model`` over ``loader``, the batches of this process's share of the data,
+    summed over the processes of a torchrun job (:func:`hessianflow.absa.evaluate` on each).
+
+    Returns ``{"loss", "accuracy", "samples"}`` over all processes; ``accuracy`` is ``None`` when the
+    outputs are not class logits, ``loss`` is NaN when no process had a sample.
+    """
+    from ..absa import evaluate
+    from ..distributed import all_reduce_sum
+
+    res = evaluate(model, loader, criterion, device)
+    have_acc = res["correct"] is not None
+    # one all-reduce of the three sums (a no-op outside a process group of more than one rank)
+    sums = torch.tensor(
+        [res["loss_sum"], res["correct"] if have_acc else 0, res["samples"]], dtype=torch.float64, device=device
+    )
+    total, correct, count = all_reduce_sum(sums).tolist()
+    return {
+        "loss": total / count if count else float("nan"),
+        "accuracy": (correct / count if count else float("nan")) if have_acc else None,
+        "samples": count,
+    }
+
+
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, exit status 2."""
 

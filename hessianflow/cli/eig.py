@@ -50,6 +50,7 @@ from .. import checkpoint_format as cf
 from .._checks import is_int
 from ..checkpoint import check_writable_dir, versions, write_json
 from ..checkpoint_format import ModelSpec
+from ..distributed import is_distributed
 from ..models import ARCHS
 from . import common as _cli
 
@@ -538,7 +539,7 @@ def describe(run: _Run, model, meta, name, data_desc, op) -> dict:
     run.log(f"checkpoint  {os.path.abspath(args.resume)} ({origin})")
     run.log(f"model       {meta['description']}, {meta['num_classes']} classes, {num_params:,} parameters")
     run.log(f"data        {data_line}")
-    procs = f", {ctx.world_size} processes sharing the samples" if ctx.enabled else ""
+    procs = f", {ctx.world_size} processes sharing the samples" if is_distributed() else ""
     run.log(f"operator    {op_name} of the mean cross-entropy loss, eval mode, {ctx.device}{procs}")
     run.title = f"{meta['description']} · {name} {args.data} · {os.path.basename(args.resume)}"
     run.subtitle = (
@@ -569,22 +570,9 @@ def check_loss(run: _Run, model, criterion, source) -> dict:
     """The loss and accuracy on the analysed data: a check that the weights are the trained ones."""
     from ..linop import NonFiniteError
 
-    device = run.ctx.device
-    total = correct = count = 0
-    with torch.no_grad():
-        for x, y in [source["data"]] if "data" in source else source["dataloader"]:
-            if x.shape[0] == 0:  # an empty shard (fewer samples than processes)
-                continue
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            total += float(criterion(out, y)) * x.shape[0]
-            correct += int((out.argmax(1) == y).sum())
-            count += x.shape[0]
-    if run.ctx.enabled:
-        sums = torch.tensor([total, correct, count], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(sums)
-        total, correct, count = sums[0].item(), int(sums[1].item()), int(sums[2].item())
-    loss_value, accuracy = total / count, correct / count
+    batches = [source["data"]] if "data" in source else source["dataloader"]
+    res = _cli.evaluate_on_ranks(model, batches, criterion, run.ctx.device)
+    loss_value, accuracy = res["loss"], res["accuracy"]
     if not math.isfinite(loss_value):
         raise NonFiniteError(f"the loss on the analysed data is {loss_value}: the checkpoint's weights are broken")
     run.log(f"loss        {_num(loss_value)} (accuracy {_num(accuracy)}) on the analysed data")
@@ -793,7 +781,7 @@ def finish(run: _Run, result: dict, t_start: float) -> dict:
         result["json"] = os.path.abspath(run.args.json)
         run.log(f"json        {result['json']}")
     run.log(f"done in {result['seconds']['total']:.1f} s")
-    if run.ctx.enabled:
+    if is_distributed():
         # Every rank computed the same collective numbers (a rank that had not would have dead-locked or
         # drifted); check it before rank 0 writes them: a RuntimeError on every rank if not.
         from ..distributed import assert_same_on_all_ranks

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..absa import ABSAController, evaluate, set_lr, train_epoch
+from ..absa import ABSAController, set_lr, train_epoch
 from ..adversarial import normalized_bounds, pixel_eps
 from ..checkpoint import (
     CheckpointError,
@@ -50,7 +50,7 @@ from ..checkpoint_format import (
     upgrade_state_dict,
 )
 from ..data import dataset_info, get_datasets, set_augmentation_epoch
-from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, shard
+from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
 from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
 from ..tracking import EigenTracker, top_eigenvalue
@@ -276,12 +276,10 @@ def _hessian_batch(dataset, size: int, seed: int, ctx):
 def _evaluate(model, test_set, args, criterion, ctx) -> dict:
     """Test loss and accuracy; under torchrun each rank takes a contiguous shard and the sums are combined."""
     part = torch.utils.data.Subset(test_set, range(len(test_set))[shard(len(test_set), ctx.rank, ctx.world_size)])
-    res = evaluate(getattr(model, "module", model), _loader(part, args.test_batch_size), criterion, ctx.device)
-    n = len(part)
-    sums = torch.tensor([res["loss"] * n, (res["accuracy"] or 0.0) * n, n], dtype=torch.float64, device=ctx.device)
-    if ctx.enabled:
-        torch.distributed.all_reduce(sums)
-    return {"loss": (sums[0] / sums[2]).item(), "accuracy": (sums[1] / sums[2]).item()}
+    res = _cli.evaluate_on_ranks(
+        getattr(model, "module", model), _loader(part, args.test_batch_size), criterion, ctx.device
+    )
+    return {"loss": res["loss"], "accuracy": res["accuracy"]}
 
 
 def _fmt(x, spec=".4f"):
@@ -350,7 +348,7 @@ def setup(run: _Run) -> None:
     run.info = info = dataset_info(args.name)
     run.train_set, run.plain_set, run.test_set = _cli.rank_zero_first(
         ctx,
-        ctx.world_size > 1 and args.download and args.name != "synthetic",  # --download under torchrun
+        is_distributed() and args.download and args.name != "synthetic",  # --download under torchrun
         lambda: get_datasets(
             args.name, data_dir=args.data_dir, download=args.download, augment=True, seed=args.seed,
             **_cli.synthetic_kwargs(args),
@@ -369,11 +367,9 @@ def setup(run: _Run) -> None:
     run.optimizer = torch.optim.SGD(
         run.model.parameters(), lr=run.controller.lr(0), momentum=args.momentum, weight_decay=args.weight_decay
     )
-    run.tracker = (
-        _make_tracker(args, run.criterion, run.plain_set, run.test_set, ctx) if args.track_eigen else None
-    )
+    run.tracker = _make_tracker(args, run.criterion, run.plain_set, run.test_set, ctx) if args.track_eigen else None
     run.train_model = run.model
-    if ctx.enabled:
+    if is_distributed():
         run.train_model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
