@@ -552,9 +552,11 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
         return hutchpp_trace(A, num_matvecs=num_matvecs, seed=seed)
     if method == "xtrace":
         return xtrace(A, num_matvecs=num_matvecs, seed=seed)
-    op = as_operator(A)
-    m = check_int("num_matvecs", num_matvecs, minimum=4)
-    gen = make_generator(seed)
+    return _auto_trace(as_operator(A), check_int("num_matvecs", num_matvecs, minimum=4), make_generator(seed))
+
+
+def _auto_trace(op: LinearOperator, m: int, gen: torch.Generator) -> TraceResult:
+    """``trace(method="auto")``: XTrace or Hutchinson, chosen from the first ``m//2`` products."""
     start, n = op.num_matvecs, op.size
     s = m // 2
     if s >= n:
