@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import dense_ggn, func_hessian_of
 from torch import nn
 
 import hessianflow as hf
@@ -29,20 +30,6 @@ DT = torch.float64
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def dense_hessian(model, loss_of_call, names=None):
-    """``torch.func.hessian`` of ``loss_of_call(call)`` w.r.t. the flat parameters ``names``, where
-    ``call(*args, **kwargs)`` runs the model with those parameters (tied weights stay tied)."""
-    named = dict(model.named_parameters())
-    names = names or list(named)
-    base = [named[n].detach() for n in names]
-
-    def f(flat):
-        ps = dict(zip(names, unflatten(flat, base)))
-        return loss_of_call(lambda *a, **k: torch.func.functional_call(model, ps, a, k))
-
-    return torch.func.hessian(f)(flatten(base))
 
 
 class TinyLM(nn.Module):
@@ -142,9 +129,10 @@ def test_loss_fn_and_criterion_forms_equal_the_logistic_closed_form():
 def test_model_output_loss_form_and_its_errors():
     model = TinyLM()
     b = token_batches()[0]
-    ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, [b]))
+    ref = func_hessian_of(model, lambda call: mean_over_counted_tokens(call, [b]))
     H = HessianOperator(model, data=b).to_dense()  # model(**b).loss
     assert rel_err(H, ref) < 1e-10
+
     # output["loss"] (a dict output), and a tuple batch called as model(*batch)
     class DictOut(nn.Module):
         def __init__(self, inner):
@@ -167,7 +155,7 @@ def test_model_output_loss_form_and_its_errors():
 def test_padded_token_loader_is_the_mean_over_all_counted_tokens():
     model = TinyLM()
     batches = token_batches()
-    ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, batches))
+    ref = func_hessian_of(model, lambda call: mean_over_counted_tokens(call, batches))
     for kw in ({"loss_fn": causal_lm_loss}, {}):  # the helper, and the model's own .loss
         H = HessianOperator(model, dataloader=batches, batch_weight=counted, **kw)
         dense = H.to_dense()
@@ -246,23 +234,6 @@ def test_move_batch_is_recursive_and_leaves_other_leaves():
 
 
 # -- GGN ---------------------------------------------------------------------------------------
-
-
-def dense_ggn(model, output_of_call, loss_of_output, names=None):
-    """``J^T H_out J`` with ``J`` by ``torch.func.jacrev`` and ``H_out`` by ``torch.func.hessian``."""
-    named = dict(model.named_parameters())
-    names = names or list(named)
-    base = [named[n].detach() for n in names]
-    theta = flatten(base)
-
-    def out(flat):
-        ps = dict(zip(names, unflatten(flat, base)))
-        return output_of_call(lambda *a, **k: torch.func.functional_call(model, ps, a, k))
-
-    o = out(theta).detach()
-    J = torch.func.jacrev(out)(theta).reshape(o.numel(), -1)
-    H_out = torch.func.hessian(lambda flat_o: loss_of_output(flat_o.view_as(o)))(o.reshape(-1))
-    return J.T @ H_out @ J
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -393,9 +364,7 @@ class Blocks(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.h = nn.ModuleList(
-            nn.ModuleDict({"attn": nn.Linear(3, 3), "mlp": nn.Linear(3, 3)}) for _ in range(2)
-        )
+        self.h = nn.ModuleList(nn.ModuleDict({"attn": nn.Linear(3, 3), "mlp": nn.Linear(3, 3)}) for _ in range(2))
         self.head = nn.Linear(3, 2)
         self.double()
 
@@ -405,12 +374,12 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
-def test_glob_and_regex_selection_is_the_matching_block_of_the_dense_hessian():
+def test_glob_and_regex_selection_is_the_matching_block_of_the_func_hessian_of():
     model = Blocks()
     g = torch.Generator().manual_seed(6)
     X, y = torch.randn(7, 3, generator=g, dtype=DT), torch.randint(0, 2, (7,), generator=g)
     ce = nn.CrossEntropyLoss()
-    full = dense_hessian(model, lambda call: ce(call(X), y))
+    full = func_hessian_of(model, lambda call: ce(call(X), y))
     names = [n for n, _ in model.named_parameters()]
     sizes = [p.numel() for p in model.parameters()]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -438,7 +407,7 @@ def test_tied_weights_count_once():
     assert model.lm_head.weight is model.wte.weight
     H = HessianOperator(model, data=b)
     assert H.param_names == ["wte.weight", "mix.weight", "mix.bias"] and H.size == 11 * 4 + 16 + 4
-    ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, [b]))  # functional_call keeps ties
+    ref = func_hessian_of(model, lambda call: mean_over_counted_tokens(call, [b]))  # functional_call keeps ties
     assert rel_err(H.to_dense(), ref) < 1e-10
     # the tied tensor selected by its second name is the same single block
     H_head = HessianOperator(model, data=b, params="lm_head.weight")
@@ -556,7 +525,7 @@ def test_two_ranks_sum_token_weighted_products_of_loss_fn_and_dict_batches(tmp_p
         assert torch.equal(r0[key], r1[key]), key  # the same on every rank
         assert rel_err(r0[key], one[key]) < 1e-12, key
     model, batches = TinyLM(), token_batches()
-    ref = dense_hessian(model, lambda call: mean_over_counted_tokens(call, batches))
+    ref = func_hessian_of(model, lambda call: mean_over_counted_tokens(call, batches))
     v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(12), dtype=DT)
     assert rel_err(r0["Hv"], ref @ v) < 1e-10 and rel_err(r0["Hv_loss"], ref @ v) < 1e-10
 
