@@ -77,6 +77,16 @@ class Decision:
         eigenvalue: the eigenvalue passed in (``None`` when none was).
         reference: the reference eigenvalue after the decision.
         adv_ratio: the adversarial fraction for the next epoch.
+
+    Example:
+        >>> from hessianflow import ABSAController
+        >>> ctl = ABSAController(large_ratio_cap=4, base_lr=0.1, epochs=10)
+        >>> _ = ctl.end_of_epoch(0, eigenvalue=10.0)
+        >>> decision = ctl.end_of_epoch(1, eigenvalue=4.0)
+        >>> decision.grew, decision.factor, decision.large_ratio, decision.lr
+        (True, 2.0, 2, 0.2)
+        >>> decision.to_dict()["reason"]
+        'eigen_drop'
     """
 
     epoch: int
@@ -145,6 +155,18 @@ class ABSAController:
         duration: the number of checks without a drop after which the batch grows anyway (10, as
             HessianFlow's ``duration=True``), or ``None``.
         method: ``"absa"`` or ``"sgd"``.
+
+    Example:
+        >>> from hessianflow import ABSAController
+        >>> ctl = ABSAController(large_ratio_cap=4, base_lr=0.1, epochs=10)
+        >>> ctl.large_ratio, ctl.lr(0), ctl.current_adv_ratio(0), ctl.needs_eigenvalue(0)
+        (1, 0.1, 0.2, True)
+        >>> ctl.end_of_epoch(0, eigenvalue=10.0).reason  # the first eigenvalue is the reference
+        'first'
+        >>> ctl.end_of_epoch(1, eigenvalue=4.0).reason  # below half of it: the batch doubles
+        'eigen_drop'
+        >>> ctl.large_ratio, ctl.lr(2), ctl.current_adv_ratio(2)  # linear lr scaling, half the FGSM share
+        (2, 0.2, 0.1)
     """
 
     def __init__(
@@ -364,7 +386,16 @@ class ABSAController:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group of ``optimizer`` to ``lr``."""
+    """Set the learning rate of every parameter group of ``optimizer`` to ``lr``.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow import set_lr
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> set_lr(opt, 0.05)
+        >>> opt.param_groups[0]["lr"]
+        0.05
+    """
     lr = check_positive("lr", lr)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -539,6 +570,19 @@ def train_epoch(
         A dict: ``loss`` (mean per-sample training loss, on the inputs actually trained on),
         ``accuracy`` (fraction in [0, 1], ``None`` when the outputs are not class logits),
         ``samples``, ``optimizer_steps``, ``micro_batches``, ``skipped``, ``adversarial_samples``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import train_epoch
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(4, 3)
+        >>> x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+        >>> batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 20, 5)]
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> out = train_epoch(model, batches, opt, nn.CrossEntropyLoss(), large_ratio=2)  # 2 batches a step
+        >>> out["samples"], out["micro_batches"], out["optimizer_steps"], out["skipped"]
+        (20, 4, 2, 0)
     """
     large_ratio = check_int("large_ratio", large_ratio, minimum=1)
     adv_ratio = float(adv_ratio)

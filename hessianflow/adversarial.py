@@ -53,6 +53,11 @@ def pixel_eps(eps: float, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     Returns:
         A float64 tensor of shape ``[C, 1, 1]`` (broadcastable against ``[B, C, H, W]``) to pass as
         ``eps`` to :func:`fgsm` / :func:`pgd`.
+
+    Example:
+        >>> from hessianflow import pixel_eps
+        >>> pixel_eps(8 / 255, std=(0.5, 0.25, 0.5)).flatten()  # 8/255 in pixel units, per channel
+        tensor([0.0627, 0.1255, 0.0627], dtype=torch.float64)
     """
     std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
     if std_t.numel() == 0 or not torch.isfinite(std_t).all() or (std_t <= 0).any():
@@ -74,6 +79,12 @@ def normalized_bounds(
     Returns:
         ``((lo - mean)/std, (hi - mean)/std)`` as float64 tensors of shape ``[C, 1, 1]``, to pass as
         ``clamp`` to :func:`fgsm` / :func:`pgd`.
+
+    Example:
+        >>> from hessianflow import normalized_bounds
+        >>> lo, hi = normalized_bounds(mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
+        >>> lo.flatten(), hi.flatten()  # [0, 1] pixels, normalised per channel
+        (tensor([-1., -2., -1.], dtype=torch.float64), tensor([1., 2., 1.], dtype=torch.float64))
     """
     mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
     std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
@@ -192,6 +203,20 @@ def fgsm(
 
     Returns:
         The adversarial inputs, detached, with the dtype, shape and device of ``inputs``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import fgsm
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(4, 3)
+        >>> x, y = torch.rand(2, 4), torch.tensor([0, 2])
+        >>> adv = fgsm(model, x, y, 0.1, clamp=(0.0, 1.0))
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-7), bool(adv.min() >= 0 and adv.max() <= 1)
+        (True, True)
+        >>> loss = nn.functional.cross_entropy
+        >>> bool(loss(model(adv), y) > loss(model(x), y))  # one signed-gradient step up the loss
+        True
     """
     _check_inputs(inputs, targets)
     radius = _as_radius(eps, inputs)
@@ -238,6 +263,20 @@ def pgd(
 
     Returns:
         The adversarial inputs, detached, within ``eps`` of ``inputs`` and within ``clamp``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import pgd
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(4, 3)
+        >>> x, y = torch.rand(2, 4), torch.tensor([0, 2])
+        >>> adv = pgd(model, x, y, 0.1, steps=5, seed=0)
+        >>> bool((adv - x).abs().max() <= 0.1 + 1e-7)  # inside the L-infinity ball
+        True
+        >>> loss = nn.functional.cross_entropy
+        >>> bool(loss(model(adv), y) > loss(model(x), y)), torch.equal(adv, pgd(model, x, y, 0.1, steps=5, seed=0))
+        (True, True)
     """
     _check_inputs(inputs, targets)
     steps = check_int("steps", steps, minimum=1)
