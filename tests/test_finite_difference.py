@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import hessian_rows, mlp
 from torch import nn
 
 import hessianflow as hf
@@ -15,28 +16,11 @@ import hessianflow as hf
 DT = torch.float64
 
 
-def dense_hessian(loss_of_params, params):
-    """Row by row: each row the gradient of (grad . e_i) (double backprop, outside hessianflow)."""
-    loss = loss_of_params()
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    rows = []
-    for i in range(flat.numel()):
-        r = torch.autograd.grad(flat[i], params, retain_graph=True)
-        rows.append(torch.cat([t.reshape(-1) for t in r]))
-    return torch.stack(rows).detach()
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
-
-
 def test_products_equal_the_dense_hessian_in_float64():
-    model = mlp()
+    model = mlp(5, 7, 3)
     x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
     params = list(model.parameters())
-    H = dense_hessian(lambda: F.cross_entropy(model(x), y), params)
+    H = hessian_rows(lambda: F.cross_entropy(model(x), y), params)
     before = [p.detach().clone() for p in params]
     op = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), backend="finite_difference")
     V = torch.randn(op.size, 4, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -51,14 +35,14 @@ def test_products_equal_the_dense_hessian_in_float64():
 
 
 def test_loader_of_dict_batches_with_a_loss_function():
-    model = mlp(1)
+    model = mlp(5, 7, 3, seed=1)
     batches = [{"x": torch.randn(n, 5, dtype=DT), "y": torch.randint(0, 3, (n,))} for n in (6, 4, 3)]
 
     def loss_fn(m, b):
         return F.cross_entropy(m(b["x"]), b["y"], reduction="sum")
 
     params = list(model.parameters())
-    H = dense_hessian(lambda: sum(loss_fn(model, b) for b in batches), params)
+    H = hessian_rows(lambda: sum(loss_fn(model, b) for b in batches), params)
     op = hf.HessianOperator(model, loss_fn=loss_fn, reduction="sum", dataloader=batches, backend="finite_difference")
     v = torch.randn(op.size, dtype=DT, generator=torch.Generator().manual_seed(2))
     assert (op @ v - H @ v).norm() / (H @ v).norm() < 1e-8
@@ -80,20 +64,17 @@ def test_attention_with_the_default_kernel():
     torch.manual_seed(0)
     model = Attention().to(DT)
     x, y = torch.randn(4, 5, 8, dtype=DT), torch.randint(0, 2, (4,))
-    params = list(model.parameters())
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):  # the reference needs a kernel with a double backward
-        H = dense_hessian(lambda: F.cross_entropy(model(x), y), params)
+    # the reference runs the math kernel (one with a double backward); the operator the default one
+    H = hessian_rows(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
     op = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), backend="finite_difference")
     v = torch.randn(op.size, dtype=DT, generator=torch.Generator().manual_seed(3))
     assert (op @ v - H @ v).norm() / (H @ v).norm() < 1e-7
 
 
 def test_float32_accuracy_and_bad_step():
-    model = mlp(2)
+    model = mlp(5, 7, 3, seed=2)
     x, y = torch.randn(32, 5, dtype=DT), torch.randint(0, 3, (32,))
-    H = dense_hessian(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
+    H = hessian_rows(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
     m32 = model.float()
     op = hf.HessianOperator(m32, nn.CrossEntropyLoss(), data=(x.float(), y), backend="finite_difference")
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(4))
