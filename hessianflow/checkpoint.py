@@ -106,6 +106,23 @@ def atomic_write(
         CheckpointError: (or ``error``) the file could not be written (directory missing or
             unwritable, disk full, ``write`` failed...). The previous file at ``path``, if any, is
             intact and no temporary file is left behind.
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import atomic_write
+        >>> from hessianflow.checkpoint import CheckpointError
+        >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+        >>> _ = atomic_write(path, lambda f: f.write(b"first\\n"), what="notes")
+        >>> def broken(f):
+        ...     f.write(b"half a file")
+        ...     raise RuntimeError("the writer failed")
+        >>> try:
+        ...     atomic_write(path, broken, what="notes")
+        ... except CheckpointError as exc:
+        ...     print(str(exc).replace(path, "PATH"))
+        cannot save notes PATH: the writer failed
+        >>> open(path).read(), os.listdir(os.path.dirname(path))  # the old file, and no temporary one
+        ('first\\n', ['notes.txt'])
     """
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
@@ -174,6 +191,14 @@ def save_checkpoint(obj, path: str | os.PathLike) -> str:
 
     Raises:
         CheckpointError: the file could not be written; the previous one is intact.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from hessianflow import load_checkpoint, save_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> _ = save_checkpoint({"epoch": 3, "w": torch.ones(2)}, path)
+        >>> load_checkpoint(path)
+        {'epoch': 3, 'w': tensor([1., 1.])}
     """
     return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
 
@@ -192,7 +217,16 @@ def jsonable(obj):
 
 
 def write_json(path: str | os.PathLike, obj) -> str:
-    """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`)."""
+    """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`).
+
+    Example:
+        >>> import json, os, tempfile, torch
+        >>> from hessianflow import write_json
+        >>> path = os.path.join(tempfile.mkdtemp(), "metrics.json")
+        >>> _ = write_json(path, {"loss": float("nan"), "w": torch.tensor([1.5, 2.0]), "shape": (2, 3)})
+        >>> json.load(open(path))  # strict JSON: NaN as null, tensors and tuples as lists
+        {'loss': None, 'w': [1.5, 2.0], 'shape': [2, 3]}
+    """
     text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file")
 
@@ -233,6 +267,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
         CheckpointError: with a one-line message naming the file and the problem: missing, a
             directory, unreadable, truncated or corrupt, or containing Python objects that would run
             code when unpickled.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from hessianflow import load_checkpoint, save_checkpoint
+        >>> from hessianflow.checkpoint import CheckpointError
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> _ = save_checkpoint({"epoch": 3, "w": torch.zeros(2)}, path)
+        >>> load_checkpoint(path)["epoch"]
+        3
+        >>> class Payload:  # a pickle that would call print() when loaded
+        ...     def __reduce__(self):
+        ...         return (print, ("this never runs",))
+        >>> torch.save({"epoch": 4, "x": Payload()}, path)
+        >>> try:
+        ...     load_checkpoint(path)
+        ... except CheckpointError as exc:
+        ...     print("refusing to load" in str(exc))
+        True
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -275,7 +327,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
 
 
 def versions() -> dict:
-    """The versions of the software a checkpoint was written with (plain ``str``, or None)."""
+    """The versions of the software a checkpoint was written with (plain ``str``, or None).
+
+    Example:
+        >>> import torch
+        >>> from hessianflow import versions
+        >>> v = versions()
+        >>> sorted(v), v["torch"] == torch.__version__
+        (['cuda', 'hessianflow', 'numpy', 'python', 'torch', 'torchvision'], True)
+    """
     from ._version import __version__
 
     try:
@@ -300,6 +360,16 @@ def rng_state() -> dict:
 
     Everything is packed into types ``torch.load(weights_only=True)`` accepts: tensors, lists, ints,
     floats, strings and None.
+
+    Example:
+        >>> import random, torch
+        >>> from hessianflow import rng_state, set_rng_state
+        >>> state = rng_state()
+        >>> a = (random.random(), torch.rand(2))
+        >>> set_rng_state(state)
+        >>> b = (random.random(), torch.rand(2))
+        >>> a[0] == b[0] and torch.equal(a[1], b[1])
+        True
     """
     py_version, py_internal, py_gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
@@ -325,6 +395,15 @@ def set_rng_state(state: Mapping) -> None:
 
     CUDA states are restored for as many devices as both the state and this machine have; when the
     state has CUDA states and this machine no CUDA, they are skipped with a warning.
+
+    Example:
+        >>> import numpy as np
+        >>> from hessianflow import rng_state, set_rng_state
+        >>> state = rng_state()
+        >>> first = np.random.rand()
+        >>> set_rng_state(state)  # e.g. of a checkpoint loaded with weights_only=True
+        >>> np.random.rand() == first
+        True
     """
     try:
         py_version, py_internal, py_gauss = state["python"]
@@ -366,6 +445,13 @@ def extract_state_dict(ckpt) -> OrderedDict:
 
     Raises:
         CheckpointError: no state_dict found.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow import extract_state_dict
+        >>> saved = {"epoch": 2, "state_dict": {"module.fc.weight": torch.zeros(1), "module.fc.bias": torch.zeros(1)}}
+        >>> list(extract_state_dict(saved))  # DataParallel's prefix stripped
+        ['fc.weight', 'fc.bias']
     """
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
@@ -405,6 +491,13 @@ def check_writable_dir(path: str | os.PathLike, what: str = "files") -> str:
 
     Raises:
         CheckpointError: the directory cannot be created or written to.
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import check_writable_dir
+        >>> out = check_writable_dir(os.path.join(tempfile.mkdtemp(), "runs", "c1"), what="checkpoints")
+        >>> os.path.isdir(out), os.listdir(out)  # created, and the test file removed
+        (True, [])
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):

@@ -70,7 +70,16 @@ _RECORD_INTS = ("batch_size", "large_ratio")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What rebuilds a model: the arguments of :func:`hessianflow.models.get_model` (``model.config``)."""
+    """What rebuilds a model: the arguments of :func:`hessianflow.models.get_model` (``model.config``).
+
+    Example:
+        >>> from hessianflow.checkpoint_format import ModelSpec
+        >>> spec = ModelSpec("ResNet", depth=8, num_classes=10)
+        >>> spec.describe()
+        'ResNet-8'
+        >>> ModelSpec.of(spec.build()) == spec  # a model of hessianflow.models describes itself
+        True
+    """
 
     arch: str
     num_classes: int = 10
@@ -116,6 +125,13 @@ def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping
         args: the run's settings (plain values only are kept).
         **training: the training state for ``--resume``: ``optimizer``, ``absa``, ``tracker``, ``rng``,
             ``history``, ``updates``, ``best_test_acc``, ``elapsed``.
+
+    Example:
+        >>> from hessianflow.checkpoint_format import ModelSpec, make_checkpoint
+        >>> model = ModelSpec("ResNet", depth=8).build()
+        >>> ckpt = make_checkpoint(model, dataset="cifar10", epoch=5, args={"lr": 0.1})
+        >>> ckpt["arch"], ckpt["depth"], ckpt["epoch"], ckpt["args"]
+        ('ResNet', 8, 5, {'lr': 0.1})
     """
     inner = getattr(model, "module", model)
     spec = ModelSpec.of(inner)
@@ -160,6 +176,16 @@ def read_checkpoint(path, purpose: str = "analyse"):
     Raises:
         CheckpointError: a missing, corrupt or code-carrying file, an unknown format, or a field that is
             missing or of the wrong type (one line naming the file and the field).
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import save_checkpoint
+        >>> from hessianflow.checkpoint_format import ModelSpec, make_checkpoint, read_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> _ = save_checkpoint(make_checkpoint(ModelSpec("c1").build(), dataset="cifar10", epoch=1), path)
+        >>> ckpt, spec, state = read_checkpoint(path)
+        >>> spec.describe(), ckpt["dataset"], "fc3.weight" in state
+        ('c1', 'cifar10', True)
     """
     ckpt = load_checkpoint(path)
     full = isinstance(ckpt, Mapping) and "format" in ckpt
@@ -328,6 +354,18 @@ def load_model(path, spec: ModelSpec | None = None, *, arch=None, depth=None, lo
 
     Raises:
         CheckpointError: an unusable file, or one that does not fit the model (one line).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from hessianflow import save_checkpoint
+        >>> from hessianflow.checkpoint_format import ModelSpec, load_model, make_checkpoint
+        >>> _ = torch.manual_seed(0)
+        >>> trained = ModelSpec("ResNet", depth=8).build()
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> _ = save_checkpoint(make_checkpoint(trained, dataset="cifar10", epoch=1), path)
+        >>> model, spec, _ = load_model(path)  # no flag needed: the checkpoint describes its model
+        >>> spec.describe(), model.training, torch.equal(model.fc.weight, trained.fc.weight)
+        ('ResNet-8', False, True)
     """
     ckpt, saved, state = read_checkpoint(path)
     if saved is not None:
