@@ -192,12 +192,12 @@ def ggn(model: nn.Module, criterion, x, y, names: Sequence[str] | None = None) -
 def mlp(*sizes: int, seed: int = 0) -> nn.Sequential:
     """``Linear(sizes[0], sizes[1]), Tanh, Linear(...), Softplus, Linear(...), Tanh, ...`` in float64, its
     weights drawn after ``torch.manual_seed(seed)`` (two smooth activations: no kinks in the Hessian)."""
+    torch.manual_seed(seed)  # before the first Linear draws its weights
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i:
             layers.append(nn.Tanh() if i % 2 else nn.Softplus())
         layers.append(nn.Linear(a, b))
-    torch.manual_seed(seed)
     return nn.Sequential(*layers).to(DT)
 
 
@@ -206,12 +206,13 @@ def small_cnn(seed: int = 0, side: int = 6, hidden: int | None = None, classes: 
     float64; with ``hidden``, a ``Linear, Softplus, Linear`` head. BatchNorm's running statistics are the
     initial ones: set them (or run train-mode passes) where eval mode must differ from train mode."""
     torch.manual_seed(seed)
+    layers = [nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten()]
     flat = 3 * (side // 2) ** 2
-    head = [nn.Linear(flat, classes)] if hidden is None else [nn.Linear(flat, hidden), nn.Softplus(),
-                                                              nn.Linear(hidden, classes)]  # fmt: skip
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), *head
-    ).to(DT)
+    if hidden is None:
+        layers.append(nn.Linear(flat, classes))
+    else:
+        layers += [nn.Linear(flat, hidden), nn.Softplus(), nn.Linear(hidden, classes)]
+    return nn.Sequential(*layers).to(DT)
 
 
 # -- figures ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dense_reference import mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from hessianflow.absa import ABSAController, Decision, evaluate, set_lr, train_epoch
@@ -199,11 +200,6 @@ def test_load_state_dict_strict_config_check():
 # -- the training loop -----------------------------------------------------------------------------
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
-
-
 def _data(n=10, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 5, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
@@ -217,7 +213,7 @@ def _flat(model):
 def test_accumulation_over_unequal_micro_batches_equals_full_batch_step(reduction):
     X, y = _data()
     loader = DataLoader(TensorDataset(X, y), batch_size=4)  # micro-batches of 4, 4, 2
-    model = _mlp()
+    model = mlp(5, 6, 3)
     ref = copy.deepcopy(model)
     lr = 0.3
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -237,7 +233,7 @@ def test_accumulation_over_unequal_micro_batches_equals_full_batch_step(reductio
 def test_incomplete_last_group_steps_with_its_own_mean_and_momentum_matches_optimizer():
     X, y = _data()
     loader = DataLoader(TensorDataset(X, y), batch_size=4)  # groups (4, 4) and (2)
-    model = _mlp()
+    model = mlp(5, 6, 3)
     ref = copy.deepcopy(model)
     kw = dict(lr=0.2, momentum=0.9, weight_decay=1e-3)
     out = train_epoch(model, loader, torch.optim.SGD(model.parameters(), **kw), nn.CrossEntropyLoss(), 2)
@@ -254,7 +250,7 @@ def test_incomplete_last_group_steps_with_its_own_mean_and_momentum_matches_opti
 def test_max_batches_and_large_ratio_one():
     X, y = _data(n=12)
     loader = DataLoader(TensorDataset(X, y), batch_size=3)
-    model = _mlp()
+    model = mlp(5, 6, 3)
     ref = copy.deepcopy(model)
     out = train_epoch(
         model, loader, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), 1, max_batches=2
@@ -273,7 +269,7 @@ def test_nan_loss_raises_before_the_step(large_ratio):
     X, y = _data(n=9)
     X[4, 0] = float("nan")  # in the second mini-batch of 3
     loader = DataLoader(TensorDataset(X, y), batch_size=3)
-    model = _mlp()
+    model = mlp(5, 6, 3)
     model.eval()
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -297,7 +293,7 @@ def test_nan_loss_skip_mode_drops_that_micro_batch():
     X, y = _data(n=9)
     X[4, 0] = float("nan")
     loader = DataLoader(TensorDataset(X, y), batch_size=3)
-    model = _mlp()
+    model = mlp(5, 6, 3)
     ref = copy.deepcopy(model)
     out = train_epoch(
         model,
@@ -370,7 +366,7 @@ class _FakeDDP(nn.Module):
 def test_no_sync_on_micro_steps_that_do_not_step():
     X, y = _data(n=10)
     loader = DataLoader(TensorDataset(X, y), batch_size=2)  # 5 batches; groups (0,1) (2,3) (4)
-    model = _FakeDDP(_mlp())
+    model = _FakeDDP(mlp(5, 6, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     entries = []
     orig_step = opt.step
@@ -387,7 +383,7 @@ def test_no_sync_on_micro_steps_that_do_not_step():
 
 def test_evaluate_weights_unequal_batches_and_restores_mode():
     X, y = _data(n=10)
-    model = _mlp()
+    model = mlp(5, 6, 3)
     model.train()
     out = evaluate(model, DataLoader(TensorDataset(X, y), batch_size=4), nn.CrossEntropyLoss())
     with torch.no_grad():
@@ -401,7 +397,7 @@ def test_evaluate_weights_unequal_batches_and_restores_mode():
 def test_progress_bar_gives_the_same_result(capsys):
     X, y = _data()
     loader = DataLoader(TensorDataset(X, y), batch_size=4)
-    m1, m2 = _mlp(), _mlp()
+    m1, m2 = mlp(5, 6, 3), mlp(5, 6, 3)
     a = train_epoch(m1, loader, torch.optim.SGD(m1.parameters(), lr=0.1), nn.CrossEntropyLoss(), 2, progress=True)
     b = train_epoch(m2, loader, torch.optim.SGD(m2.parameters(), lr=0.1), nn.CrossEntropyLoss(), 2)
     assert a == b
@@ -410,7 +406,7 @@ def test_progress_bar_gives_the_same_result(capsys):
 
 
 def test_set_lr_and_loop_argument_errors():
-    model = _mlp()
+    model = mlp(5, 6, 3)
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 1.0}], lr=0.5)
     set_lr(opt, 0.01)
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]

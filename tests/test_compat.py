@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from dense_reference import mlp
 from torch import nn
 
 import hessianflow as hf
@@ -12,8 +13,7 @@ DT = torch.float64
 
 
 def setup_model(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    model = mlp(5, 6, 3, seed=seed)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(23, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (23,), generator=g)

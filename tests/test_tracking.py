@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from dense_reference import mlp
 from torch import nn
 
 from hessianflow.eigen import ConvergenceWarning
@@ -16,8 +17,7 @@ from hessianflow.tracking import EigenTracker, load_history, top_eigenvalue
 
 def make_problem(seed=0, n_samples=40):
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = mlp(4, 6, 3, seed=seed)
     x = torch.randn(n_samples, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n_samples,), generator=g)
     return model, nn.CrossEntropyLoss(), (x, y)
