@@ -158,6 +158,15 @@ def plot_density(
 
     Returns:
         the path written (and the ``Figure``, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from hessianflow import plot_density
+        >>> grid = torch.linspace(-1.0, 10.0, 200)
+        >>> density = torch.exp(-(grid - 5.0) ** 2) / 3.14159**0.5  # or a DensityResult of spectral_density
+        >>> path, fig = plot_density((grid, density), os.path.join(tempfile.mkdtemp(), "density.png"), return_fig=True)
+        >>> open(path, "rb").read(4), fig.axes[0].get_yscale()
+        (b'\\x89PNG', 'log')
     """
     num_points = int(num_points)
     if num_points < 2:
@@ -269,6 +278,14 @@ def plot_eigen_history(
 
     Returns:
         the path written (and the figure, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import plot_eigen_history
+        >>> history = [{"epoch": e, "eigenvalue": 40.0 / e, "lr": 0.1 if e < 3 else 0.02} for e in range(1, 6)]
+        >>> path = plot_eigen_history(history, os.path.join(tempfile.mkdtemp(), "eig.png"), lr_decay_epochs=[3])
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     if not isinstance(history, (list, tuple)):
         raise ValueError(f"history must be a list of dicts, got {type(history).__name__}")
@@ -360,6 +377,13 @@ def plot_topk(eigenvalues, path, title: str | None = None, subtitle: str | None 
 
     Returns:
         the path written (and the ``Figure``, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import plot_topk
+        >>> path = plot_topk([52.1, 20.3, 11.8, 7.5], os.path.join(tempfile.mkdtemp(), "topk.png"), title="top-4")
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     vals = _to_list(eigenvalues, "eigenvalues")
     if not vals:
@@ -423,6 +447,15 @@ def plot_landscape_1d(
 
     Returns:
         the path written (and the ``Figure``, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import plot_landscape_1d
+        >>> alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
+        >>> losses = [0.5 + 2.0 * a * a for a in alphas]  # e.g. hessianflow.analysis.loss_landscape
+        >>> path = plot_landscape_1d(alphas, losses, os.path.join(tempfile.mkdtemp(), "l1d.png"))
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     a = _to_list(alphas, "alphas")
     loss = _to_list(losses, "losses")
@@ -479,6 +512,15 @@ def plot_landscape_2d(
 
     Returns:
         the path written (and the ``Figure``, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from hessianflow import plot_landscape_2d
+        >>> a = torch.linspace(-1, 1, 5)
+        >>> losses = 0.5 + 2.0 * a[:, None] ** 2 + 0.5 * a[None, :] ** 2  # [alphas, betas]
+        >>> path = plot_landscape_2d(a, a, losses, os.path.join(tempfile.mkdtemp(), "l2d.png"))
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     a = _to_list(alphas, "alphas")
     b = _to_list(betas, "betas")
@@ -555,6 +597,15 @@ def plot_per_layer(
 
     Returns:
         the path written (and the ``Figure``, with ``return_fig=True``).
+
+    Example:
+        >>> import os, tempfile
+        >>> from hessianflow import plot_per_layer
+        >>> names = ["conv1", "conv2", "fc"]
+        >>> path = os.path.join(tempfile.mkdtemp(), "layers.png")
+        >>> path = plot_per_layer(names, [12.0, 3.5, 0.8], [40.0, 9.0, 1.1], path)
+        >>> open(path, "rb").read(4)
+        b'\\x89PNG'
     """
     names = [str(n) for n in names]
     if not names:
