@@ -41,6 +41,11 @@ from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
 from hessianflow.operators import GGNOperator, HessianOperator  # noqa: E402
 from hessianflow.trace import hutchinson_trace, trace  # noqa: E402
 
+try:  # a script run from tests/ (torchrun puts its folder on sys.path), or imported by pytest
+    from dense_reference import mlp
+except ImportError:  # pragma: no cover - pytest's importlib mode
+    from tests.dense_reference import mlp
+
 N, D, C = 37, 5, 3  # 37 samples: shards of 19 and 18 for two ranks, batches of (10, 9) and (10, 8)
 BATCH = 10
 N_DDP = 36  # DDP averages the ranks' mean gradients: equal shards make that the global mean
@@ -51,9 +56,7 @@ def problem():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(N, D, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (N,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, C)).double()
-    return model, X, y
+    return mlp(D, 4, C, seed=0), X, y
 
 
 def _loader(X, y):

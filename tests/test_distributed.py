@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import socket
 import subprocess
@@ -19,8 +18,10 @@ import time
 
 try:
     import dist_worker as worker
+    from dense_reference import func_hessian
 except ImportError:  # pragma: no cover - pytest's importlib mode
     from tests import dist_worker as worker
+    from tests.dense_reference import func_hessian
 import pytest
 import torch
 from torch import nn
@@ -206,21 +207,6 @@ def _assert_identical(a, b, where="results"):
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
-def _dense_hessian(model, X, y, reduction="mean"):
-    """``torch.func.hessian`` of the loss over (X, y) w.r.t. the flat parameter vector (float64)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    ce = nn.CrossEntropyLoss(reduction=reduction)
-
-    def loss(flat):
-        chunks = torch.split(flat, [math.prod(s) for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
-        return ce(torch.func.functional_call(model, params, (X,)), y)
-
-    return torch.func.hessian(loss)(theta)
-
-
 @pytest.fixture(scope="module")
 def ops_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ops")
@@ -240,7 +226,8 @@ def test_two_ranks_give_the_full_data_set_product_on_every_rank(ops_runs):
     assert (r0["shard_size"], r1["shard_size"], one["shard_size"]) == (19, 18, 37)  # unequal shards
     assert r0["num_samples"] == one["num_samples"] == 37
     model, X, y = worker.problem()
-    dense = _dense_hessian(model, X, y)
+    ce = nn.CrossEntropyLoss()
+    dense = func_hessian(model, ce, X, y)
     v, V = worker.vectors(dense.shape[0])
     # the distributed product is the one-process full-data-set product (float64: rounding only)
     torch.testing.assert_close(r0["Hv"], dense @ v, rtol=1e-10, atol=1e-13)
@@ -248,15 +235,16 @@ def test_two_ranks_give_the_full_data_set_product_on_every_rank(ops_runs):
     for key in ("Hv", "HV", "ggn_v", "sum_v"):
         torch.testing.assert_close(r0[key], one[key], rtol=1e-6, atol=0)
         torch.testing.assert_close(r0[key], one[key], rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(r0["sum_v"], _dense_hessian(model, X, y, "sum") @ v, rtol=1e-10, atol=1e-12)
+    dense_sum = func_hessian(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
+    torch.testing.assert_close(r0["sum_v"], dense_sum @ v, rtol=1e-10, atol=1e-12)
     # the tolerances can tell a size-weighted mean of the batch products (10, 9 | 10, 8 samples) from an
     # unweighted one
     starts = [0, 10, 19, 29, 37]
-    unweighted = sum(_dense_hessian(model, X[a:b], y[a:b]) @ v for a, b in zip(starts, starts[1:])) / 4
+    unweighted = sum(func_hessian(model, ce, X[a:b], y[a:b]) @ v for a, b in zip(starts, starts[1:])) / 4
     assert (unweighted - dense @ v).norm() > 1e-4 * (dense @ v).norm()
     # a one-batch list sharded over the ranks (train.py's Hessian batch), and an empty shard
-    torch.testing.assert_close(r0["one_batch_v"], _dense_hessian(model, X[:12], y[:12]) @ v, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(r0["tiny_v"], _dense_hessian(model, X[:1], y[:1]) @ v, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(r0["one_batch_v"], func_hessian(model, ce, X[:12], y[:12]) @ v, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(r0["tiny_v"], func_hessian(model, ce, X[:1], y[:1]) @ v, rtol=1e-10, atol=1e-13)
     # the gradient is all-reduced the same way: the whole data set's, an empty shard included
     for key, n in (("gradient", 37), ("tiny_gradient", 1)):
         loss = nn.CrossEntropyLoss()(model(X[:n]), y[:n])
@@ -270,7 +258,7 @@ def test_two_ranks_give_the_full_data_set_product_on_every_rank(ops_runs):
 def test_two_ranks_run_every_algorithm_like_one_process(ops_runs):
     (r0, r1), one = ops_runs
     model, X, y = worker.problem()
-    exact = torch.linalg.eigvalsh(_dense_hessian(model, X, y))
+    exact = torch.linalg.eigvalsh(func_hessian(model, nn.CrossEntropyLoss(), X, y))
     # Lanczos top-3: the same on both ranks (checked bitwise above), as one process, and as eigvalsh
     torch.testing.assert_close(r0["lanczos"], one["lanczos"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(r0["lanczos"], exact.flip(0)[:3], rtol=1e-9, atol=1e-12)
@@ -512,9 +500,7 @@ def test_loss_landscape_reduction_in_a_one_rank_group(tmp_path):
         "gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
     )
     try:
-        got = loss_landscape(
-            model, ce, dataloader=worker._loader(X, y), directions=v, alphas=steps, distributed=True
-        )
+        got = loss_landscape(model, ce, dataloader=worker._loader(X, y), directions=v, alphas=steps, distributed=True)
         torch.testing.assert_close(got, plain, rtol=1e-15, atol=0)
         torch.testing.assert_close(got, _landscape_reference(model, X, y, v, steps), rtol=1e-12, atol=0)
         with pytest.raises(ValueError, match="no samples on any rank"):
