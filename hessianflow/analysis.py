@@ -251,6 +251,48 @@ def per_layer(
         ValueError: for an unknown operator, ``top_k < 1``, ``trace_matvecs < 4`` (when a trace must
             be estimated), a negative ``exact_threshold`` or ``dense_chunk < 1``.
     """
+    _check_per_layer_args(operator, top_k, exact_threshold, dense_chunk, trace_matvecs, tol, operator_kwargs)
+    model_u = unwrap_model(model)
+    blocks = layer_blocks(model_u) if blocks is None else list(blocks)
+    if not blocks:
+        raise ValueError("no blocks to analyse")
+    if trace_matvecs < 4 and any(sum(p.numel() for p in ps) > exact_threshold for _, ps in blocks):
+        raise ValueError(f"trace_matvecs must be >= 4 to estimate a trace, got {trace_matvecs}")
+    gen = make_generator(seed)
+    name_of = {id(p): n for n, p in model_u.named_parameters()}
+    iterator = blocks
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(blocks, desc="per-layer", leave=False)
+    results = []
+    for name, params in iterator:
+        params = list(params)
+        if not params or any(id(p) not in name_of for p in params):
+            raise ValueError(f"block {name!r}: its parameters must be parameters of the model")
+        with _only_grad(model_u, params):
+            op = _OPERATORS[operator](
+                model_u, criterion, data=data, dataloader=dataloader, params=params, **operator_kwargs
+            )
+            k = min(top_k, op.size)
+            if op.size <= exact_threshold:
+                res = _exact_block(op, k, dense_chunk)
+            else:
+                res = _estimated_block(op, k, tol, max_iter, trace_matvecs, trace_method, gen)
+            op.release()
+        results.append(
+            LayerResult(
+                name=name,
+                size=op.size,
+                num_matvecs=op.num_matvecs,
+                param_names=[name_of[id(p)] for p in params],
+                **res,
+            )
+        )
+    return results
+
+
+def _check_per_layer_args(operator, top_k, exact_threshold, dense_chunk, trace_matvecs, tol, operator_kwargs):
     if operator not in _OPERATORS:
         raise ValueError(f"operator must be one of {tuple(_OPERATORS)}, got {operator!r}")
     checks = (("top_k", top_k, 1), ("exact_threshold", exact_threshold, 0), ("dense_chunk", dense_chunk, 1))
@@ -263,57 +305,33 @@ def per_layer(
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     if "params" in operator_kwargs:
         raise ValueError("per_layer chooses the parameters of each block itself; pass blocks= instead of params=")
-    model_u = unwrap_model(model)
-    blocks = layer_blocks(model_u) if blocks is None else list(blocks)
-    if not blocks:
-        raise ValueError("no blocks to analyse")
-    if trace_matvecs < 4 and any(sum(p.numel() for p in ps) > exact_threshold for _, ps in blocks):
-        raise ValueError(f"trace_matvecs must be >= 4 to estimate a trace, got {trace_matvecs}")
-    gen = make_generator(seed)
-    cls = _OPERATORS[operator]
-    name_of = {id(p): n for n, p in model_u.named_parameters()}
-    results = []
-    iterator = blocks
-    if progress:
-        from tqdm.auto import tqdm
 
-        iterator = tqdm(blocks, desc="per-layer", leave=False)
-    for name, params in iterator:
-        params = list(params)
-        if not params or any(id(p) not in name_of for p in params):
-            raise ValueError(f"block {name!r}: its parameters must be parameters of the model")
-        with _only_grad(model_u, params):
-            op = cls(model_u, criterion, data=data, dataloader=dataloader, params=params, **operator_kwargs)
-            n = op.size
-            k = min(top_k, n)
-            if n <= exact_threshold:
-                M = _dense(op, dense_chunk)
-                evals = torch.linalg.eigvalsh(M).flip(0)[:k]  # descending
-                res = dict(
-                    eigenvalues=evals,
-                    trace=float(M.diagonal().sum()),
-                    trace_stderr=0.0,
-                    exact=True,
-                    converged=torch.ones(k, dtype=torch.bool),
-                    residuals=torch.zeros(k, dtype=torch.float64),
-                )
-            else:
-                eig = lanczos(op, k=k, which="LA", tol=tol, max_iter=max_iter, seed=gen)
-                tr = _trace(op, num_matvecs=trace_matvecs, seed=gen, method=trace_method)
-                res = dict(
-                    eigenvalues=eig.eigenvalues.detach().to(device="cpu", dtype=torch.float64),
-                    trace=float(tr.estimate),
-                    trace_stderr=float(tr.stderr),
-                    exact=False,
-                    converged=eig.converged.detach().cpu(),
-                    residuals=eig.residuals.detach().to(device="cpu", dtype=torch.float64),
-                )
-            num = op.num_matvecs
-            op.release()
-        results.append(
-            LayerResult(name=name, size=n, num_matvecs=num, param_names=[name_of[id(p)] for p in params], **res)
-        )
-    return results
+
+def _exact_block(op, k: int, dense_chunk: int) -> dict:
+    """A small block formed densely: ``eigvalsh`` in float64, exact eigenvalues and trace."""
+    M = _dense(op, dense_chunk)
+    return dict(
+        eigenvalues=torch.linalg.eigvalsh(M).flip(0)[:k],  # descending
+        trace=float(M.diagonal().sum()),
+        trace_stderr=0.0,
+        exact=True,
+        converged=torch.ones(k, dtype=torch.bool),
+        residuals=torch.zeros(k, dtype=torch.float64),
+    )
+
+
+def _estimated_block(op, k: int, tol, max_iter, trace_matvecs: int, trace_method: str, gen) -> dict:
+    """A large block: Lanczos's top ``k`` eigenvalues and a stochastic trace estimate."""
+    eig = lanczos(op, k=k, which="LA", tol=tol, max_iter=max_iter, seed=gen)
+    tr = _trace(op, num_matvecs=trace_matvecs, seed=gen, method=trace_method)
+    return dict(
+        eigenvalues=eig.eigenvalues.detach().to(device="cpu", dtype=torch.float64),
+        trace=float(tr.estimate),
+        trace_stderr=float(tr.stderr),
+        exact=False,
+        converged=eig.converged.detach().cpu(),
+        residuals=eig.residuals.detach().to(device="cpu", dtype=torch.float64),
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,9 +161,6 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
     """
     named = list(model.named_parameters())  # one entry per tensor: tied weights once
     name_of = {id(p): n for n, p in named}
-    every = list(model.named_parameters(remove_duplicate=False))  # all names, a tied weight's too
-    by_name = dict(every)
-    modules = dict(model.named_modules(remove_duplicate=False))
     if params is None:
         chosen = [p for _, p in named if p.requires_grad]
         if not chosen:
@@ -171,48 +168,7 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
     else:
         if isinstance(params, (str, nn.Module, torch.Tensor, re.Pattern)):
             params = [params]
-        chosen = []
-        for item in params:
-            if isinstance(item, str) and not _is_pattern(item):
-                if item in by_name:
-                    chosen.append(by_name[item])
-                elif item in modules:
-                    found = list(modules[item].parameters())
-                    if not found:
-                        raise ValueError(f"module {item!r} has no parameters")
-                    chosen.extend(found)
-                else:
-                    raise ValueError(
-                        f"{item!r} is neither a parameter nor a module of the model; "
-                        f"parameters are e.g. {[n for n, _ in named[:5]]}"
-                    )
-            elif _is_pattern(item):
-                found = [p for n, p in every if _matches(item, n)]
-                for m_name, m in modules.items():
-                    if m_name and _matches(item, m_name):
-                        found.extend(m.parameters())
-                if not found:
-                    shown = item.pattern if isinstance(item, re.Pattern) else item
-                    raise ValueError(
-                        f"the pattern {shown!r} matches no parameter or module name; parameters are e.g. "
-                        f"{[n for n, _ in named[:8]]}"
-                    )
-                order = {id(p): i for i, (_, p) in enumerate(named)}
-                chosen.extend(sorted(found, key=lambda p: order[id(p)]))  # model order within a pattern
-            elif isinstance(item, nn.Module):
-                found = list(item.parameters())
-                if not found or any(id(p) not in name_of for p in found):
-                    raise ValueError(f"module {type(item).__name__} is not a part of the model (or has no parameters)")
-                chosen.extend(found)
-            elif isinstance(item, torch.Tensor):
-                if id(item) not in name_of:
-                    raise ValueError("a tensor in params= is not a parameter of the model")
-                chosen.append(item)
-            else:
-                raise ValueError(
-                    f"params= takes parameters, modules, names, glob patterns or regular expressions, "
-                    f"got {type(item).__name__}"
-                )
+        chosen = [p for item in params for p in _selected(model, item, named, name_of)]
         if not chosen:
             raise ValueError("params= selects no parameter")
     seen, unique = set(), []
@@ -221,6 +177,54 @@ def resolve_params(model: nn.Module, params=None) -> tuple[list[nn.Parameter], l
             seen.add(id(p))
             unique.append(p)
     return unique, [name_of[id(p)] for p in unique]
+
+
+def _selected(model: nn.Module, item, named, name_of) -> list[nn.Parameter]:
+    """The parameters one entry of ``params=`` selects (see :func:`resolve_params`), duplicates included."""
+    if isinstance(item, str) and not _is_pattern(item):
+        by_name = dict(model.named_parameters(remove_duplicate=False))  # all names, a tied weight's too
+        modules = dict(model.named_modules(remove_duplicate=False))
+        if item in by_name:
+            return [by_name[item]]
+        if item in modules:
+            found = list(modules[item].parameters())
+            if not found:
+                raise ValueError(f"module {item!r} has no parameters")
+            return found
+        raise ValueError(
+            f"{item!r} is neither a parameter nor a module of the model; "
+            f"parameters are e.g. {[n for n, _ in named[:5]]}"
+        )
+    if _is_pattern(item):
+        return _pattern_selected(model, item, named)
+    if isinstance(item, nn.Module):
+        found = list(item.parameters())
+        if not found or any(id(p) not in name_of for p in found):
+            raise ValueError(f"module {type(item).__name__} is not a part of the model (or has no parameters)")
+        return found
+    if isinstance(item, torch.Tensor):
+        if id(item) not in name_of:
+            raise ValueError("a tensor in params= is not a parameter of the model")
+        return [item]
+    raise ValueError(
+        f"params= takes parameters, modules, names, glob patterns or regular expressions, got {type(item).__name__}"
+    )
+
+
+def _pattern_selected(model: nn.Module, pattern, named) -> list[nn.Parameter]:
+    """Every parameter whose name, or whose module's name, matches ``pattern``, in model order."""
+    found = [p for n, p in model.named_parameters(remove_duplicate=False) if _matches(pattern, n)]
+    for m_name, m in model.named_modules(remove_duplicate=False):
+        if m_name and _matches(pattern, m_name):
+            found.extend(m.parameters())
+    if not found:
+        shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+        raise ValueError(
+            f"the pattern {shown!r} matches no parameter or module name; parameters are e.g. "
+            f"{[n for n, _ in named[:8]]}"
+        )
+    order = {id(p): i for i, (_, p) in enumerate(named)}
+    return sorted(found, key=lambda p: order[id(p)])  # model order within a pattern
 
 
 class CurvatureOperator(LinearOperator):
