@@ -5,12 +5,12 @@ scikit-learn is the optional extra ``hessianflow[data]``: without it these tests
 except under CI (``CI=true``), where a missing extra is a broken setup and fails them.
 """
 
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import need_sklearn
 from torch import nn
 
 from hessianflow.checkpoint import save_checkpoint
@@ -32,18 +32,9 @@ from hessianflow.models import get_model
 from hessianflow.operators import HessianOperator
 
 
-def _require_sklearn():
-    try:
-        import sklearn.datasets  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI installs .[test], which includes scikit-learn; importing it failed: {exc}")
-        pytest.skip("scikit-learn is not installed (pip install 'hessianflow[data]')")
-
-
 @pytest.fixture(scope="module")
 def raw():
-    _require_sklearn()
+    need_sklearn()
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
