@@ -484,6 +484,102 @@ def _correct(outputs, targets) -> int | None:
     return None
 
 
+@dataclass
+class _Tally:
+    """The running sums of a loop: the summed loss, the samples (or units), the correct predictions
+    (accuracy only while every batch has class logits)."""
+
+    loss: float = 0.0
+    samples: int | float = 0
+    correct: int = 0
+    have_acc: bool = True
+
+    def add(self, loss_sum: float, weight, outputs, targets) -> None:
+        self.loss += loss_sum
+        self.samples += weight
+        c = None if outputs is None else _correct(outputs, targets)
+        if c is None:
+            self.have_acc = False
+        else:
+            self.correct += c
+
+    def mean_loss(self) -> float:
+        return self.loss / self.samples if self.samples else float("nan")
+
+    def accuracy(self) -> float | None:
+        return (self.correct / self.samples if self.samples else float("nan")) if self.have_acc else None
+
+
+def _autocast(device, dtype: torch.dtype | None):
+    """A fresh ``torch.autocast`` for one forward pass (``None``: full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast((device if device is not None else torch.device("cpu")).type, dtype=dtype)
+
+
+def _with_fgsm(attack_model, batch, adv_ratio: float, eps, criterion, clamp, amp) -> tuple[object, int]:
+    """``batch`` with its first ``round(adv_ratio * B)`` inputs replaced by FGSM examples; and that count."""
+    if not (isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor)):
+        raise ValueError(
+            "adversarial training (adv_ratio > 0) needs (inputs, targets) batches of tensors, "
+            f"got a {type(batch).__name__}"
+        )
+    inputs, targets = split_inputs_targets(batch)
+    k_adv = round(adv_ratio * int(targets.shape[0]))
+    if k_adv > 0:
+        with _autocast(*amp):
+            adv = fgsm(attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp)
+        batch = (torch.cat([adv, inputs[k_adv:]]), targets, *batch[2:])
+    return batch, k_adv
+
+
+def _forward_backward(model, spec: LossSpec, batch, amp, defer_sync: bool):
+    """One micro-batch's summed loss (forward under autocast) and, when finite, its backward; under
+    DDP's ``no_sync`` when the step does not end here. ``(loss value, weight, outputs, targets)``."""
+    sync = model.no_sync() if defer_sync and hasattr(model, "no_sync") else contextlib.nullcontext()
+    with sync:
+        with _autocast(*amp):
+            loss_sum, b, outputs, targets = _batch_loss(model, spec, batch)
+        value = loss_sum.item()
+        if math.isfinite(value):
+            loss_sum.backward()
+    return value, b, outputs, targets
+
+
+def _step(optimizer, params, group_samples) -> bool:
+    """Divide the accumulated gradients by the group's samples and step, unless a gradient is not
+    finite; whether the step was taken."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        g.div_(group_samples)
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        return False
+    optimizer.step()
+    return True
+
+
+def _progress_bar(progress: bool, loader, max_batches, epoch):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    return tqdm(total=total, desc=f"epoch {epoch}" if epoch is not None else "train", leave=False)
+
+
+def _show(bar, tally: _Tally) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if tally.samples:
+        postfix = {"loss": f"{tally.mean_loss():.4f}"}
+        if tally.have_acc:
+            postfix["acc"] = f"{tally.accuracy():.3f}"
+        bar.set_postfix(postfix, refresh=False)
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -606,24 +702,11 @@ def train_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     where = f"epoch {epoch}, " if epoch is not None else ""
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        dev = device if device is not None else torch.device("cpu")
-        return torch.autocast(dev.type, dtype=autocast_dtype)
-
-    total_loss, samples, correct, have_acc = 0.0, 0, 0, True
+    amp = (device, autocast_dtype)
+    tally = _Tally()
     steps = micro = skipped = adv_samples = 0
     group_samples = group_batches = 0
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(loader) if hasattr(loader, "__len__") else None
-        if total is not None and max_batches is not None:
-            total = min(total, max_batches)
-        bar = tqdm(total=total, desc=f"epoch {epoch}" if epoch is not None else "train", leave=False)
+    bar = _progress_bar(progress, loader, max_batches, epoch)
 
     def fail(message: str) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -637,84 +720,45 @@ def train_epoch(
                     batch = move_batch(batch, device, non_blocking=True)
                 k_adv = 0
                 if use_adv:
-                    if not (isinstance(batch, (list, tuple)) and isinstance(batch[0], torch.Tensor)):
-                        raise ValueError(
-                            "adversarial training (adv_ratio > 0) needs (inputs, targets) batches of "
-                            f"tensors, got a {type(batch).__name__}"
-                        )
-                    inputs, targets = split_inputs_targets(batch)
-                    k_adv = round(adv_ratio * int(targets.shape[0]))
-                    if k_adv > 0:
-                        with autocast():
-                            adv = fgsm(
-                                attack_model, inputs[:k_adv], targets[:k_adv], eps, criterion=criterion, clamp=clamp
-                            )
-                        batch = (torch.cat([adv, inputs[k_adv:]]), targets, *batch[2:])
+                    batch, k_adv = _with_fgsm(attack_model, batch, adv_ratio, eps, criterion, clamp, amp)
                 ends_step = is_last or group_batches + 1 >= large_ratio
-                sync = contextlib.nullcontext()
-                if not ends_step and hasattr(model, "no_sync"):
-                    sync = model.no_sync()
-                with sync:
-                    with autocast():
-                        loss_sum, b, outputs, targets = _batch_loss(model, spec, batch)
-                    value = loss_sum.item()
-                    if math.isfinite(value):
-                        loss_sum.backward()
+                value, b, outputs, targets = _forward_backward(model, spec, batch, amp, defer_sync=not ends_step)
                 if not math.isfinite(value):
-                    msg = (
-                        f"non-finite training loss ({value / max(b, 1)}) at {where}mini-batch {index}; "
-                        "the optimizer step was not taken, the weights are those of the last good step"
-                    )
                     if non_finite == "raise":
-                        fail(msg)
+                        fail(
+                            f"non-finite training loss ({value / max(b, 1)}) at {where}mini-batch {index}; "
+                            "the optimizer step was not taken, the weights are those of the last good step"
+                        )
                     skipped += 1
                 else:
                     micro += 1
                     adv_samples += k_adv
                     group_samples += b
-                    total_loss += value
-                    samples += b
-                    c = None if outputs is None else _correct(outputs, targets)
-                    if c is None:
-                        have_acc = False
-                    else:
-                        correct += c
+                    tally.add(value, b, outputs, targets)
                 group_batches += 1
 
                 if ends_step:
                     if group_samples > 0:
-                        grads = [p.grad for p in params if p.grad is not None]
-                        for g in grads:
-                            g.div_(group_samples)
-                        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-                        if not finite and non_finite == "raise":
+                        if _step(optimizer, params, group_samples):
+                            steps += 1
+                        elif non_finite == "raise":
                             fail(
                                 f"non-finite gradient at {where}mini-batch {index} (finite loss); the "
                                 "optimizer step was not taken, the weights are those of the last good step"
                             )
-                        if finite:
-                            optimizer.step()
-                            steps += 1
                         else:
                             skipped += 1
                     optimizer.zero_grad(set_to_none=True)
                     group_samples = group_batches = 0
-
-                if bar is not None:
-                    bar.update(1)
-                    if samples:
-                        postfix = {"loss": f"{total_loss / samples:.4f}"}
-                        if have_acc:
-                            postfix["acc"] = f"{correct / samples:.3f}"
-                        bar.set_postfix(postfix, refresh=False)
+                _show(bar, tally)
     finally:
         if bar is not None:
             bar.close()
 
     return {
-        "loss": total_loss / samples if samples else float("nan"),
-        "accuracy": (correct / samples if samples else float("nan")) if have_acc else None,
-        "samples": samples,
+        "loss": tally.mean_loss(),
+        "accuracy": tally.accuracy(),
+        "samples": tally.samples,
         "optimizer_steps": steps,
         "micro_batches": micro,
         "skipped": skipped,
@@ -762,7 +806,7 @@ def evaluate(
         max_batches = check_int("max_batches", max_batches, minimum=1)
     device = _default_device(model) if device is None else torch.device(device)
     spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "evaluate")
-    total_loss, samples, correct, have_acc = 0.0, 0, 0, True
+    tally = _Tally()
     with model_mode(model, False), torch.no_grad():
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
@@ -772,17 +816,11 @@ def evaluate(
             if spec.weight(batch) == 0:
                 continue
             loss, b, outputs, targets = _batch_loss(model, spec, batch, summed=False)
-            total_loss += loss.item() * b if spec.reduction == "mean" else loss.item()
-            samples += b
-            c = None if outputs is None else _correct(outputs, targets)
-            if c is None:
-                have_acc = False
-            else:
-                correct += c
+            tally.add(loss.item() * b if spec.reduction == "mean" else loss.item(), b, outputs, targets)
     return {
-        "loss": total_loss / samples if samples else float("nan"),
-        "accuracy": (correct / samples if samples else float("nan")) if have_acc else None,
-        "samples": samples,
-        "loss_sum": total_loss,
-        "correct": correct if have_acc else None,
+        "loss": tally.mean_loss(),
+        "accuracy": tally.accuracy(),
+        "samples": tally.samples,
+        "loss_sum": tally.loss,
+        "correct": tally.correct if tally.have_acc else None,
     }
