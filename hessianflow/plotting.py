@@ -248,6 +248,47 @@ def _series(history, key):
     return xs, ys, conv
 
 
+def _further_eigenvalues(ax, history) -> list[float]:
+    """Draw ``top_k[1:]`` of the records (up to the 10th eigenvalue) as fainter lines; their values."""
+    values = []
+    k = max((len(rec.get("top_k") or []) for rec in history), default=0)
+    for j in range(1, min(k, 10)):
+        px = [float(rec.get("epoch", i)) for i, rec in enumerate(history) if len(rec.get("top_k") or []) > j]
+        py = [float(rec["top_k"][j]) for rec in history if len(rec.get("top_k") or []) > j]
+        values += py
+        ax.plot(px, py, marker=".", ms=4, lw=0.8, alpha=0.6, color=_FAINT[(j - 1) % len(_FAINT)], label=f"λ_{j + 1}")
+    return values
+
+
+def _schedule_panel(bx, history, has_bs: bool, has_lr: bool) -> None:
+    """The batch size and learning rate over the epochs, as steps (HessianFlow's adaptive schedule).
+
+    Axis labels in the colour of their line: a legend would cover the steps of one or the other.
+    """
+    if has_bs:
+        bx_x = [float(r.get("epoch", i)) for i, r in enumerate(history) if r.get("batch_size") is not None]
+        bx_y = [float(r["batch_size"]) for r in history if r.get("batch_size") is not None]
+        bx.step(bx_x, bx_y, where="post", color="tab:green", marker=".")
+        bx.set_ylabel("batch size", color="tab:green")
+        bx.tick_params(axis="y", colors="tab:green")
+        if min(bx_y) > 0 and max(bx_y) / min(bx_y) >= 4:
+            from matplotlib.ticker import ScalarFormatter
+
+            bx.set_yscale("log", base=2)
+            bx.yaxis.set_major_formatter(ScalarFormatter())
+        else:
+            bx.set_ylim(0, max(bx_y) * 1.15)  # a constant batch size is a flat line, not a zoomed wiggle
+    if has_lr:
+        lx = bx.twinx() if has_bs else bx
+        lr_x = [float(r.get("epoch", i)) for i, r in enumerate(history) if r.get("lr") is not None]
+        lr_y = [float(r["lr"]) for r in history if r.get("lr") is not None]
+        lx.step(lr_x, lr_y, where="post", color="tab:orange", marker=".", ls="-" if not has_bs else "--")
+        lx.set_ylabel("learning rate" + (" (dashed)" if has_bs else ""), color="tab:orange")
+        lx.tick_params(axis="y", colors="tab:orange")
+        if min(lr_y) > 0 and max(lr_y) / min(lr_y) > 10:
+            lx.set_yscale("log")
+
+
 def plot_eigen_history(
     history,
     path,
@@ -308,14 +349,7 @@ def plot_eigen_history(
     ax.plot(xs, ys, marker="o", ms=5, lw=1.8, color="tab:blue", label=label, zorder=3)
     values_for_scale = list(ys)
     if key == "eigenvalue":
-        k = max((len(rec.get("top_k") or []) for rec in history), default=0)
-        for j in range(1, min(k, 10)):
-            px = [float(rec.get("epoch", i)) for i, rec in enumerate(history) if len(rec.get("top_k") or []) > j]
-            py = [float(rec["top_k"][j]) for rec in history if len(rec.get("top_k") or []) > j]
-            values_for_scale += py
-            ax.plot(
-                px, py, marker=".", ms=4, lw=0.8, alpha=0.6, color=_FAINT[(j - 1) % len(_FAINT)], label=f"λ_{j + 1}"
-            )
+        values_for_scale += _further_eigenvalues(ax, history)
     bad = [(x, y) for x, y, c in zip(xs, ys, conv) if not c]
     if bad:
         ax.plot(*zip(*bad), ls="none", marker="x", ms=9, mew=2, color="tab:red", label="not converged", zorder=4)
@@ -332,30 +366,8 @@ def plot_eigen_history(
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(loc="best", fontsize=8)
     if two:
-        # Axis labels in the colour of their line: a legend would cover the steps of one or the other.
         bx = axes[1, 0]
-        if has_bs:
-            bx_x = [float(r.get("epoch", i)) for i, r in enumerate(history) if r.get("batch_size") is not None]
-            bx_y = [float(r["batch_size"]) for r in history if r.get("batch_size") is not None]
-            bx.step(bx_x, bx_y, where="post", color="tab:green", marker=".")
-            bx.set_ylabel("batch size", color="tab:green")
-            bx.tick_params(axis="y", colors="tab:green")
-            if min(bx_y) > 0 and max(bx_y) / min(bx_y) >= 4:
-                from matplotlib.ticker import ScalarFormatter
-
-                bx.set_yscale("log", base=2)
-                bx.yaxis.set_major_formatter(ScalarFormatter())
-            else:
-                bx.set_ylim(0, max(bx_y) * 1.15)  # a constant batch size is a flat line, not a zoomed wiggle
-        if has_lr:
-            lx = bx.twinx() if has_bs else bx
-            lr_x = [float(r.get("epoch", i)) for i, r in enumerate(history) if r.get("lr") is not None]
-            lr_y = [float(r["lr"]) for r in history if r.get("lr") is not None]
-            lx.step(lr_x, lr_y, where="post", color="tab:orange", marker=".", ls="-" if not has_bs else "--")
-            lx.set_ylabel("learning rate" + (" (dashed)" if has_bs else ""), color="tab:orange")
-            lx.tick_params(axis="y", colors="tab:orange")
-            if min(lr_y) > 0 and max(lr_y) / min(lr_y) > 10:
-                lx.set_yscale("log")
+        _schedule_panel(bx, history, has_bs, has_lr)
         bx.grid(True, alpha=0.4)
         bx.set_xlabel("epoch")
     else:
