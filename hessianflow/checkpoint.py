@@ -216,8 +216,9 @@ def jsonable(obj):
     return obj
 
 
-def write_json(path: str | os.PathLike, obj) -> str:
-    """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`).
+def write_json(path: str | os.PathLike, obj, *, error: type[Exception] = CheckpointError) -> str:
+    """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`,
+    which raises ``error`` on failure).
 
     Example:
         >>> import json, os, tempfile, torch
@@ -228,7 +229,7 @@ def write_json(path: str | os.PathLike, obj) -> str:
         {'loss': None, 'w': [1.5, 2.0], 'shape': [2, 3]}
     """
     text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file")
+    return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file", error=error)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:

@@ -103,3 +103,19 @@ def test_figure_failing_mid_run_exits_4(tmp_path, monkeypatch, capsys):
     assert "I/O error" in err and "cannot save figure" in err and "Traceback" not in err
     assert calls and not os.path.exists(tmp_path / "eigen_history.png")
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("target, module", [("train_log.jsonl", "train"), ("metrics.json", "checkpoint")])
+def test_other_mid_run_writes_failing_exit_4(tmp_path, monkeypatch, capsys, target, module):
+    """The epoch log and metrics.json are written mid-run too: an I/O failure (4), not a user mistake (2)."""
+    from hessianflow import checkpoint as ckpt_mod
+
+    calls = []
+    monkeypatch.setattr(train if module == "train" else ckpt_mod, "atomic_write", _failing(target, 1, calls))
+    argv = [*T, "--epochs", "1", "--out-dir", str(tmp_path), "--save", str(tmp_path / "c.pkl")]
+    code = _cli.run(train.main, train.parse_args, argv)
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert calls and "I/O error" in err and "no space left on device" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / target)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

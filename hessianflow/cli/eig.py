@@ -30,7 +30,8 @@ so the numbers are those of one process up to the order of the sums, and the sam
 
 Figures go to ``--out-dir`` (default: the checkpoint's directory); ``--json`` writes every number printed
 plus the settings and versions. Exit status: 0 done, 2 a user error (bad flag, unusable checkpoint,
-missing data), 3 a NaN/Inf loss or curvature (under torchrun, which reports any failing process: 1).
+missing data), 3 a NaN/Inf loss or curvature, 4 an I/O failure while writing a figure or the JSON
+(under torchrun, which reports any failing process: 1).
 """
 
 from __future__ import annotations
@@ -790,7 +791,7 @@ def finish(run: _Run, result: dict, t_start: float) -> dict:
         assert_same_on_all_ranks(len(nums), "the number of results")
         assert_same_on_all_ranks(nums, "the results")
     if run.args.json is not None and run.ctx.is_main:
-        write_json(run.args.json, result)
+        write_json(run.args.json, result, error=OSError)  # checked before any work: a failure now is I/O (exit 4)
     return result
 
 

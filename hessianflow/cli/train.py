@@ -527,7 +527,7 @@ def _save(run: _Run) -> None:
     except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
         raise OSError(f"{exc} ({_kept(args.save)})") from exc
     lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in state["history"])
-    atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log")
+    atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log", error=OSError)  # mid-run: exit 4
 
 
 def end_epoch(run: _Run, record: dict) -> None:
@@ -570,7 +570,7 @@ def finish(run: _Run) -> dict:
     if ctx.is_main:
         if run.epochs_run == 0 and os.path.abspath(args.save) != os.path.abspath(args.resume or args.save):
             _save(run)  # resumed with nothing left to train, to a new --save: write it there as promised
-        write_json(os.path.join(run.out_dir, "metrics.json"), metrics)
+        write_json(os.path.join(run.out_dir, "metrics.json"), metrics, error=OSError)
         if run.tracker is not None and run.tracker.history:
             try:
                 run.tracker.plot(
