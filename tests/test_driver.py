@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from dense_reference import check_png
 from torch import nn
 
 from hessianflow.checkpoint import save_checkpoint
@@ -75,19 +76,6 @@ def printed_eigenvalues(text):
     """The eigenvalue table of the terminal summary: [(value, residual, converged)]."""
     rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+(yes|NO)\s*$", text, flags=re.M)
     return [(float(v), float(r), c == "yes") for _, v, r, c in rows]
-
-
-def check_png(path):
-    import matplotlib.image as mpimg
-
-    with open(path, "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    rgb = mpimg.imread(path)[..., :3]
-    assert min(rgb.shape[:2]) >= 250
-    assert rgb.std() > 0.05, "nearly uniform image"
-    colours = np.unique((rgb.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)
-    assert len(colours) > 20
-    assert 0.3 < float((rgb.min(axis=2) > 0.9).mean()) < 0.995  # neither blank nor all ink
 
 
 def close(a, b, ra, rb):

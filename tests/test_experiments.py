@@ -7,9 +7,9 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
+from dense_reference import check_png, need_sklearn
 from torch import nn
 
 from hessianflow.checkpoint_format import load_model
@@ -35,26 +35,6 @@ def sharp():
 @pytest.fixture(scope="module")
 def absa():
     return load("absa_vs_baseline")
-
-
-def need_sklearn():
-    try:
-        import sklearn.datasets  # noqa: F401
-    except ImportError as exc:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI installs .[test], which includes scikit-learn; importing it failed: {exc}")
-        pytest.skip("scikit-learn is not installed (pip install 'hessianflow[data]')")
-
-
-def check_png(path):
-    import matplotlib.image as mpimg
-
-    with open(path, "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    rgb = mpimg.imread(path)[..., :3]
-    assert min(rgb.shape[:2]) >= 300
-    assert 0.3 < float((rgb.min(axis=2) > 0.9).mean()) < 0.995  # neither blank nor all ink
-    assert len(np.unique((rgb.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)) > 20
 
 
 def independent_eigenvalue(ckpt, loader):
@@ -168,7 +148,7 @@ def test_large_batch_sharpness_tiny(sharp, tmp_path):
         r = runs[key]
         ref, res = independent_eigenvalue(r["checkpoint"], loader)
         assert abs(r["eigenvalue"] - ref) <= r["residual"] + res + 1e-4 * ref, (key, r["eigenvalue"], ref)
-    check_png(out["png"])
+    check_png(out["png"], min_side=300)
 
 
 @pytest.mark.slow
@@ -219,4 +199,4 @@ def test_absa_vs_baseline_tiny(absa, tmp_path):
             assert json.load(f)["eigen"]["eigenvalues"][0] == final["eigenvalue"] == table[run]["final_top_eigenvalue"]
         ref_val, res = independent_eigenvalue(str(tmp_path / run / "model_param.pkl"), loader)
         assert abs(final["eigenvalue"] - ref_val) <= final["residual"] + res + 1e-4 * ref_val
-    check_png(out["png"])
+    check_png(out["png"], min_side=300)
