@@ -8,7 +8,8 @@ ending in sharper regions. This module keeps that measurement and its log:
 - :func:`top_eigenvalue`: the top eigenpair(s) of a model's Hessian over a batch or a data loader, a thin
   convenience over :class:`~hessianflow.operators.HessianOperator` and :mod:`hessianflow.eigen`.
 - :class:`EigenTracker`: measures (or is told) the eigenvalue once per epoch, together with the training
-  metrics of that epoch, and keeps the history: CSV and JSON files written atomically, a figure, and a
+  metrics of that epoch, and keeps the history: CSV and JSON files written atomically (their format,
+  and :func:`load_history` which reads them, live in :mod:`hessianflow.history`), a figure, and a
   ``state_dict`` of plain Python types so that a resumed run keeps its history.
 
 Example::
