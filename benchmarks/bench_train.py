@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from hessianflow.absa import evaluate, train_epoch  # noqa: E402
-from hessianflow.adversarial import pixel_eps  # noqa: E402
+from hessianflow.adversarial import normalized_bounds, pixel_eps  # noqa: E402
 from hessianflow.cli import train  # noqa: E402
 from hessianflow.data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
 from hessianflow.models import get_model  # noqa: E402
@@ -151,9 +151,7 @@ def main(args) -> dict:
     loader = train._loader(train_set, bs, sampler, 0, device)
     test_loader = train._loader(test_set, d.test_batch_size, None, 0, device)
     eps = pixel_eps(d.eps, info.std).to(device)
-    lo = (0 - torch.tensor(info.mean)) / torch.tensor(info.std)
-    hi = (1 - torch.tensor(info.mean)) / torch.tensor(info.std)
-    clamp = (lo.view(-1, 1, 1).to(device), hi.view(-1, 1, 1).to(device))
+    clamp = tuple(b.to(device=device, dtype=torch.float32) for b in normalized_bounds(info.mean, info.std))
     print(
         f"- ResNet-{args.depth}, batch {bs}, adv ratio {d.adv_ratio}, eps {d.eps}; eigenvalue check: power iteration "
         f"max_iter={d.eig_max_iter}, tol={d.eig_tol}, Hessian batch {hbs}; one epoch = {per_epoch} batches "
