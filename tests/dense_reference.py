@@ -215,6 +215,16 @@ def small_cnn(seed: int = 0, side: int = 6, hidden: int | None = None, classes: 
     return nn.Sequential(*layers).to(DT)
 
 
+def warm_batchnorm(model: nn.Module, shape: tuple[int, ...], scale: float, shift: float, passes: int = 3):
+    """Give BatchNorm non-trivial running statistics (``passes`` train-mode forwards of ``scale * N(0, 1)
+    + shift`` inputs of ``shape``, no gradients), so that eval mode differs from train mode; eval mode after."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.randn(*shape, dtype=DT) * scale + shift)
+    return model.eval()
+
+
 # -- figures ------------------------------------------------------------------------------------------
 def check_png(path, min_side: int = 250, white: tuple[float, float] = (0.3, 0.995)):
     """A PNG by its signature, of a sensible size, and not blank: varied pixels, more than 20 colours,

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from dense_reference import func_hessian, ggn, mlp, small_cnn
+from dense_reference import func_hessian, ggn, mlp, small_cnn, warm_batchnorm
 from torch import nn
 
 from hessianflow.hvp import flatten, unflatten
@@ -28,13 +28,7 @@ def classification_batch(n=24, d=6, c=4, seed=1):
 
 @pytest.fixture
 def cnn_and_batch():
-    model = small_cnn()
-    # non-trivial running statistics, so eval mode differs from train mode
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 2, 6, 6, dtype=DT) * 2 + 0.5)
-    model.eval()
+    model = warm_batchnorm(small_cnn(), (16, 2, 6, 6), scale=2.0, shift=0.5)
     g = torch.Generator().manual_seed(3)
     return model, torch.randn(10, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 4, (10,), generator=g)
 
@@ -306,11 +300,7 @@ def test_eval_batchnorm_runs_as_its_affine_map_and_is_restored(affine):
         nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, affine=affine), nn.Tanh(), nn.Flatten(),
         nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3),
     ).to(DT)  # fmt: skip
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, 2, 4, 4, dtype=DT) * 1.5 + 0.3)
-    model.eval()
+    warm_batchnorm(model, (16, 2, 4, 4), scale=1.5, shift=0.3)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(9, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (9,), generator=g)
     crit = nn.CrossEntropyLoss()
