@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from dense_reference import dense_ggn, func_hessian_of
+from dense_reference import dense_ggn, func_hessian_of, mlp
 from torch import nn
 
 import hessianflow as hf
@@ -178,8 +178,7 @@ def test_padded_token_loader_is_the_mean_over_all_counted_tokens():
 
 
 def test_reduction_is_never_guessed_over_a_loader():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model = mlp(3, 4, 3, seed=0)
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(20, 3, generator=g, dtype=DT), torch.randint(0, 3, (20,), generator=g)
     loader = [(X[:8], y[:8]), (X[8:], y[8:])]
@@ -238,8 +237,7 @@ def test_move_batch_is_recursive_and_leaves_other_leaves():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_ggn_analytic_cross_entropy_equals_autograd_and_dense(reduction):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    model = mlp(3, 5, 4, seed=0)
     g = torch.Generator().manual_seed(2)
     X, y = torch.randn(9, 3, generator=g, dtype=DT), torch.randint(0, 4, (9,), generator=g)
     y[[2, 5]] = -100  # ignored positions
