@@ -42,9 +42,7 @@ DEFAULTS = {
 
 
 def build_parser():
-    parser = train.build_parser(
-        defaults=DEFAULTS, description=__doc__.split("\n\n")[0], fixed_arch="ResNet"
-    )
+    parser = train.build_parser(defaults=DEFAULTS, description=__doc__.split("\n\n")[0], fixed_arch="ResNet")
     parser.set_defaults(eig_max_iter=DEFAULTS["eig_max_iter"], eig_tol=DEFAULTS["eig_tol"])
     return parser
 
