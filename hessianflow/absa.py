@@ -580,6 +580,19 @@ def _show(bar, tally: _Tally) -> None:
         bar.set_postfix(postfix, refresh=False)
 
 
+def _check_epoch_args(large_ratio, adv_ratio, max_batches, non_finite) -> tuple[int, float, int | None]:
+    """:func:`train_epoch`'s plain arguments, checked: ``(large_ratio, adv_ratio, max_batches)``."""
+    large_ratio = check_int("large_ratio", large_ratio, minimum=1)
+    adv_ratio = float(adv_ratio)
+    if not 0.0 <= adv_ratio <= 1.0:
+        raise ValueError(f"adv_ratio must lie in [0, 1], got {adv_ratio}")
+    if max_batches is not None:
+        max_batches = check_int("max_batches", max_batches, minimum=1)
+    if non_finite not in ("raise", "skip"):
+        raise ValueError(f"non_finite must be 'raise' or 'skip', got {non_finite!r}")
+    return large_ratio, adv_ratio, max_batches
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -680,14 +693,7 @@ def train_epoch(
         >>> out["samples"], out["micro_batches"], out["optimizer_steps"], out["skipped"]
         (20, 4, 2, 0)
     """
-    large_ratio = check_int("large_ratio", large_ratio, minimum=1)
-    adv_ratio = float(adv_ratio)
-    if not 0.0 <= adv_ratio <= 1.0:
-        raise ValueError(f"adv_ratio must lie in [0, 1], got {adv_ratio}")
-    if max_batches is not None:
-        max_batches = check_int("max_batches", max_batches, minimum=1)
-    if non_finite not in ("raise", "skip"):
-        raise ValueError(f"non_finite must be 'raise' or 'skip', got {non_finite!r}")
+    large_ratio, adv_ratio, max_batches = _check_epoch_args(large_ratio, adv_ratio, max_batches, non_finite)
     device = _default_device(model) if device is None else torch.device(device)
     spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "train_epoch")
     use_adv = adv_ratio > 0 and bool((torch.as_tensor(eps) != 0).any())
