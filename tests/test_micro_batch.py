@@ -9,7 +9,8 @@ alone.
 import pytest
 import torch
 import torch.nn.functional as F
-from test_loss_forms import TinyLM, counted, dense_hessian, mean_over_counted_tokens, rel_err, token_batches
+from dense_reference import func_hessian_of as dense_hessian
+from test_loss_forms import TinyLM, counted, mean_over_counted_tokens, rel_err, token_batches
 from torch import nn
 
 import hessianflow as hf
