@@ -49,7 +49,7 @@ from ..checkpoint_format import (
     resume_settings,
     upgrade_state_dict,
 )
-from ..data import dataset_info, get_datasets, set_augmentation_epoch
+from ..data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
 from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
 from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
@@ -266,11 +266,9 @@ def _loader(dataset, batch_size, sampler=None, num_workers=0, device=None):
 
 def _hessian_batch(dataset, size: int, seed: int, ctx):
     """``size`` random un-augmented samples chosen by ``seed``; each rank keeps its shard of them."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[: min(size, len(dataset))]
-    idx = idx[shard(len(idx), ctx.rank, ctx.world_size)]
-    xs, ys = zip(*(dataset[int(i)] for i in idx))
-    return torch.stack(xs), torch.as_tensor(ys)
+    x, y = fixed_batch(dataset, min(size, len(dataset)), seed)
+    part = shard(len(y), ctx.rank, ctx.world_size)
+    return x[part], y[part]
 
 
 def _evaluate(model, test_set, args, criterion, ctx) -> dict:
