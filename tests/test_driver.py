@@ -270,6 +270,22 @@ def test_full_eigen_type_over_batches_equals_the_concatenated_batch(ckpt, capsys
                  float(ref.residuals[0]))  # fmt: skip
 
 
+def test_micro_batches_give_the_same_eigenvalues_and_per_layer_table(ckpt, capsys):
+    """--micro-batch-size: the full data in chunks of 3 is the same matrix as the unsplit batches of 8."""
+    argv = ["--resume", ckpt["path"], "--eigen-type", "full", "--num-batches", "2", "--hessian-batch-size", "8",
+            "--data", "test", "--no-progress", "--top-k", "2", "--per-layer", "--layers", "fc"]  # fmt: skip
+    whole, _ = run_driver(argv, capsys)
+    split, _ = run_driver(argv + ["--micro-batch-size", "3"], capsys)
+    assert split["data"]["num_samples"] == whole["data"]["num_samples"] == 16
+    for a, b, ra, rb in zip(split["eigen"]["eigenvalues"], whole["eigen"]["eigenvalues"], split["eigen"]["residuals"],
+                            whole["eigen"]["residuals"]):  # fmt: skip
+        assert close(a, b, ra, rb)
+    (fc_split,), (fc_whole,) = split["per_layer"]["layers"], whole["per_layer"]["layers"]
+    assert fc_split["eigenvalue"] == pytest.approx(fc_whole["eigenvalue"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        drv.parse_args(argv + ["--micro-batch-size", "0"])
+
+
 def test_a_solver_that_does_not_converge_says_so(ckpt, capsys, tmp_path):
     jpath = tmp_path / "nc.json"
     argv = ["--resume", ckpt["path"], "--hessian-batch-size", "8", "--top-k", "2", "--max-iter", "3", "--tol",

@@ -118,6 +118,13 @@ def _add_what_to_compute_on_flags(p, d) -> None:
         help="full only: use the first N batches of the split (default: all)",
     )
     g.add_argument(
+        "--micro-batch-size",
+        type=_cli.positive_int,
+        default=None,
+        help="run each batch in chunks of at most N samples, one chunk's graph in memory at a time: the same "
+        "matrix with less memory per product (default: whole batches)",
+    )
+    g.add_argument(
         "--operator",
         type=_cli.choice_ci(("hessian", "ggn")),
         default="hessian",
@@ -699,6 +706,7 @@ def per_layer_analysis(run: _Run, model, criterion, source, blocks) -> dict:
         tol=LANCZOS_TOL if args.tol is None or args.method != "lanczos" else args.tol,
         max_iter=args.max_iter if args.method == "lanczos" else None,
         exact_threshold=args.exact_threshold, operator=args.operator, blocks=blocks, progress=run.progress,
+        micro_batch_size=args.micro_batch_size,
     ))  # fmt: skip
     seconds = time.time() - t0
     run.log()
@@ -829,7 +837,7 @@ def _main(args, ctx) -> dict:
     name, source, data_desc, _ = load_data(args, meta, run.log, ctx)
     criterion = nn.CrossEntropyLoss()
     op = (HessianOperator if args.operator == "hessian" else GGNOperator)(
-        model, criterion, progress=run.progress, **source
+        model, criterion, progress=run.progress, micro_batch_size=args.micro_batch_size, **source
     )
     result = describe(run, model, meta, name, data_desc, op)
     result.update(check_loss(run, model, criterion, source))
