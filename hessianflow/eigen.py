@@ -174,7 +174,7 @@ def _passes(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor, tol: floa
     if theta.numel() > idx.numel():
         dist = (th[:, None] - theta[None, :]).abs()
         dist[torch.arange(idx.numel()), idx] = float("inf")
-        bound = torch.minimum(r, r**2 / dist.min(dim=1).values)
+        bound = torch.fmin(r, r**2 / dist.min(dim=1).values)  # fmin: 0/0 (exact pair, exact tie) is 0
     return bound <= tol * torch.clamp(th.abs(), min=tol * scale)
 
 
@@ -287,6 +287,14 @@ class _Krylov:
         # max |p.(A b) - b.(A p)| over pairs whose two products are both known: zero for exact symmetric
         # products, so it measures their rounding noise (see _noise_floor), at no cost
         self.asym = 0.0
+        # Chains (see lanczos' block start): the tag of the chain each pending vector continues, the column
+        # of B that holds a chain's first vector (forgotten at a restart, which mixes the columns), the
+        # products spent on each chain, and the chains that ended in breakdown (their Krylov space is invariant).
+        self.tags: list = []
+        self.home: dict = {}
+        self.chain_steps: dict = {}
+        self.broken: set = set()
+        self.restarted = False
 
     # -- storage -------------------------------------------------------------------------------
     @property
@@ -345,8 +353,9 @@ class _Krylov:
         return x, new, [c.to(device="cpu", dtype=torch.float64) for c in coeffs], ok
 
     # -- the process ---------------------------------------------------------------------------
-    def inject(self, z: torch.Tensor | None = None) -> bool:
-        """Add a start vector as a new pending vector: ``z`` if given, else a random one.
+    def inject(self, z: torch.Tensor | None = None, tag=None) -> bool:
+        """Add a start vector as a new pending vector: ``z`` if given, else a random one; ``tag`` names
+        the chain it starts.
 
         Returns False when nothing outside span(L, B, P) could be added: ``z`` lies in it, or that
         span is already the whole space (then the Ritz values of ``G`` are exact for the compression).
@@ -363,25 +372,32 @@ class _Krylov:
                 if ok and nz > 1e2 * self.eps * z0:
                     self.P = torch.cat([self.P, (z / nz)[:, None]], dim=1)
                     self.C = torch.cat([self.C, torch.zeros(self.j, 1, dtype=torch.float64)], dim=1)
+                    self.tags.append(tag)
                     return True
             z = None
         return False
 
-    def step(self) -> bool:
-        """One Lanczos step on the oldest pending vector. Returns True on breakdown (no new vector).
+    def step(self, i: int = 0) -> bool:
+        """One Lanczos step on pending vector ``i`` (default the oldest). Returns True on breakdown (no new
+        vector).
 
-        Oldest first: with several pending vectors (after an injection) they take turns, as in block
-        Lanczos. Always taking the newest would leave the older ones pending forever, and the Ritz
-        residuals along them (``C``) could never decrease.
+        Oldest first by default: with several pending vectors (a block start, an injection) they take
+        turns, as in block Lanczos. Always taking the newest would leave the older ones pending forever, and
+        the Ritz residuals along them (``C``) could never decrease.
         """
-        p = self.P[:, 0].clone()
-        known = self.C[:, 0].clone()  # [j] p.(A b_i), from the basis vectors' own products
-        self.P = self.P[:, 1:]
-        self.C = self.C[:, 1:]
+        p = self.P[:, i].clone()
+        known = self.C[:, i].clone()  # [j] p.(A b_i), from the basis vectors' own products
+        tag = self.tags.pop(i)
+        rest = [c for c in range(self.P.shape[1]) if c != i]
+        self.P = self.P[:, rest]
+        self.C = self.C[:, rest]
         w = self.op.matvec(p)
         raw = _norm(w)
         self.anorm = max(self.anorm, raw)
         self._append_B(p)
+        if tag is not None:
+            self.home.setdefault(tag, self.j - 1)
+            self.chain_steps[tag] = self.chain_steps.get(tag, 0) + 1
         w, beta, (cL, cB, cP), ok = self._orthogonalize(w)
         j = self.j
         G = torch.zeros(j, j, dtype=torch.float64)
@@ -396,8 +412,10 @@ class _Krylov:
         self.K = torch.cat([self.K, cL[:, None]], dim=1)
         # Breakdown: the remainder is rounding noise, span(L, B, P) is invariant up to that noise.
         if not ok or beta <= 1e2 * self.eps * max(raw, self.anorm):
+            self.broken.add(tag)
             return True
         self.P = torch.cat([self.P, (w / beta)[:, None]], dim=1)
+        self.tags.append(tag)
         col = torch.zeros(j, 1, dtype=torch.float64)
         col[j - 1, 0] = beta
         self.C = torch.cat([self.C, col], dim=1)
@@ -420,6 +438,8 @@ class _Krylov:
         self.G = torch.diag(theta[keep])
         self.C = Sk.T @ self.C
         self.K = self.K @ Sk
+        self.home.clear()
+        self.restarted = True
 
     def vectors(self, S: torch.Tensor) -> torch.Tensor:
         return self.B @ S.to(dtype=self.B.dtype, device=self.B.device)
@@ -449,9 +469,7 @@ def _lanczos_quadrature(op: LinearOperator, v0: torch.Tensor, num_steps: int):
 # ------------------------------------------------------------------------------------------------
 # power iteration
 # ------------------------------------------------------------------------------------------------
-def power_iteration(
-    A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=None, progress: bool = False, v0=None
-):
+def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=None, progress: bool = False, v0=None):
     """The ``k`` dominant (largest-magnitude) eigenpairs by power iteration with deflation.
 
     This is the method of HessianFlow (Yao et al. 2018, ``hessianflow/eigen.py: get_eigen``) and
@@ -628,8 +646,7 @@ def lanczos(
     Why a residual test with a relative ``tol``: a residual :math:`r` bounds the eigenvalue error by
     :math:`r` (Weyl), and by :math:`r^2/\\mathrm{gap}` where ``gap`` is the distance to the rest of
     the spectrum (Kato-Temple), so with ``tol=1e-6`` the eigenvalues are typically accurate to ~1e-12
-    relative, far below ``tol`` (measured on a 227-parameter MLP Hessian: ~1e-13 after 16-19
-    products; the eigenvalue alone was within 1e-6 after 9-11), and the eigenvectors to an angle of
+    relative, far below ``tol`` (measured: benchmarks/README.md), and the eigenvectors to an angle of
     :math:`r/\\mathrm{gap}`. Only inside a cluster narrower than ``tol·max|θ|`` is nothing better than
     about ``tol·max|θ|`` known about which eigenvalue of the cluster a value is.
 
@@ -642,34 +659,44 @@ def lanczos(
     vector orthogonal to the basis is added and the process continues. Once the basis spans the whole
     space the Ritz pairs are exact.
 
-    **Multiplicity check.** From one start vector a Krylov method sees only one vector of each
-    eigenspace: a double eigenvalue is found once, and the next Ritz value would silently take the
-    place of its second copy. So for ``k >= 2``, once the ``k`` pairs have converged, a second Lanczos
-    process runs from a fresh random vector on the compression of ``A`` to the orthogonal complement
-    of the ``k`` converged vectors (a missed copy is an eigenvector there, with the same eigenvalue)
-    until its most wanted Ritz pair has converged to the same ``tol``, after at least 8 steps (a loose
-    ``tol`` would otherwise accept a first-step Ritz pair from the bulk of the spectrum). If that value is not more
-    wanted than the ``k``-th one by more than ``tol·max|θ|``, the answer is accepted. Otherwise its
-    Ritz vector joins the main process as a second start vector (block Lanczos), iteration resumes and
-    the check is repeated, once per missed copy. The check costs about one top-1 solve on the
-    compression (measured on a 227-parameter MLP Hessian: top-5 in 46-52 products, of which 31-41
-    before the check); for ``k = 1`` a missed copy cannot change the answer and no check is made.
-    Like every randomised eigensolver it can be fooled by a start vector with a negligible component
-    along a wanted eigenvector, with negligible probability for Gaussian start vectors. Property tests
-    (hypothesis, degenerate random spectra) found no silent wrong answer: a wrong multiplicity comes
-    back with ``converged=False`` if the budget runs out first.
+    **Multiplicity.** From one start vector a Krylov method sees only one vector of each eigenspace: a
+    double eigenvalue is found once, and the next Ritz value would silently take the place of its second
+    copy. So for ``k >= 2`` the iteration starts from a block of two start vectors with a Gaussian part
+    (``v0`` or a Gaussian vector, plus a Gaussian vector; a tensor ``v0``, which may miss an eigenspace,
+    gets two), stepped in turn as in block Lanczos (Golub & Underwood 1977): their Krylov space holds
+    two independent vectors of every repeated eigenspace, so a double eigenvalue shows as two Ritz values
+    in the same run. Two tests stand in for a second run:
+
+    * *a further copy*: if a value among the first ``k - 1`` wanted ones is seen as many times as there
+      are such start vectors (within ``2 tol·max|θ|``), a further copy may be missing, and a fresh
+      Gaussian vector joins the block (once per copy);
+    * *the complement*: the newest Gaussian vector's own Krylov space, projected on the complement of
+      the ``k`` wanted Ritz vectors, is (up to their residuals) the Krylov space of a random vector on
+      the compression of ``A`` to that complement, and it lies in the basis. Lanczos on the small
+      projected matrix gives its most wanted Ritz pair and residual without a product
+      (:func:`_chain_check`); the answer is accepted when that pair passes the stopping test too, after
+      at least 8 steps of that vector (a loose ``tol`` would otherwise accept a first-step Ritz pair
+      from the bulk of the spectrum). A missed copy, or an eigenvalue above the ``k``-th that has not
+      surfaced yet, would be the top of that compression.
+
+    This is the test that a separate Lanczos run on the complement made after convergence (still made
+    after a thick restart, which mixes the block's vectors: :func:`_check_multiplicity`), with the
+    products shared: the second vector's steps also converge the wanted pairs (product counts:
+    benchmarks/README.md). For ``k = 1`` a missed copy cannot change the answer and the start is a single
+    vector. Like every randomised eigensolver it can be fooled by a start vector with a negligible
+    component along a wanted eigenvector, with negligible probability for Gaussian start vectors.
+    Property tests (hypothesis, degenerate random spectra) found no silent wrong answer: a wrong
+    multiplicity comes back with ``converged=False`` if the budget runs out first.
 
     Args:
         A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or ``"LM"`` (largest
             magnitude).
-        max_iter: total number of products allowed, multiplicity check included. Default
+        max_iter: total number of products allowed, multiplicity tests included. Default
             ``max(150, 30 * k)``: the default tolerance typically needs 10-20 products per well
-            separated pair plus about one top-1 solve for the multiplicity check, and each missed
-            copy of a repeated eigenvalue costs another check (a triple eigenvalue and ``k = 4``:
-            ~110 products measured). It is a safeguard against slow convergence (clusters), not the
-            expected cost.
+            separated pair, and each further copy of a repeated eigenvalue adds a start vector. It is a
+            safeguard against slow convergence (clusters), not the expected cost.
         tol: the relative accuracy asked for: of each eigenvalue (default criterion), or of the residuals
             (``criterion="residual"``). Default ``1e-6``. A ``tol`` below what the products can give
             (their noise, measured for free as the asymmetry :math:`|u^\\top Av - v^\\top Au|` of the
@@ -678,31 +705,29 @@ def lanczos(
         seed: ``None``, an int or a ``torch.Generator``; the same seed gives the same result.
         progress: show a tqdm progress bar (products spent out of ``max_iter``).
         max_basis: basis size that triggers a thick restart, i.e. the number of ``n``-vectors kept in
-            memory (plus a few). Default ``max(50, 4 * k)``; must be at least ``k + 1``.
+            memory (plus a few). Default ``max(60, 4 * k)`` (room for both vectors of the block start
+            before a restart, after which the multiplicity test needs a separate run); at least ``k + 1``.
         v0: the start vector: ``None`` (default: Gaussian, from ``seed``), a flat ``[n]`` tensor (e.g.
             the previous epoch's top eigenvector: a warm start), or ``"gradient"`` when ``A`` is a
             curvature operator: the loss gradient, which lies largely in the span of the top Hessian
             eigenvectors (Gur-Ari, Roberts & Dyer 2018), plus 1% of a random unit vector so that no
-            eigenvector is out of reach. It is free on one batch (read off the reused graph). Measured
-            (benchmarks/README.md): top-1 of an untrained ResNet-20 to 1e-4 in 5 products instead of
-            7-9 from random starts, of a float64 MLP to 1e-6 in 10-12 instead of 11.5-14.5 (medians);
-            no gain for the top-5. The multiplicity check always starts at random.
+            eigenvector is out of reach. It is free on one batch (read off the reused graph); its effect
+            on the product counts is measured in benchmarks/README.md. For ``k >= 2`` the block's second
+            start vector is always Gaussian.
         criterion: what ``tol`` bounds. ``"eigenvalue"`` (default since issue 13): the eigenvalues,
-            relative to each one (measured on a float64 MLP, ``k=1, tol=1e-6``: 13 products and an error
-            of 1.2e-7 where the residual rule took 17 and gave 9e-13, i.e. paid for ``tol**2``):
+            relative to each one (the residual rule pays for about ``tol**2``: benchmarks/README.md):
             stop when every wanted pair has :math:`\\min(r_i, r_i^2/\\delta_i) \\le \\mathrm{tol}\\cdot
             \\max(|\\theta_i|, \\mathrm{tol}\\max|\\theta|)`, where :math:`r^2/\\delta` is the Kato-Temple
             bound with the gap :math:`\\delta_i` estimated by the distance to the nearest other Ritz
             value (Parlett 1998, §11.7). With ``tol`` the accuracy wanted it stops near the fewest
-            products that reach it (measured: ResNet-20 top-5 to 1e-4 in 24 products before the
-            multiplicity check, error 6.6e-6, 42 with the check, where the residual rule needs
-            ``tol=1e-4`` and 48; top-1 from ``v0="gradient"`` in 5; benchmarks/README.md). The
-            eigenvectors are then only as good as :math:`r/\\delta`. The gap estimate is optimistic
-            while an eigenvalue between the wanted ones has not appeared yet, which a random start makes
-            unlikely; the ``r`` part of the bound holds regardless. ``"residual"``: the residual rule
-            above, which certifies the eigenvectors too (to an angle of ``r/gap``).
-        check_multiplicity: run the multiplicity check above for ``k >= 2`` (default). ``False`` skips
-            it, as other libraries do: fewer products (ResNet-20 top-5 to 1e-4: 24 instead of 38, see
+            products that reach it (benchmarks/README.md). The eigenvectors are then only as good as
+            :math:`r/\\delta`. The gap estimate is optimistic while an eigenvalue between the wanted ones
+            has not appeared yet, which a random start makes unlikely but not impossible (eigenvalues
+            -10, -9.97, 0 and ``k=1, which="SA"``: a first Ritz value between the two close ones passed
+            at ``tol=1e-6``, 3e-4 off); the ``r`` part of the bound holds regardless.
+            ``"residual"``: the residual rule above, which certifies the eigenvectors too (to an angle of ``r/gap``).
+        check_multiplicity: the block start and the multiplicity tests above for ``k >= 2`` (default).
+            ``False`` starts from one vector and skips them, as other libraries do: fewer products (see
             benchmarks/README.md), but a repeated eigenvalue may then be reported once, with the next
             eigenvalue in the place of its copy, and marked converged. Only for spectra known to be
             simple.
@@ -713,7 +738,7 @@ def lanczos(
     Returns:
         An :class:`EigenResult` ordered as ``which`` asks. If ``max_iter`` runs out, the best pairs are
         returned with ``converged=False`` where the test failed (and, for ``k >= 2``, for every pair
-        but the first when the multiplicity check could not be completed), with a
+        but the first when the multiplicity tests could not be completed), with a
         :class:`ConvergenceWarning`.
 
     Raises:
@@ -727,7 +752,7 @@ def lanczos(
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     max_iter = max(150, 30 * k) if max_iter is None else check_int("max_iter", max_iter, minimum=k)
-    max_basis = max(50, 4 * k) if max_basis is None else check_int("max_basis", max_basis, minimum=k + 1)
+    max_basis = max(60, 4 * k) if max_basis is None else check_int("max_basis", max_basis, minimum=k + 1)
     gen = make_generator(seed)
     first = _start_vector(op, A, v0, gen)
     start = op.num_matvecs
@@ -736,58 +761,13 @@ def lanczos(
         return op.num_matvecs - start
 
     proc = _Krylov(op, gen)
-    proc.inject(first)
-    checked = k == 1 or not check_multiplicity  # multiplicity check passed (not needed for k = 1)
-    verdict = None  # the stopping test's flags when it passed
-    check_incomplete = False
-    # max |Ritz value| over the whole call: after a restart to the k wanted vectors of "SA" the
-    # current basis alone would underestimate ||A||.
-    scale = 0.0
+    block = k >= 2 and check_multiplicity
+    chains = _start_chains(proc, first, v0, block)
     bar = tqdm(total=max_iter, disable=not progress, desc="lanczos", leave=False)
     try:
-        while True:
-            theta, S, res = proc.ritz()
-            scale = max(scale, float(theta.abs().max()) if theta.numel() else 0.0)
-            wanted = _order(theta, which)[:k]
-            passed = _passes(theta, res, wanted, tol, scale, criterion) if wanted.numel() == k else None
-            if passed is not None and bool(passed.all()):
-                # the verdict stands for these pairs: the restart below drops the other Ritz values,
-                # whose gaps the eigenvalue criterion used
-                verdict = passed
-                if checked:
-                    break
-                proc.restart(wanted, theta, S)
-                outcome, missed, scale = _check_multiplicity(
-                    proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion
-                )
-                if outcome == "missing":
-                    verdict = None
-                    # Continue from the missed eigenvector, after the old continuation vector (a block
-                    # of two pending vectors), and step until both have entered the basis before the
-                    # convergence test may pass again. Both matter: after an unnoticed breakdown the
-                    # old continuation vector is rounding noise that can hold most of the missed
-                    # eigenvector, and the part of ver's vector outside it can be small.
-                    if not proc.inject(missed) and proc.num_pending == 0:
-                        proc.inject()
-                    for _ in range(proc.num_pending):
-                        if used() >= max_iter:
-                            break
-                        proc.step()
-                        bar.update(1)
-                    continue
-                checked = outcome == "ok"
-                check_incomplete = outcome == "budget"
-                break
-            if used() >= max_iter:
-                break
-            if proc.num_pending == 0 and not proc.inject():
-                break  # the basis spans the space: the Ritz pairs are exact
-            if proc.j >= max_basis:
-                order = _order(theta, which)
-                keep = order[: min(max_basis - 1, k + (max_basis - k) // 2)]
-                proc.restart(keep, theta, S)
-            proc.step()
-            bar.update(1)
+        checked, verdict, check_incomplete, scale = _iterate(
+            proc, k, which, tol, criterion, max_iter, max_basis, used, bar, chains
+        )
     finally:
         bar.close()
 
@@ -832,7 +812,7 @@ def lanczos(
                 f"tol={tol:g}: accuracy reached ~{worst:.1e}, not {tol:g}"
             )
         elif check_incomplete or (not checked and (verdict is not None or bool(now.all()))):
-            why = "the multiplicity check could not be completed (pairs after the first may be out of place)"
+            why = "the multiplicity tests could not be completed (pairs after the first may be out of place)"
         elif criterion == "residual":
             why = f"residuals above tol * max|theta| = {tol * scale:.3g} within max_iter={max_iter} products"
         else:
@@ -845,12 +825,210 @@ def lanczos(
     return result
 
 
-def _check_multiplicity(proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion):
+# ------------------------------------------------------------------------------------------------
+# lanczos' steps: the chains of a block start, the iteration, the multiplicity tests
+# ------------------------------------------------------------------------------------------------
+# products the block may spend after the k pairs first pass before the separate check takes over: the
+# block's check vector gets every other product, so a slow complement is cheaper to certify separately
+_BLOCK_PATIENCE = 8
+_COPY_SLACK = 2.0  # two copies of an eigenvalue, each within tol * |theta| of it, differ by up to 2 tol * scale
+
+
+@dataclass
+class _Chains:
+    """The start vectors of :func:`lanczos`' block start (see its "Multiplicity" section).
+
+    ``generic``: how many start vectors have a Gaussian part (a random start, ``v0="gradient"``, each
+    injected random vector); a Krylov space built from ``b`` such vectors holds ``b`` independent directions
+    of every eigenspace of dimension ``>= b`` (almost surely), so an eigenvalue seen fewer than ``b`` times
+    is seen as often as it occurs. ``check``: the tag of the newest random chain, whose own Krylov space
+    certifies the complement of the wanted vectors (:func:`_chain_check`).
+    """
+
+    block: bool
+    generic: int = 0
+    check: int | None = None
+    next_tag: int = 0
+
+    def add(self, proc: _Krylov) -> bool:
+        """Inject a random start vector as a new chain; False if the space is already spanned."""
+        tag = self.next_tag
+        self.next_tag += 1
+        if not proc.inject(tag=tag):
+            return False
+        self.generic += 1
+        self.check = tag
+        return True
+
+
+def _start_chains(proc: _Krylov, first, v0, block: bool) -> _Chains:
+    """Inject the start vector(s): ``first`` (random when ``None``), then, for a block start, random vectors
+    until two of the start vectors are generic (a given ``v0`` is not: it may miss an eigenspace)."""
+    chains = _Chains(block)
+    if first is None:
+        chains.add(proc)
+    else:
+        proc.inject(first)
+        chains.generic += int(isinstance(v0, str))  # "gradient": its random part makes it generic
+    while block and chains.generic < 2 and chains.add(proc):
+        pass
+    return chains
+
+
+def _needs_another_chain(values: torch.Tensor, generic: int, tol: float, scale: float, which: str) -> bool:
+    """Whether a value among the first ``k - 1`` wanted ones ``values`` is seen ``generic`` times or more.
+
+    A Krylov space from ``b`` generic start vectors shows an eigenvalue of multiplicity ``m`` as
+    ``min(m, b)`` Ritz values; seen ``b`` times, a further copy may be missing, and it would come right
+    after the copies seen, so only the first ``k - 1`` positions matter.
+    """
+    v = values[:-1].abs() if which == "LM" else values[:-1]
+    if v.numel() < generic:
+        return False
+    close = (v[:, None] - v[None, :]).abs() <= _COPY_SLACK * tol * scale
+    return bool((close.sum(dim=1) >= generic).any())
+
+
+def _chain_settled(proc: _Krylov, tag, k: int) -> bool:
+    """Whether the random chain ``tag`` has taken enough steps to have shown what lies above the k-th value.
+
+    At least 8 steps (or breakdown, after which its Krylov space is invariant): from a random start the most
+    wanted Ritz values of the first few steps lie in the bulk of the spectrum, and outliers appear within a
+    few steps (the reason for the same floor in :func:`_check_multiplicity`).
+    """
+    steps = proc.chain_steps.get(tag, 0)
+    return tag in proc.broken or steps >= min(_MIN_CHECK_STEPS, proc.op.size - k)
+
+
+def _chain_check(proc: _Krylov, tag, Sw: torch.Tensor, k: int, which: str, tol: float, scale: float, criterion):
+    """Whether the random chain ``tag`` certifies that nothing more wanted hides outside the wanted vectors.
+
+    This is the test of the separate check of :func:`_check_multiplicity`, made without a product: the chain's
+    own Krylov space, projected on the complement of the wanted Ritz vectors ``B Sw`` (``Sw`` ``[j, k]``), is
+    (up to their residuals) the Krylov space of a random vector on the compression of ``A`` to that
+    complement, and it lies in the basis. In coordinates of ``B``: Lanczos on ``Pw G Pw`` from the chain's
+    first vector, as many steps as the chain has taken, with ``Pw = I - Sw Swᵀ``; its most wanted Ritz pair
+    ``(mu, x)`` has the residual :math:`\\|P_w(Gx - \\mu x)\\|^2 + \\|C^\\top x\\|^2` (squared) on the compression.
+    The check passes when that pair passes the stopping test after at least 8 chain steps (or the chain
+    ended in breakdown), as the separate check's pair must. Returns that verdict and the pair's vector in
+    coordinates of ``B`` (``None`` if the chain has not started), from which a separate check continues.
+    """
+    i0 = proc.home.get(tag)
+    if i0 is None:
+        return False, None
+    G = proc.G
+    Pw = torch.eye(G.shape[0], dtype=torch.float64) - Sw @ Sw.T
+    Gc = Pw @ G @ Pw
+    z = Pw[:, i0].clone()
+    if float(torch.linalg.vector_norm(z)) <= 1e-8:
+        return False, None  # the chain's start lies among the wanted vectors: it tells nothing of the complement
+    Z = torch.zeros(G.shape[0], 0, dtype=torch.float64)
+    for _ in range(proc.chain_steps[tag]):
+        for _ in range(2):
+            z = Pw @ (z - Z @ (Z.T @ z))
+        nz = float(torch.linalg.vector_norm(z))
+        if nz <= 1e-12 * max(scale, 1e-300) and Z.shape[1]:
+            break  # invariant: the chain's Ritz values on the complement are exact
+        Z = torch.cat([Z, (z / nz)[:, None]], dim=1)
+        z = Gc @ Z[:, -1]
+    mu, s = _eigh_small(Z.T @ Gc @ Z)
+    X = Z @ s
+    res = torch.sqrt(_vector_norm(Pw @ (G @ X - X * mu), dim=0) ** 2 + _vector_norm(proc.C.T @ X, dim=0) ** 2)
+    best = _order(mu, which)[:1]
+    ok = _chain_settled(proc, tag, k) and bool(_passes(mu, res, best, tol, scale, criterion)[0])
+    return ok, X[:, best[0]]
+
+
+def _iterate(proc: _Krylov, k, which, tol, criterion, max_iter, max_basis, used, bar, chains: _Chains):
+    """Lanczos steps until the stopping test and, for a block start, the multiplicity tests pass, or
+    ``max_iter`` products are spent. Returns ``(checked, verdict, check_incomplete, scale)``: whether the
+    multiplicity test passed (or was not needed), the stopping test's flags when it passed, whether the
+    separate check ran out of budget, and the largest ``|theta|`` seen."""
+    checked = not chains.block
+    verdict = None
+    check_incomplete = False
+    # max |Ritz value| over the whole call: after a restart to the k wanted vectors of "SA" the
+    # current basis alone would underestimate ||A||.
+    scale = 0.0
+    first_pass = None  # products spent when the k pairs first passed
+    while True:
+        theta, S, res = proc.ritz()
+        scale = max(scale, float(theta.abs().max()) if theta.numel() else 0.0)
+        wanted = _order(theta, which)[:k]
+        passed = _passes(theta, res, wanted, tol, scale, criterion) if wanted.numel() == k else None
+        if passed is not None and bool(passed.all()):
+            if checked or proc.j >= proc.op.size:  # the basis spans the space: every Ritz value is exact
+                verdict, checked = passed, True
+                break
+            first_pass = used() if first_pass is None else first_pass
+            ok, x = (
+                (False, None)
+                if proc.restarted
+                else _chain_check(proc, chains.check, S[:, wanted], k, which, tol, scale, criterion)
+            )
+            if ok and not _needs_another_chain(theta[wanted], chains.generic, tol, scale, which):
+                verdict, checked = passed, True
+                break
+            if proc.restarted or used() - first_pass >= _BLOCK_PATIENCE:
+                # A restart mixed the chains' columns, or the newest chain is far from certifying the
+                # complement (its top converges slowly, at every other product): the separate check (a
+                # second Lanczos run, all of its products on the complement) instead.
+                verdict = passed
+                start = None if x is None else proc.vectors(x[:, None])[:, 0]
+                outcome, scale = _separate_check(
+                    proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start
+                )
+                if outcome == "missing":
+                    verdict = None
+                    continue
+                checked = outcome == "ok"
+                check_incomplete = outcome == "budget"
+                break
+            if _needs_another_chain(theta[wanted], chains.generic, tol, scale, which):
+                chains.add(proc)  # a further copy may be missing: a fresh random chain, stepped in turn below
+        if used() >= max_iter:
+            break
+        if proc.num_pending == 0 and not chains.add(proc):
+            break  # the basis spans the space: the Ritz pairs are exact
+        if proc.j >= max_basis:
+            order = _order(theta, which)
+            keep = order[: min(max_basis - 1, k + (max_basis - k) // 2)]
+            proc.restart(keep, theta, S)
+        proc.step()
+        bar.update(1)
+    return checked, verdict, check_incomplete, scale
+
+
+def _separate_check(proc: _Krylov, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start=None):
+    """After a thick restart: restart to the ``k`` wanted vectors and run :func:`_check_multiplicity`; on
+    ``"missing"``, continue from the missed vector after the old continuation vector (a block of two pending
+    vectors) and step until both have entered the basis. Returns the check's outcome and the updated scale."""
+    theta, S, _ = proc.ritz()
+    proc.restart(_order(theta, which)[:k], theta, S)
+    outcome, missed, scale = _check_multiplicity(
+        proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start
+    )
+    if outcome == "missing":
+        # Both matter: after an unnoticed breakdown the old continuation vector is rounding noise that can
+        # hold most of the missed eigenvector, and the part of the check's vector outside it can be small.
+        if not proc.inject(missed) and proc.num_pending == 0:
+            proc.inject()
+        for _ in range(proc.num_pending):
+            if used() >= max_iter:
+                break
+            proc.step()
+            bar.update(1)
+    return outcome, scale
+
+
+def _check_multiplicity(proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start=None):
     """Look for a missed eigenvalue on the complement of the ``k`` converged vectors.
 
     ``proc`` holds exactly the ``k`` wanted, converged Ritz vectors ``Y`` (``G`` diagonal). A second
     process, locked against ``Y`` only, runs Lanczos on the compression of ``A`` to the orthogonal
-    complement of ``Y`` from a fresh random vector until its most wanted Ritz pair has converged
+    complement of ``Y`` from ``start`` (the best vector of the block's random chain, a random vector that
+    its Lanczos polynomial has already filtered towards the top of the complement) or a fresh random
+    vector until its most wanted Ritz pair has converged
     (same ``tol``). A missed copy of a wanted eigenvalue is an eigenvector orthogonal to ``Y``, hence
     an eigenvector of the compression with the same eigenvalue. (``proc``'s pending vector is not
     locked: after an unnoticed breakdown it is rounding noise and may overlap the missed vector.)
@@ -863,7 +1041,7 @@ def _check_multiplicity(proc, k, which, tol, scale, max_iter, used, max_basis, b
     # a few products but accepts a start vector with a small component along the missed copy: it
     # converged at once on the next eigenvalue in a test (diag(5, 5, 5, 1, ...), k = 3).
     ver = _Krylov(proc.op, proc.generator, locked=proc.B.clone())
-    if not ver.inject():
+    if not ver.inject(start) and (start is None or not ver.inject()):
         return "ok", None, scale  # Y spans the space: nothing can be missing
     cap = max(2, max_basis - proc.j - proc.num_pending)
     steps = 0
