@@ -11,7 +11,7 @@ diagonalised in float64 on the CPU.
   magnitude fewer products than power iteration for the same accuracy.
 
 The private :class:`_Krylov` process is the one Lanczos implementation of the package; stochastic
-Lanczos quadrature (:mod:`hessianflow.density`) uses it through :func:`_lanczos_quadrature`.
+Lanczos quadrature (:mod:`hessianflow.density`) uses it through :func:`lanczos_quadrature`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ class EigenResult:
         num_matvecs: products with the operator spent by this call.
         iterations: iterations performed (for both solvers, one product each).
         method: ``"lanczos"`` or ``"power_iteration"``.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.eigen import lanczos
+        >>> res = lanczos(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)), k=2, seed=0)
+        >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.all_converged
+        ([3.0, 2.0], True)
+        >>> sorted(res.to_dict())
+        ['converged', 'eigenvalues', 'iterations', 'method', 'num_matvecs', 'residuals']
     """
 
     eigenvalues: torch.Tensor
@@ -445,7 +454,7 @@ class _Krylov:
         return self.B @ S.to(dtype=self.B.dtype, device=self.B.device)
 
 
-def _lanczos_quadrature(op: LinearOperator, v0: torch.Tensor, num_steps: int):
+def lanczos_quadrature(op: LinearOperator, v0: torch.Tensor, num_steps: int):
     """Gauss quadrature nodes and weights of the spectral measure of ``A`` seen from ``v0``.
 
     Runs ``min(num_steps, n)`` Lanczos steps with full reorthogonalisation from ``v0`` (stopping early
@@ -514,6 +523,13 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
 
     Raises:
         ValueError: for ``k < 1``, ``k > n``, ``max_iter < 1``, a non-positive ``tol`` or a bad ``v0``.
+
+    Example:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
+        >>> res = power_iteration(A, k=1, tol=1e-10, max_iter=200, seed=0)
+        >>> round(float(res.eigenvalues[0]), 6), bool(res.converged[0])
+        (4.0, True)
     """
     op, k = _operator_and_k(A, k)
     max_iter = check_int("max_iter", max_iter, minimum=1)
@@ -744,6 +760,17 @@ def lanczos(
     Raises:
         ValueError: for ``k < 1``, ``k > n``, an unknown ``which``, ``max_iter < k``,
             ``max_basis < k + 1``, a non-positive ``tol``, a bad ``v0`` or an unknown ``criterion``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+        >>> lam = torch.cat([torch.tensor([5.0, 5.0, 2.0]), torch.linspace(-1, 1, 27)]).double()
+        >>> res = lanczos(Q @ torch.diag(lam) @ Q.T, k=3, seed=0)  # a double eigenvalue: found twice
+        >>> [round(x, 6) for x in res.eigenvalues.tolist()], res.all_converged
+        ([5.0, 5.0, 2.0], True)
+        >>> [round(x, 6) for x in lanczos(Q @ torch.diag(lam) @ Q.T, k=2, which="SA", seed=0).eigenvalues.tolist()]
+        [-1.0, -0.923077]
     """
     op, k = _operator_and_k(A, k)
     if which not in _WHICH:

@@ -35,6 +35,20 @@ class LinearOperator:
             curvature operator in train mode with dropout, or with BatchNorm batch statistics over a
             shuffled loader: it is not a fixed matrix, and the eigensolvers then never report
             convergence.
+
+    Example:
+        >>> import torch
+        >>> class Scale(LinearOperator):
+        ...     def __init__(self, n, c):
+        ...         super().__init__(n, torch.float64, "cpu")
+        ...         self.c = c
+        ...     def _matvec(self, v):
+        ...         return self.c * v
+        >>> op = Scale(3, 2.0)
+        >>> op.matvec(torch.ones(3, dtype=torch.float64))
+        tensor([2., 2., 2.], dtype=torch.float64)
+        >>> op.matmat(torch.eye(3, dtype=torch.float64)).diagonal(), op.num_matvecs
+        (tensor([2., 2., 2.], dtype=torch.float64), 4)
     """
 
     size: int
@@ -96,7 +110,18 @@ class LinearOperator:
 
 
 class DenseOperator(LinearOperator):
-    """A dense symmetric matrix viewed as a :class:`LinearOperator`."""
+    """A dense symmetric matrix viewed as a :class:`LinearOperator`.
+
+    Example:
+        >>> import torch
+        >>> op = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+        >>> op.size, op @ torch.tensor([1.0, 1.0], dtype=torch.float64)
+        (2, tensor([3., 3.], dtype=torch.float64))
+        >>> DenseOperator(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: the matrix is not symmetric (relative asymmetry 1.00e+00)
+    """
 
     def __init__(self, matrix: torch.Tensor, check_symmetric: bool = True):
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -125,7 +150,14 @@ class DenseOperator(LinearOperator):
 
 
 def as_operator(A) -> LinearOperator:
-    """Return ``A`` as a :class:`LinearOperator` (a dense tensor is wrapped, an operator passes)."""
+    """Return ``A`` as a :class:`LinearOperator` (a dense tensor is wrapped, an operator passes).
+
+    Example:
+        >>> import torch
+        >>> op = as_operator(torch.eye(3))
+        >>> type(op).__name__, op.size, as_operator(op) is op
+        ('DenseOperator', 3, True)
+    """
     if isinstance(A, LinearOperator):
         _refuse_complex(A.dtype)
         return A

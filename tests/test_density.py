@@ -100,12 +100,12 @@ def test_closed_form_density_of_a_2x2_matrix():
     assert torch.allclose(res.weights, torch.full((5, 2), 0.5, dtype=torch.float64), atol=1e-14)
     grid = torch.linspace(-1.0, 5.0, 13, dtype=torch.float64)
     sigma = 0.3
-
-    def normal(x, mu):
-        return torch.exp(-0.5 * ((x - mu) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-
-    expected = 0.5 * normal(grid, 1.0) + 0.5 * normal(grid, 3.0)
-    assert torch.allclose(res.density(grid, sigma=sigma), expected, atol=1e-14)
+    # the reference: torch.distributions' normal density (an implementation independent of density())
+    normal = torch.distributions.Normal(torch.tensor([1.0, 3.0], dtype=torch.float64), sigma)
+    expected = normal.log_prob(grid[:, None]).exp().mean(dim=1)
+    assert torch.allclose(res.density(grid, sigma=sigma), expected, rtol=1e-12, atol=1e-300)
+    # and it is not flat: the peaks sit at the eigenvalues, the density at 1 is 1/(2 sigma sqrt(2 pi)) + tiny
+    assert float(res.density([1.0], sigma=sigma)[0]) == pytest.approx(0.5 / (sigma * 2.5066282746310002), rel=1e-6)
     assert res.default_sigma() == pytest.approx(0.02)  # 1% of the node range
 
 

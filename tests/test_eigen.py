@@ -99,14 +99,12 @@ def test_lanczos_residual_rule_gives_eigenvalues_far_below_tol():
 
 def test_lanczos_eigenvectors_match_dense_ones():
     lam = spectrum("outliers", 80)
-    Q = torch.linalg.eigh(sym_matrix(lam, seed=4)).eigenvectors
     A = sym_matrix(lam, seed=4)
     res = lanczos(A, k=3, seed=2, criterion="residual")  # eigenvectors: the residual rule certifies them
     ref = torch.linalg.eigh(A).eigenvectors[:, -3:].flip(1)  # top 3, descending
     # |cos| of the angle to the exact eigenvector: sin(angle) <= residual / gap (Davis-Kahan)
     cos = (ref * res.eigenvectors).sum(dim=0).abs()
     assert bool((cos > 1 - 1e-10).all()), cos
-    assert Q.shape == (80, 80)
 
 
 def test_lanczos_thick_restart_small_basis():
@@ -194,13 +192,17 @@ def test_lanczos_double_eigenvalue_at_the_bottom():
 
 
 def test_lanczos_tiny_gap_cluster():
-    # 5 and 5 + 1e-10: closer than the residual tolerance can resolve. Either both copies are
-    # found (values within tol) or converged=False.
+    # 5 and 5 + 1e-10: closer than the tolerance can resolve. The guarantee: each value reported converged
+    # is within tol of the eigenvalue in its place (both copies found), else converged=False. With the
+    # default budget every start vector here converges, so the values themselves are checked too.
     lam = torch.cat([torch.tensor([5.0 + 1e-10, 5.0, 4.5], dtype=torch.float64), torch.linspace(0, 4, 77)])
     A = sym_matrix(lam, seed=8)
-    res = lanczos(A, k=3, seed=0)
-    assert res.all_converged
-    assert res.eigenvalues.tolist() == pytest.approx([5.0 + 1e-10, 5.0, 4.5], abs=1e-8)
+    ref = torch.tensor([5.0 + 1e-10, 5.0, 4.5], dtype=torch.float64)
+    for seed in range(3):
+        res = lanczos(A, k=3, seed=seed)
+        ok = (res.eigenvalues - ref).abs() <= 1e-6 * ref
+        assert bool((ok | ~res.converged).all()), (seed, res.eigenvalues, res.converged)
+        assert res.all_converged, (seed, res.converged)
 
 
 # ------------------------------------------------------------------------------------------------

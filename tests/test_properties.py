@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from hessianflow.density import spectral_density
@@ -176,8 +176,7 @@ def test_xtrace_algebra_matches_explicit_construction(lam, s, improved, seed):
     # skip numerically rank-deficient sketches (repeated or zero eigenvalues): the identity needs R
     # invertible, and the production code handles those cases by regularisation instead
     sv = torch.linalg.svdvals(Y)
-    if float(sv.min()) <= 1e-6 * float(sv.max()):
-        return
+    assume(float(sv.min()) > 1e-6 * float(sv.max()))
     ests, _ = _xtrace_from_sketch(DenseOperator(A), Om, Y, improved)
     for i in range(s):
         keep = [j for j in range(s) if j != i]
