@@ -132,9 +132,8 @@ def _start_vector(op: LinearOperator, A, v0, generator: torch.Generator) -> torc
 
     The random part keeps every eigenvector reachable when the gradient is orthogonal to one (e.g. by
     a symmetry of the network): its component is then 0.01 of a random start's, which costs Lanczos a
-    few steps, not the answer. Measured on this project's float64 MLP (benchmarks/bench_core.py, 8
-    random parts each), the weight changed nothing between 0 and 0.01 and cost products from 0.1 on.
-    A zero or non-finite gradient (a critical point) falls back to a random start.
+    few steps, not the answer; the weight's effect on product counts is measured in
+    benchmarks/README.md. A zero or non-finite gradient (a critical point) falls back to a random start.
     """
     if v0 is None:
         return None
@@ -203,10 +202,8 @@ def _noise_floor(asym: float, dtype: torch.dtype, scale: float) -> float:
     (a) sees only the antisymmetric part of the error; a float32 network also
     differs from its float64 self by a *symmetric* error that no product can reveal: where rounding moves
     a ReLU input or a max-pool tie across its kink, float32 takes a different piece of the piecewise
-    linear function. Measured against float64 on one batch of 64 (benchmarks/README.md, "Float32
-    honesty"): product errors 8.7e-7 (C1) to 4.9e-5 (ResNet-20) with asymmetries of 1.6e-6 and 5e-7;
-    top eigenvalues reported converged at ``tol=1e-6`` were 1.1e-5 (C1) and 2.3e-5 (ResNet-20) off.
-    (b) is 2.4e-5 of :math:`\\max|\\theta|` in float32 (covering both) and 4.4e-14 in float64.
+    linear function (measured against float64: benchmarks/README.md, "Float32 honesty"; (b) is what
+    covers that error there). (b) is 2.4e-5 of :math:`\\max|\\theta|` in float32 (covering both) and 4.4e-14 in float64.
     """
     return max(asym, _NOISE_EPS.get(dtype, _NOISE_EPS_LOW) * torch.finfo(dtype).eps * scale)
 
@@ -240,8 +237,7 @@ def _eigh_small(G: torch.Tensor):
     """``torch.linalg.eigh`` of a small projected matrix, on one thread.
 
     Threaded LAPACK gains nothing on a matrix of a few dozen rows and, on an oversubscribed CPU, loses
-    badly: 135 ms instead of 0.6 ms for 50 x 50 (measured on 2 busy cores), and Lanczos calls it
-    after every product. The thread count is restored at once.
+    badly (benchmarks/README.md), and Lanczos calls it after every product. The thread count is restored at once.
     """
     threads = torch.get_num_threads()
     if threads == 1 or G.shape[0] > 512:
@@ -825,31 +821,37 @@ def lanczos(
         method="lanczos",
     )
     if not result.all_converged:
-        if not deterministic:
-            why = (
-                "the operator is not deterministic (two products with the same vector differ: e.g. dropout "
-                "or BatchNorm batch statistics over a shuffled loader in train mode), so no convergence can be "
-                "certified"
-            )
-        elif bool((claimed & ~reachable).any()):
-            worst = float((floor / torch.clamp(values.abs(), min=tol * scale)).max())
-            why = (
-                f"the products' noise limits the eigenvalues to about {worst:.1e} relative (asymmetry "
-                f"|u.Av - v.Au| up to {proc.asym:.2g}, rounding floor {floor:.2g}), above "
-                f"tol={tol:g}: accuracy reached ~{worst:.1e}, not {tol:g}"
-            )
-        elif check_incomplete or (not checked and (verdict is not None or bool(now.all()))):
-            why = "the multiplicity tests could not be completed (pairs after the first may be out of place)"
-        elif criterion == "residual":
-            why = f"residuals above tol * max|theta| = {tol * scale:.3g} within max_iter={max_iter} products"
-        else:
-            why = f"eigenvalue error bounds above tol={tol:g} relative within max_iter={max_iter} products"
+        stalled = check_incomplete or (not checked and (verdict is not None or bool(now.all())))
+        why = _lanczos_why(deterministic, claimed & ~reachable, values, floor, proc.asym, tol, scale, stalled,
+                           criterion, max_iter)  # fmt: skip
         warnings.warn(
             f"lanczos: not all of the {k} {which} pairs converged: {why}; converged={result.converged.tolist()}",
             ConvergenceWarning,
             stacklevel=2,
         )
     return result
+
+
+def _lanczos_why(deterministic, noisy, values, floor, asym, tol, scale, stalled, criterion, max_iter) -> str:
+    """The reason :func:`lanczos` gives in its warning when not every pair converged."""
+    if not deterministic:
+        return (
+            "the operator is not deterministic (two products with the same vector differ: e.g. dropout "
+            "or BatchNorm batch statistics over a shuffled loader in train mode), so no convergence can be "
+            "certified"
+        )
+    if bool(noisy.any()):
+        worst = float((floor / torch.clamp(values.abs(), min=tol * scale)).max())
+        return (
+            f"the products' noise limits the eigenvalues to about {worst:.1e} relative (asymmetry "
+            f"|u.Av - v.Au| up to {asym:.2g}, rounding floor {floor:.2g}), above "
+            f"tol={tol:g}: accuracy reached ~{worst:.1e}, not {tol:g}"
+        )
+    if stalled:
+        return "the multiplicity tests could not be completed (pairs after the first may be out of place)"
+    if criterion == "residual":
+        return f"residuals above tol * max|theta| = {tol * scale:.3g} within max_iter={max_iter} products"
+    return f"eigenvalue error bounds above tol={tol:g} relative within max_iter={max_iter} products"
 
 
 # ------------------------------------------------------------------------------------------------
