@@ -844,7 +844,7 @@ def start_models(quick: bool = False):
     from hessianflow.models import get_model
 
     out = []
-    for steps in ((0, 300) if quick else (0, 30, 300)):
+    for steps in (0, 300) if quick else (0, 30, 300):
         w = mlp_workload(steps=steps)
         out.append((f"MLP, {steps} Adam steps", w.model, w.x, w.y))
     _, plain, _ = get_datasets("synthetic", augment=False, seed=0, num_train=1024, num_test=16)
@@ -853,7 +853,7 @@ def start_models(quick: bool = False):
     x = x[:, :, :16, :16].double()
     archs = (("c1", None),) if quick else (("c1", None), ("c2", None), ("ResNet", 8), ("ResNet", 20))
     for arch, depth in archs:
-        for sgd in ((0,) if arch == "ResNet" else (0, 20)):
+        for sgd in (0,) if arch == "ResNet" else (0, 20):
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = (get_model(arch, depth=depth) if depth else get_model(arch, input_size=16)).double()
@@ -888,6 +888,7 @@ def start_study(seeds: int = 3, quick: bool = False) -> dict:
         # float64 convolutional networks cost 1-3 s a product here: two seeds, and no k=1 tol=1e-4 case
         mine = cases if name.startswith("MLP") else cases[1:]
         nseeds = seeds if name.startswith("MLP") else min(seeds, 2)
+
         def op(model=model, x=x, y=y):
             return HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
 
@@ -916,8 +917,9 @@ def start_study(seeds: int = 3, quick: bool = False) -> dict:
                 if d is None:
                     row.append("-")
                     continue
-                row.append(f"{median(d['products']):g} ({min(d['products'])}-{max(d['products'])}), "
-                           f"{max(d['errors']):.1e}")
+                row.append(
+                    f"{median(d['products']):g} ({min(d['products'])}-{max(d['products'])}), {max(d['errors']):.1e}"
+                )
         rows.append(row)
         print(f"- {name}: {time.perf_counter() - t0:.0f} s, load {load()}: {' | '.join(row)}", flush=True)
     headers = ["model", "lambda_1, lambda_2"]

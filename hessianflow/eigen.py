@@ -7,11 +7,12 @@ diagonalised in float64 on the CPU.
 * :func:`power_iteration` is the method of HessianFlow / PyHessian (power iteration with deflation and
   a relative-change stopping rule), kept for comparison and for the historical API.
 * :func:`lanczos` is what to use: Lanczos (1950) with full reorthogonalisation, a Ritz-residual
-  stopping rule, thick restart (Wu & Simon 2000) and a multiplicity check, typically an order of
-  magnitude fewer products than power iteration for the same accuracy.
+  stopping rule, thick restart (Wu & Simon 2000) and, for ``k >= 2``, a block start with multiplicity
+  tests, typically an order of magnitude fewer products than power iteration for the same accuracy.
 
 The private :class:`_Krylov` process is the one Lanczos implementation of the package; stochastic
-Lanczos quadrature (:mod:`hessianflow.density`) uses it through :func:`lanczos_quadrature`.
+Lanczos quadrature (:mod:`hessianflow.density`) uses it through :func:`lanczos_quadrature` (internal:
+not in ``__all__``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .linop import LinearOperator, as_operator, check_vector
 __all__ = ["EigenResult", "ConvergenceWarning", "power_iteration", "lanczos"]
 
 _WHICH = ("LA", "SA", "LM")
-_MIN_CHECK_STEPS = 8  # Krylov steps before the multiplicity check may accept (see _check_multiplicity)
+_MIN_CHECK_STEPS = 8  # steps of a random vector before a multiplicity test may accept (see _chain_settled)
 
 
 class ConvergenceWarning(UserWarning):
