@@ -549,29 +549,9 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
         for i in range(k):
             v = deflate(first if i == 0 and first is not None else randn((n,), gen, dtype=op.dtype, device=op.device))
             v = v / _norm(v)
-            lam_prev, done, prev = None, False, None
-            for _ in range(max_iter):
-                vec = v  # the vector whose Rayleigh quotient and residual are computed below
-                w = op.matvec(v)
-                if prev is not None:
-                    asym = max(asym, abs(float(prev[0] @ w) - float(v @ prev[1])))
-                prev = (v, w)
-                iterations += 1
-                bar.update(1)
-                lam = float(v @ w)
-                res = _norm(w - lam * v)
-                w = deflate(w)
-                wn = _norm(w)
-                if lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
-                    done = True
-                    break
-                if wn <= 10 * torch.finfo(op.dtype).eps * max(scale, abs(lam)):
-                    # A v has no component outside the pairs found: lam = 0 and v is an exact
-                    # eigenvector of the deflated operator; another iteration cannot move it.
-                    done = True
-                    break
-                v = w / wn
-                lam_prev = lam
+            vec, lam, res, done, steps, pair_asym = _power_pair(op, v, deflate, max_iter, tol, scale, bar)
+            iterations += steps
+            asym = max(asym, pair_asym)
             scale = max(scale, abs(lam))
             U = torch.cat([U, vec[:, None]], dim=1)
             values.append(lam)
@@ -616,6 +596,41 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
             stacklevel=2,
         )
     return result
+
+
+def _power_pair(op: LinearOperator, v: torch.Tensor, deflate, max_iter: int, tol: float, scale: float, bar):
+    """One pair of :func:`power_iteration`: iterate from the unit vector ``v`` (deflated by ``deflate``) until
+    the relative-change rule fires, ``A v`` has nothing left outside the pairs found, or ``max_iter``.
+
+    Returns ``(vector, lam, residual, stopped, products, asym)``: the vector whose Rayleigh quotient ``lam``
+    and residual were computed last, whether a stopping rule fired, the products spent and the largest
+    asymmetry :math:`|u^\\top(Av) - v^\\top(Au)|` between consecutive iterates (see :func:`_noise_floor`).
+    """
+    lam_prev, done, prev, asym, steps = None, False, None, 0.0, 0
+    vec, lam, res = v, 0.0, 0.0
+    for _ in range(max_iter):
+        vec = v  # the vector whose Rayleigh quotient and residual are computed below
+        w = op.matvec(v)
+        if prev is not None:
+            asym = max(asym, abs(float(prev[0] @ w) - float(v @ prev[1])))
+        prev = (v, w)
+        steps += 1
+        bar.update(1)
+        lam = float(v @ w)
+        res = _norm(w - lam * v)
+        w = deflate(w)
+        wn = _norm(w)
+        if lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
+            done = True
+            break
+        if wn <= 10 * torch.finfo(op.dtype).eps * max(scale, abs(lam)):
+            # A v has no component outside the pairs found: lam = 0 and v is an exact
+            # eigenvector of the deflated operator; another iteration cannot move it.
+            done = True
+            break
+        v = w / wn
+        lam_prev = lam
+    return vec, lam, res, done, steps, asym
 
 
 # ------------------------------------------------------------------------------------------------
