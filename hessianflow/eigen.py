@@ -1005,32 +1005,31 @@ def _iterate(proc: _Krylov, k, which, tol, criterion, max_iter, max_basis, used,
             if checked or proc.j >= proc.op.size:  # the basis spans the space: every Ritz value is exact
                 verdict, checked = passed, True
                 break
-            first_pass = used() if first_pass is None else first_pass
-            ok, x = (
-                (False, None)
-                if proc.restarted
-                else _chain_check(proc, chains.check, S[:, wanted], k, which, tol, scale, criterion)
-            )
-            if ok and not _needs_another_chain(theta[wanted], chains.generic, tol, scale, which):
-                verdict, checked = passed, True
-                break
-            if proc.restarted or used() - first_pass >= _BLOCK_PATIENCE:
-                # A restart mixed the chains' columns, or the newest chain is far from certifying the
-                # complement (its top converges slowly, at every other product): the separate check (a
-                # second Lanczos run, all of its products on the complement) instead.
-                verdict = passed
-                start = None if x is None else proc.vectors(x[:, None])[:, 0]
-                outcome, scale = _separate_check(
-                    proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start
-                )
-                if outcome == "missing":
-                    verdict = None
-                    continue
-                checked = outcome == "ok"
-                check_incomplete = outcome == "budget"
-                break
-            if _needs_another_chain(theta[wanted], chains.generic, tol, scale, which):
+            if not proc.restarted and _needs_another_chain(theta[wanted], chains.generic, tol, scale, which):
                 chains.add(proc)  # a further copy may be missing: a fresh random chain, stepped in turn below
+                first_pass = None  # with its own patience
+            else:
+                first_pass = used() if first_pass is None else first_pass
+                ok, x = (False, None) if proc.restarted else _chain_check(proc, chains.check, S[:, wanted], k,
+                                                                          which, tol, scale, criterion)  # fmt: skip
+                if ok:
+                    verdict, checked = passed, True
+                    break
+                if proc.restarted or used() - first_pass >= _BLOCK_PATIENCE:
+                    # A restart mixed the chains' columns, or the newest chain is far from certifying the
+                    # complement (its top converges slowly, at every other product): the separate check (a
+                    # second Lanczos run, all of its products on the complement) instead.
+                    verdict = passed
+                    start = None if x is None else proc.vectors(x[:, None])[:, 0]
+                    outcome, scale = _separate_check(
+                        proc, k, which, tol, scale, max_iter, used, max_basis, bar, criterion, start
+                    )
+                    if outcome == "missing":
+                        verdict = None
+                        continue
+                    checked = outcome == "ok"
+                    check_incomplete = outcome == "budget"
+                    break
         if used() >= max_iter:
             break
         if proc.num_pending == 0 and not chains.add(proc):
