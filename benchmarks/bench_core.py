@@ -655,10 +655,10 @@ def trace_auto_prototype(A, num_matvecs: int = 100, seed=None):
     from hessianflow.linop import as_operator
     from hessianflow.trace import (
         TraceResult,
-        _captured_fraction,
         _hutchinson_samples,
         _mean_stderr,
         _products,
+        _uncaptured_fraction,
         _xtrace_from_sketch,
     )
 
@@ -669,7 +669,7 @@ def trace_auto_prototype(A, num_matvecs: int = 100, seed=None):
     s = m // 2
     Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T
     Y = _products(op, Om)
-    rho = _captured_fraction(Y)
+    rho = _uncaptured_fraction(Y)
     first = (Om * Y).sum(dim=0).cpu()
     var_h = float(first.var(unbiased=True))
     fro2 = float((Y * Y).sum(dim=0).mean())

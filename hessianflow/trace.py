@@ -28,7 +28,6 @@ __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"
 
 #: The values ``trace(method=...)`` accepts (public: :mod:`hessianflow.tracking` checks against it).
 METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
-_METHODS = METHODS  # old private name, kept until nothing imports it
 
 
 @dataclass
@@ -597,6 +596,3 @@ def _uncaptured_fraction(Y: torch.Tensor) -> float:
     outside = 1.0 / (Rinv * Rinv).sum(dim=1)
     return float(outside.sum()) / total
 
-
-# Old name (it returned the *un*captured share); benchmarks/bench_core.py still imports it.
-_captured_fraction = _uncaptured_fraction
