@@ -324,12 +324,12 @@ class LossSpec:
         """Whether the model's output and a loss of it are known separately (what the GGN needs)."""
         return self.kind == "criterion" or isinstance(self.loss_fn, OutputLoss)
 
-    def require_reduction(self) -> None:
-        """Raise unless the reduction is known (it must be, to combine several batches or ranks)."""
+    def require_reduction(self, where: str = "over a data loader") -> None:
+        """Raise unless the reduction is known (it must be, to combine several batches, ranks or chunks)."""
         if self.reduction is None:
             what = "criterion has no .reduction attribute" if self.kind == "criterion" else "loss has no declared one"
             raise ValueError(
-                f"over a data loader the loss's reduction must be known, and this {what}: pass "
+                f"{where} the loss's reduction must be known, and this {what}: pass "
                 "reduction='mean' (the loss is the mean over a batch's samples, or over the units that "
                 "batch_weight= counts) or reduction='sum'; it is not guessed"
             )

@@ -387,8 +387,13 @@ class CurvatureOperator(LinearOperator):
         self.backend = backend
         self.progress = progress
         self.distributed = use_distributed(distributed, default=dataloader is not None or single_from_loader)
-        if self.dataloader is not None or self.distributed or self.micro_batch_size is not None:
-            self.spec.require_reduction()  # batches (ranks, chunks) combine: how depends on it
+        # batches, ranks or chunks combine: how depends on the reduction
+        if self.dataloader is not None:
+            self.spec.require_reduction("over a data loader")
+        elif self.distributed:
+            self.spec.require_reduction("over several ranks")
+        elif self.micro_batch_size is not None:
+            self.spec.require_reduction("to combine micro-batches (micro_batch_size=)")
         if self.micro_batch_size is not None and self.train_mode and _batch_norms(self.model):
             raise ValueError(
                 "micro_batch_size with train_mode=True and BatchNorm layers: each chunk would be normalised by its "

@@ -117,7 +117,7 @@ def test_micro_batch_errors_are_clear():
     with pytest.raises(ValueError, match="micro_batch_size must be an integer"):
         hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), micro_batch_size=2.5)
     # a plain loss function: how the chunks combine cannot be guessed
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ValueError, match=r"to combine micro-batches \(micro_batch_size=\) the loss's reduction"):
         hf.HessianOperator(model, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), data=(x, y), micro_batch_size=2)
     op = hf.HessianOperator(
         model, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), data=(x, y), micro_batch_size=2, reduction="mean"
