@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from dense_reference import func_hessian
+from dense_reference import ggn as func_ggn
 from torch import nn
 
 from hessianflow import fast_paths
@@ -16,36 +18,6 @@ DT = torch.float64
 RTOL = 1e-10
 
 SWITCHES = ["on", "operator_off", "global_off", "env_off"]
-
-
-def func_hessian(model, criterion, x, y):
-    """Dense Hessian by torch.func.hessian over a flat parameter vector (independent of the operators)."""
-    named = dict(model.named_parameters())
-    names = list(named)
-    base = [named[n].detach() for n in names]
-    buffers = dict(model.named_buffers())
-
-    def f(flat):
-        out = torch.func.functional_call(model, {**buffers, **dict(zip(names, unflatten(flat, base)))}, (x,))
-        return criterion(out, y)
-
-    return torch.func.hessian(f)(flatten(base))
-
-
-def func_ggn(model, criterion, x, y):
-    """``J^T H_out J`` from torch.func's Jacobian and output Hessian."""
-    named = dict(model.named_parameters())
-    names = list(named)
-    base = [named[n].detach() for n in names]
-    buffers = dict(model.named_buffers())
-
-    def outputs(flat):
-        return torch.func.functional_call(model, {**buffers, **dict(zip(names, unflatten(flat, base)))}, (x,))
-
-    out = outputs(flatten(base)).detach()
-    J = torch.func.jacrev(outputs)(flatten(base)).reshape(out.numel(), -1)
-    H_out = torch.func.hessian(lambda o: criterion(o.view_as(out), y))(out.reshape(-1))
-    return J.T @ H_out @ J
 
 
 def assert_close(a, b, rtol=RTOL):
