@@ -298,6 +298,17 @@ def test_a_solver_that_does_not_converge_says_so(ckpt, capsys, tmp_path):
     assert [c for _, _, c in printed_eigenvalues(text)] == saved["eigen"]["converged"]
 
 
+def test_a_tolerance_below_the_float32_noise_is_reported_with_the_accuracy_reached(ckpt, capsys):
+    """The solver's own reason reaches the user: the products' noise, the accuracy reached, and the advice
+    that fits it (not 'raise --max-iter', which cannot help)."""
+    out, text = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--tol", "1e-8",
+                            "--no-progress"], capsys)  # fmt: skip
+    assert out["eigen"]["converged"] == [False]
+    warning = next(line for line in text.splitlines() if line.startswith("WARNING: lanczos did not converge"))
+    assert "the products' noise limits the eigenvalues to about" in warning
+    assert "loosen --tol to it" in warning and "raise --max-iter" not in warning
+
+
 def test_power_method(ckpt, capsys):
     """--method power is HessianFlow's power iteration: the library's, with the driver's seed and budget."""
     out, text = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--method", "power",

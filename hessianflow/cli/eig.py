@@ -587,8 +587,9 @@ def check_loss(run: _Run, model, criterion, source) -> dict:
     return {"loss": loss_value, "accuracy": accuracy}
 
 
-def _solve_quietly(solve):
-    """Run a solver with its ConvergenceWarnings caught (the driver reports convergence itself)."""
+def _solve_quietly(solve, reasons: list | None = None):
+    """Run a solver with its ConvergenceWarnings caught (the driver reports convergence itself); their
+    texts are appended to ``reasons`` when it is given."""
     from ..eigen import ConvergenceWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -597,7 +598,21 @@ def _solve_quietly(solve):
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif reasons is not None:
+            reasons.append(str(w.message))
     return out
+
+
+def _why_not_converged(reasons: list) -> tuple[str, str]:
+    """The solver's own reason (``lanczos: ...converged: WHY; converged=[...]``) and the advice that fits it."""
+    why = ""
+    for text in reasons:
+        head, sep, rest = text.partition(" converged: ")
+        if sep:
+            why = rest.split("; converged=")[0].split("; consider lanczos()")[0]
+    if "noise" in why:
+        return why, "the values are good to the accuracy reached: loosen --tol to it"
+    return why, "the values are estimates: raise --max-iter or loosen --tol"
 
 
 def eigenvalues(run: _Run, op):
@@ -613,17 +628,19 @@ def eigenvalues(run: _Run, op):
         raise _cli.UsageError(f"--top-k {k} exceeds the {op.size} parameters")
     t0 = time.time()
     v0 = "gradient" if args.start == "gradient" else None
+    reasons = []
     if args.method == "lanczos":
         tol, max_iter = (LANCZOS_TOL if args.tol is None else args.tol), args.max_iter  # None: lanczos's own
         eig = _solve_quietly(lambda: lanczos(
             op, k=k, which=args.which, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0,
             criterion=args.criterion,
-        ))  # fmt: skip
+        ), reasons)  # fmt: skip
     else:
         tol = 1e-3 if args.tol is None else args.tol
         max_iter = 100 if args.max_iter is None else args.max_iter
         eig = _solve_quietly(
-            lambda: power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0)
+            lambda: power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0),
+            reasons,
         )
     seconds = time.time() - t0
     which = args.which if args.method == "lanczos" else "LM"
@@ -640,9 +657,10 @@ def eigenvalues(run: _Run, op):
         run.log("  " + line)
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged.tolist()) if not c]
+        why, advice = _why_not_converged(reasons)
         run.warn(
             f"{args.method} did not converge for eigenvalue(s) {bad} within {eig.num_matvecs} products "
-            f"(tol {tol:g}); the values are estimates: raise --max-iter or loosen --tol"
+            f"(tol {tol:g})" + (f": {why}" if why else "") + f"; {advice}"
         )
     section = {
         **eig.to_dict(), "which": which, "tol": tol, "max_iter": max_iter, "all_converged": eig.all_converged,
