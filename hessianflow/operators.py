@@ -380,9 +380,9 @@ class CurvatureOperator(LinearOperator):
         self.micro_batch_size = (
             None if micro_batch_size is None else check_int("micro_batch_size", micro_batch_size, minimum=1)
         )
-        if self.micro_batch_size is not None and self.data is not None:
+        if self.data is not None:
             # a split batch holds one chunk's graph at a time: nothing to reuse across products
-            reuse_graph = reuse_graph and len(split_batch(self.data, self.micro_batch_size)) == 1
+            reuse_graph = reuse_graph and len(self._chunks(self.data)) == 1
         self.reuse_graph = bool(reuse_graph) and data is not None
         self.backend = backend
         self.progress = progress
@@ -480,12 +480,9 @@ class CurvatureOperator(LinearOperator):
     def _batches(self):
         """The batches (or micro-batches) of one pass, each with a flag: is it the single, reusable batch?"""
         if self.data is not None:
-            chunks = [self.data] if self.micro_batch_size is None else split_batch(self.data, self.micro_batch_size)
-            if len(chunks) == 1:
-                yield self.data, True
-            else:
-                for chunk in chunks:
-                    yield chunk, False
+            chunks = self._chunks(self.data)
+            for chunk in chunks:
+                yield chunk, len(chunks) == 1
             return
         batches = self.dataloader
         if self.progress:
@@ -499,12 +496,12 @@ class CurvatureOperator(LinearOperator):
             if self.num_batches is not None and b >= self.num_batches:
                 break
             self.spec.check_batch(batch)
-            batch = self._to_device(batch)
-            if self.micro_batch_size is None:
-                yield batch, False
-            else:
-                for chunk in split_batch(batch, self.micro_batch_size):
-                    yield chunk, False
+            for chunk in self._chunks(self._to_device(batch)):
+                yield chunk, False
+
+    def _chunks(self, batch) -> list:
+        """``batch`` as the micro-batches products run on (``[batch]`` without ``micro_batch_size``)."""
+        return [batch] if self.micro_batch_size is None else split_batch(batch, self.micro_batch_size)
 
     def _local_products(self, pieces, batched: bool):
         """This process's weighted sum of batch products and its total weight.
