@@ -215,6 +215,20 @@ def small_cnn(seed: int = 0, side: int = 6, hidden: int | None = None, classes: 
     return nn.Sequential(*layers).to(DT)
 
 
+class ViewNet(nn.Module):
+    """Conv2d then ``.view`` flattening, which raises on a channels-last activation (the operators' channels-last
+    fallback); inputs ``[n, 2, side, side]``, 3 classes."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * side * side, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
 def warm_batchnorm(model: nn.Module, shape: tuple[int, ...], scale: float, shift: float, passes: int = 3):
     """Give BatchNorm non-trivial running statistics (``passes`` train-mode forwards of ``scale * N(0, 1)
     + shift`` inputs of ``shape``, no gradients), so that eval mode differs from train mode; eval mode after."""

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from dense_reference import func_hessian
+from dense_reference import ViewNet, func_hessian
 from dense_reference import ggn as func_ggn
 from torch import nn
 
@@ -46,19 +46,6 @@ def cnn(seed=0):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     return model.eval()
-
-
-class ViewNet(nn.Module):
-    """Flattens with .view, which raises on a channels-last activation (the channels-last fallback)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.fc = nn.Linear(3 * 5 * 5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv(x))
-        return self.fc(h.view(h.size(0), -1))
 
 
 def batch(n=6, c=2, hw=5, classes=4, seed=3):
@@ -165,7 +152,7 @@ def test_train_mode_over_a_loader_both_ways(switch, monkeypatch):
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_channels_last_sensitive_model_both_ways(switch, monkeypatch):
-    net, crit = ViewNet().to(DT), nn.CrossEntropyLoss()
+    net, crit = ViewNet(5).to(DT), nn.CrossEntropyLoss()
     x, y = batch(classes=3)
     with pytest.raises(RuntimeError):  # what the fallback is for
         net(x.contiguous(memory_format=torch.channels_last))

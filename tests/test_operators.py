@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from dense_reference import func_hessian, ggn, mlp, small_cnn, warm_batchnorm
+from dense_reference import ViewNet, func_hessian, ggn, mlp, small_cnn, warm_batchnorm
 from torch import nn
 
 from hessianflow.hvp import flatten, unflatten
@@ -348,25 +348,12 @@ def test_gradient_is_the_loss_gradient(make, cnn_and_batch):
     assert all(p.grad is None for p in model.parameters())
 
 
-class _ViewNet(nn.Module):
-    """Flattens with .view, which raises on a channels-last activation."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.fc = nn.Linear(3 * 4 * 4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.conv(x))
-        return self.fc(h.view(h.size(0), -1))
-
-
 def test_image_batches_go_channels_last_with_a_fallback_for_view_models():
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(7, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
     crit = nn.CrossEntropyLoss()
     torch.manual_seed(0)
-    net = _ViewNet().to(DT)
+    net = ViewNet(4).to(DT)
     with pytest.raises(RuntimeError):  # what the fallback is for
         net(x.contiguous(memory_format=torch.channels_last))
     for make in (HessianOperator, GGNOperator):
