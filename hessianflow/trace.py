@@ -595,4 +595,3 @@ def _uncaptured_fraction(Y: torch.Tensor) -> float:
     Rinv = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True)
     outside = 1.0 / (Rinv * Rinv).sum(dim=1)
     return float(outside.sum()) / total
-
