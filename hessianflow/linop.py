@@ -97,6 +97,8 @@ class LinearOperator:
         return out
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) and hasattr(x, "matvec"):
+            return self._compose(x)  # A @ B of operators: see the algebra block below
         if isinstance(x, torch.Tensor) and x.dim() == 2:
             return self.matmat(x)
         return self.matvec(x)
@@ -107,6 +109,60 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
+
+    # -- algebra, scipy, determinism: thin methods over hessianflow.algebra (issue 22) -------------------
+    # A + B, A - B, c * A, A / c, A + c (c I) stay symmetric LinearOperators; A @ B is a general
+    # ComposedOperator that the symmetric solvers refuse.
+    symmetric: bool = True
+
+    def __add__(self, other):
+        from .algebra import LinearCombination, _is_scalar
+
+        if _is_scalar(other):
+            return LinearCombination([(1.0, self)], shift=other)
+        if isinstance(other, LinearOperator):
+            return LinearCombination([(1.0, self), (1.0, other)])
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self + (-1.0) * other if isinstance(other, LinearOperator) else self + (-other)
+
+    def __rsub__(self, other):
+        return (-1.0) * self + other
+
+    def __mul__(self, c):
+        from .algebra import LinearCombination, _is_scalar
+
+        return LinearCombination([(c, self)]) if _is_scalar(c) else NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        from .algebra import _is_scalar, _scalar
+
+        return self * (1.0 / _scalar(c)) if _is_scalar(c) else NotImplemented
+
+    def __neg__(self):
+        return (-1.0) * self
+
+    def _compose(self, other):
+        from .algebra import ComposedOperator
+
+        return ComposedOperator(self, other)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` with products in PyTorch (:func:`hessianflow.algebra.to_scipy`)."""
+        from .algebra import to_scipy
+
+        return to_scipy(self)
+
+    def check_deterministic(self, seed=None):
+        """Two products of one random vector compared (:func:`hessianflow.algebra.check_deterministic`)."""
+        from .algebra import check_deterministic
+
+        return check_deterministic(self, seed=seed)
 
 
 class DenseOperator(LinearOperator):
