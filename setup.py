@@ -6,12 +6,27 @@ The distribution installs one top-level package, ``hessianflow`` (the scripts' l
 HessianFlow's command lines and imports, and are not installed.
 """
 
+import atexit
 import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+
+# Build outside the checkout: setuptools' defaults, build/ and hessianflow.egg-info/, would be left in the
+# source tree by `pip wheel .` (and a stale build/lib can carry a deleted module into the next wheel). Each
+# setuptools run gets its own scratch directory, removed when it exits; the wheel itself goes where pip
+# asks. Not for the legacy `setup.py develop` (a pip older than 21.3 doing `pip install -e .`), whose
+# installed egg-link points at the egg-info and so needs it to stay.
+options = {}
+if "develop" not in sys.argv:
+    scratch = tempfile.mkdtemp(prefix="hessianflow-build-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    options = {"build": {"build_base": str(Path(scratch) / "build")}, "egg_info": {"egg_base": scratch}}
 version = re.search(r'__version__ = "([^"]+)"', (here / "hessianflow" / "_version.py").read_text()).group(1)
 
 extras = {
@@ -33,6 +48,7 @@ setup(
     packages=find_packages(include=["hessianflow", "hessianflow.*"]),
     install_requires=["torch>=2.2", "torchvision>=0.17", "numpy", "tqdm"],
     extras_require=extras,
+    options=options,
     entry_points={
         "console_scripts": [
             "hessianflow-train=hessianflow.cli.train:cli",
