@@ -24,6 +24,7 @@ Three kinds of file are read:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -35,13 +36,17 @@ from torch import nn
 from ._checks import is_int
 from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint, versions
 from .models import canonical_arch, get_model
+from .models.cnn import pair
 
 __all__ = [
     "FORMAT",
     "RUN_FLAGS",
     "ModelSpec",
+    "CHECKSUM_FIELD",
+    "state_checksum",
     "make_checkpoint",
     "read_checkpoint",
+    "verify_checksum",
     "resume_settings",
     "upgrade_state_dict",
     "load_state_into",
@@ -61,10 +66,13 @@ RUN_FLAGS = (
     "synthetic_test",
 )  # fmt: skip
 
+#: The field holding :func:`state_checksum` of the checkpoint's state_dict (absent before 0.3).
+CHECKSUM_FIELD = "state_dict_sha256"
+
 # Field -> accepted types. _MODEL_FIELDS describe the model (needed to analyse it), _RUN_FIELDS the
 # training state (needed to resume). "depth" may be None for c1/c2.
-_MODEL_FIELDS = {"arch": str, "num_classes": int, "in_channels": int, "dataset": str, "epoch": int}
-_RUN_FIELDS = {"args": Mapping, "optimizer": Mapping, "absa": Mapping, "rng": Mapping, "history": list}
+_MODEL_FIELDS = {"arch": str, "num_classes": int, "in_channels": int, "dataset": str, "epoch": int, "args": Mapping}
+_RUN_FIELDS = {"optimizer": Mapping, "absa": Mapping, "rng": Mapping, "history": list}
 _RECORD_INTS = ("batch_size", "large_ratio")
 
 
@@ -114,12 +122,41 @@ class ModelSpec:
         return f"ResNet-{self.depth}" if self.arch == "ResNet" else self.arch
 
 
+def state_checksum(state: Mapping) -> str:
+    """The SHA-256 (hex) of a state_dict: each entry in key order, its name, dtype, shape and bytes.
+
+    Computed on the CPU, on the bytes ``torch.save`` writes, so a checkpoint written on a GPU verifies on a
+    CPU. torch's archive does not check its entries when loading: a flipped byte among the weights loads
+    silently (issue 21: one weight -0.008 -> 130.6, the top eigenvalue 71 -> 2607); this is the check.
+
+    Example:
+        >>> import torch
+        >>> from hessianflow.checkpoint_format import state_checksum
+        >>> a = {"w": torch.tensor([1.0, 2.0])}
+        >>> state_checksum(a) == state_checksum({"w": torch.tensor([1.0, 2.0])})
+        True
+        >>> state_checksum(a) == state_checksum({"w": torch.tensor([1.0, 2.5])})
+        False
+    """
+    digest = hashlib.sha256()
+    for key, value in state.items():
+        digest.update(f"{key}\0".encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+        else:  # e.g. a module's extra state: its type only
+            digest.update(f"{type(value).__name__}\0".encode())
+    return digest.hexdigest()
+
+
 def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping | None = None, **training):
     """The checkpoint of ``model`` after ``epoch`` epochs on ``dataset`` (a dict of plain types and tensors).
 
     Args:
         model: a model of :mod:`hessianflow.models` (or a ``DataParallel``/``DDP`` wrapper of one): its
-            ``config`` and its state_dict (without wrapper prefixes) are stored.
+            ``config`` and its state_dict (without wrapper prefixes) are stored, with the state_dict's
+            :func:`state_checksum` (``state_dict_sha256``), which every reader verifies.
         dataset: the data set's name.
         epoch: epochs done.
         args: the run's settings (plain values only are kept).
@@ -136,9 +173,11 @@ def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping
     inner = getattr(model, "module", model)
     spec = ModelSpec.of(inner)
     plain = (int, float, str, bool, list, type(None))
+    state = extract_state_dict({"state_dict": inner.state_dict()})
     return {
         "format": FORMAT,
-        "state_dict": extract_state_dict({"state_dict": inner.state_dict()}),
+        "state_dict": state,
+        CHECKSUM_FIELD: state_checksum(state),
         **asdict(spec),
         "dataset": dataset,
         "args": {k: v for k, v in (args or {}).items() if isinstance(v, plain)},
@@ -161,6 +200,45 @@ def _check_fields(ckpt: Mapping, fields: Mapping, path) -> None:
             raise _field_error(path, field, f"should be a {kind.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
+def _check_description(ckpt: Mapping, path) -> None:
+    """What the field types do not say: the checksum is a digest, the input size a size, the run's data
+    set (``args["name"]``) the checkpoint's ``dataset``."""
+    if CHECKSUM_FIELD in ckpt:
+        digest = ckpt[CHECKSUM_FIELD]
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise _field_error(path, CHECKSUM_FIELD, f"is not a SHA-256 digest: {digest!r:.40}")
+    try:
+        pair(ckpt.get("input_size", 32))
+    except ValueError as exc:
+        raise _field_error(path, "input_size", f"is not an input size ({exc})") from None
+    name = ckpt["args"].get("name")
+    if name is not None and name != ckpt["dataset"]:
+        raise _field_error(path, "args", f"name {name!r} contradicts its field 'dataset' {ckpt['dataset']!r}")
+
+
+def verify_checksum(ckpt, state: Mapping, path) -> str | None:
+    """Check the model's ``state`` (as :func:`read_checkpoint` returns it) against the checksum saved with it.
+
+    Returns:
+        ``None`` when they agree (or for a bare state_dict, which never had one), or a note to show when
+        the checkpoint predates the checksum: it loads, unverified.
+
+    Raises:
+        CheckpointError: the weights differ from those written (a damaged or edited file), one line
+            naming the file.
+    """
+    if not (isinstance(ckpt, Mapping) and "format" in ckpt):
+        return None
+    if CHECKSUM_FIELD not in ckpt:
+        return f"note: {path} has no checksum (written by hessianflow 0.2 or older): its weights are not verified"
+    if state_checksum(state) != ckpt[CHECKSUM_FIELD]:
+        raise CheckpointError(
+            f"cannot use checkpoint {path}: its weights do not match the checksum written with them "
+            "(the file was damaged or edited after it was saved)"
+        )
+    return None
+
+
 def read_checkpoint(path, purpose: str = "analyse"):
     """Load and validate a checkpoint file.
 
@@ -171,7 +249,8 @@ def read_checkpoint(path, purpose: str = "analyse"):
 
     Returns:
         ``(ckpt, spec, state)``: the loaded object, its :class:`ModelSpec` (``None`` for a bare
-        state_dict) and the model's state_dict (prefixes stripped, legacy names not yet upgraded).
+        state_dict) and the model's state_dict (prefixes stripped, legacy names not yet upgraded, not yet
+        checked against its checksum: :func:`verify_checksum`, once it is known to fit the model).
 
     Raises:
         CheckpointError: a missing, corrupt or code-carrying file, an unknown format, or a field that is
@@ -201,6 +280,7 @@ def read_checkpoint(path, purpose: str = "analyse"):
             f"cannot load checkpoint {path}: unknown format {ckpt['format']!r} (this version reads {FORMAT})"
         )
     _check_fields(ckpt, _MODEL_FIELDS, path)
+    _check_description(ckpt, path)
     if purpose == "resume":
         _check_fields(ckpt, _RUN_FIELDS, path)
         # the records a resumed run reads back (the effective batch of the last epoch)
@@ -353,7 +433,9 @@ def load_model(path, spec: ModelSpec | None = None, *, arch=None, depth=None, lo
         loaded object (``ckpt`` is the bare state_dict for such files).
 
     Raises:
-        CheckpointError: an unusable file, or one that does not fit the model (one line).
+        CheckpointError: an unusable file, one that does not fit the model, or one whose weights differ
+            from the checksum saved with them (one line). A checkpoint without a checksum (hessianflow
+            0.2 and older) loads, and ``log`` gets a note.
 
     Example:
         >>> import os, tempfile, torch
@@ -394,7 +476,16 @@ def load_model(path, spec: ModelSpec | None = None, *, arch=None, depth=None, lo
                 log(f"note: --depth not given; ResNet-{depth} read off the state_dict")
         spec = replace(spec, depth=(depth or spec.depth) if spec.arch == "ResNet" else None)
         hint = "check --arch, --depth and --name"
-    model = spec.build()
+    try:
+        model = spec.build()
+    except ValueError as exc:  # e.g. an input too small for the architecture's layers
+        raise CheckpointError(
+            f"cannot use checkpoint {path}: no {spec.describe()} fits its description: {exc}"
+        ) from None
     desc = f"a {spec.describe()} with {spec.num_classes} classes"
     load_state_into(model, upgrade_state_dict(state, spec.arch), path, desc, hint)
+    # after the fit: a file whose shapes are wrong is better described by the mismatch than by the checksum
+    note = verify_checksum(ckpt, state, path)
+    if note is not None and log is not None:
+        log(note)
     return model.eval(), spec, ckpt

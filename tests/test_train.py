@@ -215,6 +215,8 @@ def test_track_eigen_with_absa_records_every_epoch_without_changing_the_run(tmp_
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "0"], "--epochs"),
         (["--epochs", "5", "--lr-decay-epoch", "7"], "--lr-decay-epoch"),
+        (["--epochs", "9", "--lr-decay-epoch", "5", "3"], "--lr-decay-epoch 5 3: must increase"),
+        (["--epochs", "9", "--lr-decay-epoch", "3", "3"], "--lr-decay-epoch 3 3: must increase"),
         (["--arch", "ResNet", "--depth", "21"], "6n+2"),
         (["--arch", "vgg"], "--arch"),
         (["--name", "imagenet"], "--name"),

@@ -345,7 +345,7 @@ def load_model(args, log):
     ``input_size``, ``dataset`` (None for a bare state_dict), ``kind``, ``epoch``, ``train_args`` and
     ``versions``.
     """
-    from ..data import dataset_info
+    from ..data import DATASETS, dataset_info
 
     bare_spec = None
     if args.arch is not None:  # used only if the file is a bare state_dict: the data set gives the shapes
@@ -354,6 +354,11 @@ def load_model(args, log):
         bare_spec = ModelSpec(args.arch, info.num_classes, info.in_channels, info.input_size, depth=args.depth)
     model, spec, ckpt = cf.load_model(args.resume, bare_spec, arch=args.arch, depth=args.depth, log=log)
     full = isinstance(ckpt, dict) and "format" in ckpt
+    if full and args.name is None and ckpt["dataset"] not in DATASETS:
+        raise cf.CheckpointError(
+            f"cannot use checkpoint {args.resume}: its field 'dataset' is not a known data set "
+            f"({ckpt['dataset']!r}); pass --name ({', '.join(DATASETS)}) to analyse it on one of them"
+        )
     meta = {
         **asdict(spec),
         "kind": "train.py checkpoint" if full else "bare state_dict",

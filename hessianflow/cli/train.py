@@ -48,8 +48,9 @@ from ..checkpoint_format import (
     read_checkpoint,
     resume_settings,
     upgrade_state_dict,
+    verify_checksum,
 )
-from ..data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
+from ..data import DATASETS, dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
 from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
 from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
@@ -211,7 +212,11 @@ def validate(parser: argparse.ArgumentParser, args, argv=None) -> argparse.Names
         bad = [e for e in args.lr_decay_epoch if not 1 <= e <= args.epochs]
         if bad:
             parser.error(f"argument --lr-decay-epoch: {bad} outside 1..{args.epochs} (--epochs)")
-        args.lr_decay_epoch = sorted(set(args.lr_decay_epoch))
+        if any(b <= a for a, b in zip(args.lr_decay_epoch, args.lr_decay_epoch[1:])):
+            given = " ".join(map(str, args.lr_decay_epoch))
+            parser.error(
+                f"argument --lr-decay-epoch {given}: must increase, each epoch once (the lr decays after each)"
+            )
     if canonical_arch(args.arch) == "ResNet" and (args.depth < 8 or (args.depth - 2) % 6):
         parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {args.depth}")
     _cli.check_device(parser, args.device)
@@ -314,6 +319,11 @@ def _main(args, ctx) -> dict:
     ckpt = read_checkpoint(args.resume, purpose="resume") if args.resume else None
     if ckpt is not None:
         resume_settings(ckpt[0], args, set(getattr(args, "explicit", [])), args.resume)
+        if ckpt[0]["dataset"] not in DATASETS:
+            raise CheckpointError(
+                f"cannot resume {args.resume}: its field 'dataset' is not a known data set "
+                f"({ckpt[0]['dataset']!r}; train.py trains on {', '.join(DATASETS)})"
+            )
         if args.name != "synthetic" and _cli.synthetic_kwargs(args):
             raise _cli.UsageError(f"--synthetic-train/--synthetic-test: {args.resume} was trained on {args.name}")
     check_outputs(run)
@@ -401,6 +411,9 @@ def restore(run: _Run, loaded) -> None:
         run.model, upgrade_state_dict(state, spec.arch), args.resume,
         f"{canonical_arch(args.arch)} for {args.name}", "the checkpoint's weights contradict its own settings",
     )  # fmt: skip
+    note = verify_checksum(ckpt, state, args.resume)  # after the fit, whose mismatch says more
+    if note is not None:
+        run.say(note)
     # the run flags were checked against the checkpoint; only --epochs may have grown
     _restore_field(args.resume, "optimizer", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]))
     _restore_field(args.resume, "absa", lambda: run.controller.load_state_dict(ckpt["absa"], strict=False))
