@@ -12,6 +12,7 @@ Two independent implementations are provided and cross-checked in the tests:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -146,6 +147,9 @@ def _double_backprop(grads, params, pieces, retain_graph: bool, batched: bool) -
     return [h.detach() if h is not None else o for h, o in zip(hv, out)]
 
 
+_JIT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
+
+
 def forward_over_reverse_hvp(loss_fn, params: Sequence[torch.Tensor], vecs: Sequence[torch.Tensor]):
     """Hessian-vector product as the forward-mode derivative of the reverse-mode gradient.
 
@@ -166,5 +170,9 @@ def forward_over_reverse_hvp(loss_fn, params: Sequence[torch.Tensor], vecs: Sequ
     """
     primals = tuple(p.detach() for p in params)
     tangents = tuple(v.to(dtype=p.dtype) for v, p in zip(vecs, primals))
-    _, hv = torch.func.jvp(torch.func.grad(loss_fn), (primals,), (tangents,))
+    with warnings.catch_warnings():
+        # torch's first jvp imports torch._decomp.decompositions_for_jvp, which scripts 9 functions with
+        # torch.jit.script: 18 deprecation warnings about torch's own code (torch 2.14). Only those.
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=FutureWarning)
+        _, hv = torch.func.jvp(torch.func.grad(loss_fn), (primals,), (tangents,))
     return list(hv)
