@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from .linop import NonFiniteError
-from .losses import CrossEntropyTargets, OutputLoss
+from .losses import IGNORE_INDEX, CrossEntropyTargets, OutputLoss
 
 __all__ = [
     "INPUT_KEYS",
@@ -43,6 +43,8 @@ __all__ = [
     "default_weight",
     "split_batch",
     "split_samples",
+    "tensor_leaves",
+    "with_tensor_leaves",
     "split_inputs_targets",
     "call_model",
     "model_output_loss",
@@ -251,6 +253,88 @@ def check_loss(loss, what: str = "the loss") -> torch.Tensor:
     return loss
 
 
+def tensor_leaves(batch) -> list[torch.Tensor]:
+    """The batch's tensors, depth-first (the order :func:`with_tensor_leaves` puts them back in)."""
+    return list(_tensors(batch))
+
+
+def with_tensor_leaves(batch, leaves):
+    """``batch`` with its tensors replaced, in :func:`tensor_leaves` order, by ``leaves`` (containers of
+    every kind rebuilt as :func:`move_batch` rebuilds them: a ``UserDict`` included, which
+    ``torch.utils._pytree`` would take for a leaf)."""
+    it = iter(leaves)
+    return _map(batch, lambda _: next(it))
+
+
+# ------------------------------------------------------------------------------------------------
+# what a mean-reduced loss averages over
+# ------------------------------------------------------------------------------------------------
+def _class_targets(batch):
+    """The integer targets of a criterion batch, or ``None`` for probability (float) targets."""
+    _, targets = split_inputs_targets(batch)
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        return None
+    return targets
+
+
+def _criterion_units(crit):
+    """``(name, count)`` of the units a mean-reduced criterion divides by, or ``None`` for samples.
+
+    ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` with class-index targets divide by the number of counted
+    targets (``ignore_index`` left out) or, with ``weight=``, by the sum of the counted targets' class
+    weights; label smoothing keeps that denominator (torch's ``cross_entropy``). Every other criterion
+    (and class-probability targets) averages over elements, a fixed number per sample.
+    """
+    if not isinstance(crit, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return None
+    weight, ignore = crit.weight, crit.ignore_index
+
+    def count(batch):
+        targets = _class_targets(batch)
+        if targets is None:
+            return default_weight(batch)
+        kept = targets != ignore
+        if weight is None:
+            return int(kept.sum())
+        w = weight.to(targets.device)[targets.masked_fill(~kept, 0)]
+        return float((w * kept).sum())
+
+    return ("class-weighted counted targets" if weight is not None else "counted targets"), count
+
+
+def _counted_labels(shift: int):
+    def count(batch):
+        labels = batch["labels"] if isinstance(batch, Mapping) else None
+        if labels is None:
+            raise ValueError("a HuggingFace model's token-level .loss needs a dict batch with 'labels'")
+        return int((labels[..., shift:] != IGNORE_INDEX).sum())
+
+    return count
+
+
+def _huggingface_units(model):
+    """``(name, count)`` of the units a HuggingFace model's ``.loss`` averages over, or ``None`` for a model
+    that is not one (its loss's meaning cannot be known).
+
+    Causal LMs (``*ForCausalLM``, ``*LMHeadModel``): the counted shifted labels; masked LMs, token
+    classifiers and encoder-decoders (T5, BART): the counted labels; other heads: the samples. Labels
+    ``-100`` are never counted, as in HuggingFace's losses.
+    """
+    import sys
+
+    tr = sys.modules.get("transformers")
+    if tr is None or model is None or not isinstance(model, getattr(tr, "PreTrainedModel", ())):
+        return None
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "counted labels", _counted_labels(0)
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "counted shifted labels", _counted_labels(1)
+    if name.endswith(("ForMaskedLM", "ForTokenClassification")):
+        return "counted labels", _counted_labels(0)
+    return "samples", default_weight
+
+
 # ------------------------------------------------------------------------------------------------
 # the loss specification
 # ------------------------------------------------------------------------------------------------
@@ -264,10 +348,17 @@ class LossSpec:
             units). Default: the criterion's ``.reduction``; a ``loss_fn``'s ``.reduction`` attribute
             (the :mod:`hessianflow.losses` helpers declare ``"mean"``); ``"mean"`` for a model's
             ``.loss``. Otherwise unknown (``None``): fine for one batch, refused over a data loader.
-        batch_weight: ``batch_weight(batch) -> number``; default :func:`default_weight`.
+        batch_weight: ``batch_weight(batch) -> number``, the units the loss averages over in ``batch``;
+            default: derived from the loss where its meaning is known (:attr:`units_name`): the counted
+            (class-weighted) targets of ``nn.CrossEntropyLoss`` / ``nn.NLLLoss``, the units an
+            :class:`~hessianflow.losses.OutputLoss` declares (the loss helpers' counted tokens), a
+            HuggingFace model's counted (shifted) labels; otherwise the samples (:func:`default_weight`).
         forward_fn, loss_of_output: a split loss, ``loss_of_output(forward_fn(model, batch), batch)``
             (together, instead of ``loss_fn``); what the GGN needs with batches other than
             ``(inputs, targets)``.
+        model: the model whose ``.loss`` is the loss (neither a criterion nor a ``loss_fn``): a
+            HuggingFace model declares its reduction and units; another model's ``.loss`` has an unknown
+            reduction (``reduction=`` declares it).
 
     Example:
         >>> import torch
@@ -288,6 +379,7 @@ class LossSpec:
         batch_weight: Callable | None = None,
         forward_fn: Callable | None = None,
         loss_of_output: Callable | None = None,
+        model=None,
     ):
         if (forward_fn is None) != (loss_of_output is None):
             raise ValueError("forward_fn= and loss_of_output= go together (the GGN needs both)")
@@ -303,6 +395,7 @@ class LossSpec:
         if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         self.criterion, self.loss_fn, self.batch_weight = criterion, loss_fn, batch_weight
+        units = None
         if criterion is not None:
             self.kind = "criterion"
             declared = getattr(criterion, "reduction", None)
@@ -310,13 +403,23 @@ class LossSpec:
                 raise ValueError(f"the criterion's reduction must be 'mean' or 'sum', got {declared!r}")
             if declared is not None and reduction is not None and declared != reduction:
                 raise ValueError(f"reduction={reduction!r} contradicts the criterion's reduction {declared!r}")
+            units = _criterion_units(criterion)
         elif loss_fn is not None:
             self.kind = "loss_fn"
             declared = getattr(loss_fn, "reduction", None)
+            count = getattr(loss_fn, "units", None)
+            units = None if count is None else (f"the units {getattr(loss_fn, 'name', 'loss_fn')} counts", count)
         else:
             self.kind = "model_loss"
-            declared = "mean"  # HuggingFace's .loss is a mean over the batch (its tokens)
+            units = _huggingface_units(model)
+            declared = "mean" if units is not None else None  # HuggingFace's .loss is a mean
+        if declared is None and batch_weight is not None:
+            declared = "mean"  # batch_weight= counts the units of a mean: a declaration of one
         self.reduction = reduction if reduction is not None else declared
+        if batch_weight is not None:
+            units = ("batch_weight", batch_weight)
+        #: what a mean-reduced loss averages over, for messages and results ("samples", "counted targets", ...)
+        self.units_name, self._units = units if units is not None else ("samples", default_weight)
 
     # -- the pieces ------------------------------------------------------------------------------
     @property
@@ -327,7 +430,11 @@ class LossSpec:
     def require_reduction(self, where: str = "over a data loader") -> None:
         """Raise unless the reduction is known (it must be, to combine several batches, ranks or chunks)."""
         if self.reduction is None:
-            what = "criterion has no .reduction attribute" if self.kind == "criterion" else "loss has no declared one"
+            what = {
+                "criterion": "criterion has no .reduction attribute",
+                "loss_fn": "loss has no declared one",
+                "model_loss": "model's .loss is not a HuggingFace model's, so its meaning is unknown",
+            }[self.kind]
             raise ValueError(
                 f"{where} the loss's reduction must be known, and this {what}: pass "
                 "reduction='mean' (the loss is the mean over a batch's samples, or over the units that "
@@ -340,10 +447,12 @@ class LossSpec:
             split_inputs_targets(batch)
 
     def weight(self, batch):
-        """The batch's weight (an int or a float): ``batch_weight(batch)`` or its sample count."""
-        if self.batch_weight is None:
+        """The batch's weight (an int or a float): the number of units its loss averages over
+        (:attr:`units_name`), which weights it in any combination of batches, chunks, ranks or samples."""
+        if self._units is default_weight:
             return default_weight(batch)
-        return _as_weight(self.batch_weight(batch), "batch_weight(batch)")
+        what = "batch_weight(batch)" if self.batch_weight is not None else f"the {self.units_name} of a batch"
+        return _as_weight(self._units(batch), what)
 
     def output(self, model, batch, run: Callable | None = None):
         """The model's output on ``batch`` (``run(inputs)`` replaces ``model(inputs)`` for a criterion)."""
@@ -409,7 +518,10 @@ class LossSpec:
 
     def __repr__(self):
         fn = self.criterion if self.kind == "criterion" else self.loss_fn
-        return f"LossSpec({self.kind}, {getattr(fn, 'name', type(fn).__name__)}, reduction={self.reduction!r})"
+        return (
+            f"LossSpec({self.kind}, {getattr(fn, 'name', type(fn).__name__)}, reduction={self.reduction!r}, "
+            f"units={self.units_name!r})"
+        )
 
 
 class LossModule(torch.nn.Module):

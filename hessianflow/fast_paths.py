@@ -139,7 +139,7 @@ class FastPaths:
             for m, _ in forwards:
                 m.__dict__.pop("forward", None)
 
-    def run(self, model: nn.Module, inputs: torch.Tensor):
+    def run(self, model: nn.Module, inputs):
         """``model(inputs)``; a CPU image batch goes in channels-last (NHWC) memory order.
 
         oneDNN's CPU convolutions work in NHWC: fed NCHW, they reorder every activation and gradient. The
@@ -147,6 +147,8 @@ class FastPaths:
         a float32 activation falls, so against float64 either layout can be the more accurate one
         (benchmarks/README.md, "Float32 honesty").
         """
+        if not isinstance(inputs, torch.Tensor):  # a mapping or a tuple of inputs: the model's own call
+            return model(inputs)
         cpu_image = inputs.dim() == 4 and inputs.is_floating_point() and inputs.device.type == "cpu"
         if cpu_image and self.channels_last and self.active():
             try:

@@ -14,8 +14,9 @@ kind of helpers for causal LM and sequence-to-sequence models.
 - :func:`sequence_classification_loss`: the loss ``*ForSequenceClassification`` models compute
   (cross-entropy, mean squared error for one regression label, BCE-with-logits for float multi-labels).
 
-Each declares ``reduction="mean"`` (a mean over its counted positions), so that over a data loader the
-operators can weight it (pass ``batch_weight=`` counting those positions for an exact whole-data mean).
+Each declares ``reduction="mean"`` and its *units*, the positions it averages over (counted shifted
+labels, counted labels, samples), so that every split of the data is weighted exactly: the mean over all
+counted tokens of a loader, whatever its padding.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class OutputLoss:
         cross_entropy: optional ``(output, batch) -> CrossEntropyTargets`` saying that the loss is a plain
             softmax cross-entropy of the output; lets the GGN apply the output Hessian analytically.
         name: for messages.
+        units: optional ``(batch) -> number``: how many units a mean-reduced loss averages over in
+            ``batch`` (its counted tokens, say); default: the batch's samples. Every split of the data
+            (a loader's batches, micro-batches, ranks, single samples) is weighted by it.
 
     Example:
         Half the mean squared error of a linear model, whose Hessian is :math:`X^\top X / n`:
@@ -90,6 +94,7 @@ class OutputLoss:
     reduction: str | None = None
     cross_entropy: Callable | None = None
     name: str = "output_loss"
+    units: Callable | None = None
 
     def __call__(self, model, batch):
         return self.loss_of_output(self.forward(model, batch), batch)
@@ -145,6 +150,16 @@ def _causal_loss_of_logits(logits, batch):
     return F.cross_entropy(shifted, labels[..., 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def _causal_units(batch) -> int:
+    """The positions :func:`causal_lm_loss` averages over: the counted shifted labels."""
+    return int((_lm_labels(batch)[..., 1:] != IGNORE_INDEX).sum())
+
+
+def _counted_labels(batch) -> int:
+    """The positions a token-level loss without a shift averages over: labels other than ``-100``."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def _causal_ce(logits, batch):
     labels = _lm_labels(batch)
     pad = torch.full_like(labels[..., :1], IGNORE_INDEX)
@@ -158,6 +173,7 @@ causal_lm_loss = OutputLoss(
     reduction="mean",
     cross_entropy=_causal_ce,
     name="causal_lm_loss",
+    units=_causal_units,
 )
 causal_lm_loss.__doc__ = """Next-token cross-entropy of a causal language model (HuggingFace's ``ForCausalLMLoss``).
 
@@ -167,7 +183,8 @@ causal_lm_loss.__doc__ = """Next-token cross-entropy of a causal language model 
 ``batch``: a dict with ``input_ids`` (and ``attention_mask`` etc., passed to the model) and
 ``labels`` (default: ``input_ids``), or a tensor of token ids. The model is called without
 ``labels`` (so it does not compute a second loss) and must return ``.logits`` (or be a tensor).
-Over a loader with padding, pass ``batch_weight=lambda b: (b["labels"][:, 1:] != -100).sum()``.
+Its units are the counted shifted labels: every split of the data (a loader, micro-batches, ranks)
+is weighted by them, so the operator is the curvature of the mean over all counted tokens.
 
 Example:
     An embedding table as the smallest "language model" (token ids in, logits ``[B, T, V]`` out):
@@ -201,6 +218,7 @@ seq2seq_loss = OutputLoss(
     reduction="mean",
     cross_entropy=lambda logits, batch: CrossEntropyTargets(batch["labels"], class_dim=-1),
     name="seq2seq_loss",
+    units=_counted_labels,
 )
 seq2seq_loss.__doc__ = """Decoder cross-entropy of an encoder-decoder model: ``logits`` against ``labels``, no shift.
 

@@ -161,8 +161,12 @@ def test_padded_token_loader_is_the_mean_over_all_counted_tokens():
         dense = H.to_dense()
         assert rel_err(dense, ref) < 1e-10, kw
         assert H.num_samples == sum(int(counted(b)) for b in batches) == 15  # (4 + 2) + (3 + 1 + 2) + 3
-    # the default weight (sequences, not tokens) is a different, wrong, operator: the test can tell
-    wrong = HessianOperator(model, loss_fn=causal_lm_loss, dataloader=batches).to_dense()
+    # causal_lm_loss declares its units (the counted shifted labels): no batch_weight needed
+    derived = HessianOperator(model, loss_fn=causal_lm_loss, dataloader=batches).to_dense()
+    assert rel_err(derived, ref) < 1e-10
+    # weighting by sequences instead of tokens is a different, wrong, operator: the test can tell
+    by_rows = lambda b: b["input_ids"].shape[0]  # noqa: E731
+    wrong = HessianOperator(model, loss_fn=causal_lm_loss, dataloader=batches, batch_weight=by_rows).to_dense()
     assert rel_err(wrong, ref) > 1e-3
     # the gradient is weighted the same way
     g = HessianOperator(model, loss_fn=causal_lm_loss, dataloader=batches, batch_weight=counted).gradient()

@@ -75,10 +75,14 @@ def test_chunked_padded_token_batches_are_the_mean_over_counted_tokens():
     op = hf.HessianOperator(model, loss_fn=hf.causal_lm_loss, data=one, batch_weight=counted, micro_batch_size=2)
     ref_one = dense_hessian(model, lambda call: mean_over_counted_tokens(call, [one]))
     assert rel_err(op.to_dense(), ref_one) < 1e-12
-    # without the token count as weight the chunks would be weighted by sequences (1/3 each instead of
-    # 3/6, 1/6, 2/6 of the counted tokens): a different matrix
+    # causal_lm_loss declares its units: the same matrix without batch_weight (issue 19)
     plain = hf.HessianOperator(model, loss_fn=hf.causal_lm_loss, data=one, micro_batch_size=1)
-    assert rel_err(plain.to_dense(), ref_one) > 1e-3
+    assert rel_err(plain.to_dense(), ref_one) < 1e-12
+    # chunks weighted by sequences (1/3 each instead of 3/6, 1/6, 2/6 of the counted tokens) would be a
+    # different matrix: the test can tell
+    by_rows = lambda b: b["input_ids"].shape[0]  # noqa: E731
+    wrong = hf.HessianOperator(model, loss_fn=hf.causal_lm_loss, data=one, micro_batch_size=1, batch_weight=by_rows)
+    assert rel_err(wrong.to_dense(), ref_one) > 1e-3
 
 
 def test_chunked_ggn_and_empirical_fisher_equal_their_whole_batch_operators():

@@ -1,0 +1,346 @@
+"""How a curvature matrix times a vector is computed on one piece of data.
+
+Each product is a small object over an :class:`~hessianflow.curvature.objective.Objective` with three
+methods and no data loop (the operators loop over the objective's pieces and combine them):
+
+- ``prepare(batch)``: what the products on this batch share (the first-order graph, the per-sample
+  gradients...); kept across products when ``reusable`` and the batch is the one unsplit batch;
+- ``apply(state, pieces, batched, retain)``: the curvature of the batch's loss times ``pieces`` (a list
+  shaped like the parameters, with a leading ``k`` when ``batched``);
+- ``gradient(state, batch)``: the batch's loss gradient.
+
+The products: :class:`DoubleBackprop` (Pearlmutter 1994), :class:`ForwardOverReverse` (``torch.func``),
+:class:`FiniteDifference` (central differences of two gradients), :class:`GaussNewton` (the GGN, with the
+softmax cross-entropy's output Hessian applied analytically) and :class:`EmpiricalFisher`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..batches import LossModule, split_samples, tensor_leaves, with_tensor_leaves
+from ..hvp import (
+    double_backprop_hmm,
+    double_backprop_hvp,
+    flatten,
+    flatten_batched,
+    forward_over_reverse_hvp,
+    unflatten,
+)
+from ..linop import NonFiniteError
+
+__all__ = [
+    "Product",
+    "DoubleBackprop",
+    "ForwardOverReverse",
+    "FiniteDifference",
+    "GaussNewton",
+    "EmpiricalFisher",
+    "HESSIAN_BACKENDS",
+]
+
+
+def _zeros_for_none(grads, like):
+    return [t.detach() if t is not None else torch.zeros_like(p) for t, p in zip(grads, like)]
+
+
+def _require_graph(loss: torch.Tensor) -> torch.Tensor:
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not depend on the chosen parameters (it has no autograd graph): does loss_fn call "
+            "the model it is given, without torch.no_grad() or .detach()?"
+        )
+    return loss
+
+
+class Product:
+    """The interface (see the module docstring); ``run(inputs)`` is how the operator calls the model."""
+
+    #: the derivatives products take, for :func:`~hessianflow.attention.product_kernels`
+    kernels = "double_backprop"
+    #: whether the speed paths' double-backward forwards apply (:mod:`~hessianflow.fast_paths`)
+    second_order = True
+    #: whether prepare()'s state can be kept across products on one batch
+    reusable = True
+
+    def __init__(self, objective, run=None):
+        self.obj = objective
+        self.run = run
+
+    def loss(self, batch) -> torch.Tensor:
+        return _require_graph(self.obj.loss(batch, self.run))
+
+    def prepare(self, batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, state, pieces, batched: bool, retain: bool):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def gradient(self, state, batch):
+        """The loss gradient of one batch (``state``: its reused preparation, or ``None``)."""
+        g = torch.autograd.grad(self.loss(batch), self.obj.params, allow_unused=True)
+        return _zeros_for_none(g, self.obj.params)
+
+    def _functional_loss(self, batch):
+        """``loss(params)`` through ``torch.func.functional_call`` (the model's own tensors untouched)."""
+        wrapper = LossModule(self.obj.model, self.obj.spec)
+        names = ["model." + n for n in self.obj.param_names]
+        return lambda ps: torch.func.functional_call(wrapper, dict(zip(names, ps)), (batch,))
+
+
+class DoubleBackprop(Product):
+    """:math:`Hv = \\nabla_\\theta (g^\\top v)` with :math:`g` built with ``create_graph=True``
+    (Pearlmutter 1994); the first-order graph is the state, reused across products on one batch."""
+
+    def prepare(self, batch):
+        return torch.autograd.grad(self.loss(batch), self.obj.params, create_graph=True, allow_unused=True)
+
+    def apply(self, state, pieces, batched, retain):
+        if batched:
+            return double_backprop_hmm(state, self.obj.params, pieces, retain_graph=retain)
+        return double_backprop_hvp(state, self.obj.params, pieces, retain_graph=retain)
+
+    def gradient(self, state, batch):
+        if state is None:
+            return super().gradient(state, batch)
+        return _zeros_for_none(state, self.obj.params)  # the reused first-order graph is the gradient itself
+
+
+class ForwardOverReverse(Product):
+    """:math:`Hv` as ``torch.func.jvp`` of ``torch.func.grad``; batched over vectors with ``vmap``."""
+
+    kernels = "forward_over_reverse"
+    second_order = False
+    reusable = False
+
+    def prepare(self, batch):
+        return batch
+
+    def apply(self, batch, pieces, batched, retain):
+        loss_fn = self._functional_loss(batch)
+        # (in train mode, the objective's mode has BatchNorm's running statistics off: nothing is mutated)
+        if not batched:
+            return forward_over_reverse_hvp(loss_fn, self.obj.params, pieces)
+        hmm = torch.func.vmap(lambda *t: tuple(forward_over_reverse_hvp(loss_fn, self.obj.params, t)))
+        return list(hmm(*pieces))
+
+
+class FiniteDifference(Product):
+    """:math:`Hv \\approx (g(\\theta + h v) - g(\\theta - h v)) / 2h`, two first-order gradients.
+
+    For setups where a double backward is impractical (sharded parameters, custom kernels with a backward
+    but no double backward): gradients at parameters shifted without touching the model's own tensors
+    (``torch.func.functional_call``). ``h = step * max(1, ||theta||) / ||v||``; the error is
+    :math:`O(h^2)` (the third derivative) plus rounding :math:`O(\\epsilon / h)`, balanced at
+    ``step ~ eps^(1/3)``: 6e-6 in float64, 5e-3 in float32 (the default).
+    """
+
+    kernels = "finite_difference"
+    second_order = False
+    reusable = False
+
+    def __init__(self, objective, run=None, step: float | None = None):
+        super().__init__(objective, run)
+        if step is not None and not (isinstance(step, (int, float)) and 0 < step < 1):
+            raise ValueError(f"fd_step must be a number in (0, 1), got {step!r}")
+        self.step = float(step) if step is not None else torch.finfo(objective.dtype).eps ** (1 / 3)
+
+    def prepare(self, batch):
+        return batch
+
+    def apply(self, batch, pieces, batched, retain):
+        if batched:  # one pair of gradients per vector
+            cols = [self._one(batch, [p[j] for p in pieces]) for j in range(pieces[0].shape[0])]
+            return [torch.stack(c) for c in zip(*cols)]
+        return self._one(batch, pieces)
+
+    def _one(self, batch, pieces):
+        params = self.obj.params
+        vnorm = torch.sqrt(sum(torch.sum(v.double() ** 2) for v in pieces)).item()
+        if vnorm == 0:
+            return [torch.zeros_like(p) for p in params]
+        scale = max(1.0, torch.sqrt(sum(torch.sum(p.detach().double() ** 2) for p in params)).item())
+        h = self.step * scale / vnorm
+        loss_of = self._functional_loss(batch)
+
+        def grad_at(sign):
+            ps = [(p.detach() + (sign * h) * v).requires_grad_(True) for p, v in zip(params, pieces)]
+            loss = loss_of(ps)
+            if loss.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the loss is not finite ({loss.item()}) at a finite-difference point")
+            return _zeros_for_none(torch.autograd.grad(_require_graph(loss), ps, allow_unused=True), ps)
+
+        plus, minus = grad_at(1.0), grad_at(-1.0)
+        return [(a - b) / (2 * h) for a, b in zip(plus, minus)]
+
+
+#: HessianOperator's ``backend=`` names
+HESSIAN_BACKENDS = {
+    "double_backprop": DoubleBackprop,
+    "forward_over_reverse": ForwardOverReverse,
+    "finite_difference": FiniteDifference,
+}
+
+
+def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(p, coef, dim)`` of the cross-entropy's output Hessian ``coef * (diag(p) - p p^T)`` per position.
+
+    ``p`` is the softmax of ``logits`` along the class dimension ``dim`` (negative, so the same ``dim``
+    serves a batched ``[k, *logits.shape]`` vector); ``coef`` is 0 at ignored positions and ``1/count``
+    (mean over the counted positions) or 1 (sum) elsewhere, broadcastable against ``p``.
+    """
+    dim = ce.class_dim if ce.class_dim < 0 else ce.class_dim - logits.dim()
+    expected = logits.shape[: logits.dim() + dim] + logits.shape[logits.dim() + dim + 1 :]
+    if tuple(ce.targets.shape) != tuple(expected):
+        raise ValueError(
+            f"cross-entropy targets of shape {tuple(ce.targets.shape)} do not fit logits of shape "
+            f"{tuple(logits.shape)} with classes along dim {ce.class_dim}"
+        )
+    if ce.reduction not in ("mean", "sum"):
+        raise ValueError(f"the cross-entropy's reduction must be 'mean' or 'sum', got {ce.reduction!r}")
+    work = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    p = torch.softmax(logits.detach().to(work), dim=dim)
+    mask = (ce.targets != ce.ignore_index).to(work).unsqueeze(dim)
+    if ce.reduction == "mean":
+        mask = mask / mask.sum()
+    return p, mask, dim
+
+
+def _softmax_ce_product(p, coef, dim, u):
+    """``coef * (diag(p) - p p^T) u`` along ``dim``: three tensors the size of the logits at most."""
+    h = p * u.to(p.dtype)  # [.., V, ..]
+    s = h.sum(dim=dim, keepdim=True)  # [.., 1, ..]
+    h.addcmul_(p, s, value=-1)
+    h.mul_(coef)
+    return h.to(u.dtype)
+
+
+class GaussNewton(Product):
+    """:math:`J^\\top H_{\\mathrm{out}} J v` (Schraudolph 2002): :math:`Jv` by the double-vjp trick, the
+    output Hessian analytically for a softmax cross-entropy or by a double backward otherwise."""
+
+    def __init__(self, objective, run=None, analytic_cross_entropy: bool | None = None):
+        super().__init__(objective, run)
+        if not objective.spec.has_output:
+            objective.spec.output(None, None)  # raises: says what the GGN needs
+        self.analytic_cross_entropy = analytic_cross_entropy
+
+    def prepare(self, batch):
+        obj = self.obj
+        out = obj.output(batch, self.run)
+        ce = None if self.analytic_cross_entropy is False else obj.spec.cross_entropy(out, batch)
+        if ce is None and self.analytic_cross_entropy:
+            raise ValueError("analytic_cross_entropy=True, but the loss is not a plain softmax cross-entropy")
+        g_out = hout = None
+        if ce is not None:
+            with torch.no_grad():
+                obj.spec.loss_of_output(out.detach(), batch)  # the checks (a scalar, finite) only
+            hout = _softmax_ce_curvature(out, ce)
+        else:
+            loss = obj.spec.loss_of_output(out, batch)
+            (g_out,) = torch.autograd.grad(_require_graph(loss), out, create_graph=True)
+        # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
+        # u is a zero scalar expanded to the output's shape: no logits-sized tensor is held for it.
+        u = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
+        jtu = torch.autograd.grad(out, obj.params, grad_outputs=u, create_graph=True, allow_unused=True)
+        return out, g_out, hout, u, jtu
+
+    def apply(self, state, pieces, batched, retain):
+        out, g_out, hout, u, jtu = state
+        live = [i for i, t in enumerate(jtu) if t is not None and t.requires_grad]
+        kw = {"retain_graph": True, "is_grads_batched": batched}
+        shape = (pieces[0].shape[0], *out.shape) if batched else out.shape
+        if not live:
+            return [torch.zeros_like(t) for t in pieces]
+        (jv,) = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[pieces[i] for i in live], **kw)
+        if hout is not None:
+            hjv = _softmax_ce_product(*hout, jv)
+            del jv
+        elif g_out.requires_grad:
+            (hjv,) = torch.autograd.grad(g_out, out, grad_outputs=jv, allow_unused=True, **kw)
+            hjv = torch.zeros(shape, dtype=out.dtype, device=out.device) if hjv is None else hjv
+        else:  # a loss linear in the outputs has no output curvature
+            hjv = torch.zeros(shape, dtype=out.dtype, device=out.device)
+        res = torch.autograd.grad(
+            out, self.obj.params, grad_outputs=hjv, allow_unused=True, **{**kw, "retain_graph": retain}
+        )
+        return [r.detach() if r is not None else torch.zeros_like(t) for r, t in zip(res, pieces)]
+
+
+class EmpiricalFisher(Product):
+    """:math:`\\frac{1}{W} \\sum_i \\nabla s_i \\nabla s_i^\\top` over a batch's samples, :math:`s_i = w_i \\ell_i`
+    the sample's share of the summed loss (:math:`w_i` its units); the state is the ``[n, size]`` matrix
+    of the weighted per-sample gradients, by ``torch.func.vmap`` or one backward pass per sample."""
+
+    kernels = "first_order"  # per-sample gradients: any attention kernel has a backward
+
+    def __init__(self, objective, run=None, per_sample: str = "auto"):
+        if per_sample not in ("auto", "vmap", "loop"):
+            raise ValueError(f"per_sample must be 'auto', 'vmap' or 'loop', got {per_sample!r}")
+        super().__init__(objective, run)
+        self.per_sample = per_sample
+
+    def prepare(self, batch):
+        obj = self.obj
+        samples = split_samples(batch)
+        mean = obj.reduction == "mean"
+        # a sample's weight is its units (its counted targets or tokens; 0 for one wholly ignored): the
+        # same declaration that weights batches, chunks and ranks
+        weights = [obj.units(s) for s in samples] if mean else [1.0] * len(samples)
+        total = sum(weights)
+        if mean and abs(total - obj.units(batch)) > 1e-9 * max(1.0, abs(total)):
+            raise ValueError(
+                f"the units must add up over a batch's samples for the empirical Fisher: the samples' "
+                f"{obj.spec.units_name} sum to {total}, the batch's are {obj.units(batch)}"
+            )
+        keep = [i for i, w in enumerate(weights) if w != 0]
+        G = None
+        if self.per_sample != "loop":
+            try:
+                G = self._vmap_grads(batch, len(samples))[keep]
+            except Exception:
+                if self.per_sample == "vmap":
+                    raise
+        if G is None:
+            G = torch.stack([self._sample_grad(samples[i]) for i in keep])  # [n_kept, size]
+        G = G * torch.tensor([weights[i] for i in keep], dtype=G.dtype, device=G.device)[:, None]
+        if not torch.isfinite(G).all():
+            raise NonFiniteError("a per-sample gradient is not finite; cannot compute the empirical Fisher")
+        return G, (1.0 / total if mean else 1.0)
+
+    def _sample_grad(self, sample) -> torch.Tensor:
+        g = torch.autograd.grad(self.loss(sample), self.obj.params, allow_unused=True)
+        return flatten([t.detach() if t is not None else None for t in g], like=self.obj.params)
+
+    def _vmap_grads(self, batch, n: int) -> torch.Tensor:
+        """``[n, size]`` per-sample gradients of the raw loss by ``vmap(grad(...))``.
+
+        The batch's tensors are found and put back by the package's own traversal
+        (:func:`~hessianflow.batches.tensor_leaves`), which sees into every mapping (a ``UserDict``
+        too), so every tensor with the batch's leading dimension is split into samples."""
+        leaves = tensor_leaves(batch)
+        idx = [i for i, t in enumerate(leaves) if t.dim() > 0 and t.shape[0] == n]
+        if not idx:
+            raise ValueError("no batched tensor for vmap")
+        wrapper = LossModule(self.obj.model, self.obj.spec)
+        names = ["model." + name for name in self.obj.param_names]
+
+        def loss(ps, *sliced):
+            current = list(leaves)
+            for i, t in zip(idx, sliced):
+                current[i] = t.unsqueeze(0)
+            return torch.func.functional_call(wrapper, dict(zip(names, ps)), (with_tensor_leaves(batch, current),))
+
+        detached = tuple(p.detach() for p in self.obj.params)
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, *[0] * len(idx)))
+        grads = per_sample(detached, *[leaves[i] for i in idx])
+        return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+
+    def apply(self, state, pieces, batched, retain):
+        G, scale = state
+        if batched:
+            V = flatten_batched(pieces, pieces[0].shape[0])  # [size, k]
+            return unflatten((G.T @ (G @ V)) * scale, self.obj.params)
+        return unflatten((G.T @ (G @ flatten(pieces))) * scale, self.obj.params)

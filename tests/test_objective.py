@@ -1,0 +1,335 @@
+"""The objective, declared once: every way of splitting the data gives the whole batch's matrix.
+
+The loss of a batch averages over *units* (samples, counted targets, class-weighted targets, counted
+tokens) or sums them; the operators weight every piece of a split (a loader's batches, micro-batches,
+ranks, the empirical Fisher's samples) by the units it holds, derived from the loss itself where the
+library can know them. Each case here gave a silently wrong matrix (or an error) before the objective
+declared its units (issue 19); the references are the unsplit batch's operator and dense float64
+matrices built without hessianflow.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from dense_reference import func_hessian_of, hessian_rows, mlp, need_transformers
+except ImportError:  # pragma: no cover - pytest's importlib mode
+    from tests.dense_reference import func_hessian_of, hessian_rows, mlp, need_transformers
+
+from hessianflow import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessianflow.losses import causal_lm_loss, seq2seq_loss
+
+DT = torch.float64
+KINDS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def classification_batch(n=8, d=3, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=DT), torch.randint(0, classes, (n,), generator=g)
+
+
+# -- a tiny HuggingFace GPT-2 in float64, one row padded --------------------------------------------
+def tiny_gpt2(seed=0):
+    tr = need_transformers()
+    torch.manual_seed(seed)
+    cfg = tr.GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    return tr.GPT2LMHeadModel(cfg).double().eval()
+
+
+def padded_lm_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 13, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0  # one padded row, as a tokenizer pads
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[3, 1:5] = -100  # and a row with most labels left out
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_head_params(model):
+    return ["lm_head.weight"] if hasattr(model, "lm_head") else None
+
+
+# -- 1. micro-batches of a token-mean loss ------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_micro_batches_of_causal_lm_loss_give_the_whole_batch(chunk):
+    model, batch = tiny_gpt2(), padded_lm_batch()
+    params = ["transformer.h.0.mlp.c_proj.weight"]
+    whole = HessianOperator(model, loss_fn=causal_lm_loss, data=batch, params=params).to_dense()
+    split = HessianOperator(model, loss_fn=causal_lm_loss, data=batch, params=params, micro_batch_size=chunk)
+    assert rel(split.to_dense(), whole) < 1e-12
+    # the units are the counted shifted labels, summed over the chunks
+    assert split.num_samples == int((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_micro_batches_of_a_huggingface_loss_give_the_whole_batch(chunk):
+    model, batch = tiny_gpt2(), padded_lm_batch()
+    params = ["transformer.h.0.mlp.c_proj.weight"]
+    whole = HessianOperator(model, data=batch, params=params).to_dense()
+    split = HessianOperator(model, data=batch, params=params, micro_batch_size=chunk).to_dense()
+    # HuggingFace computes its .loss from logits.float(): the documented float32 caveat
+    assert rel(split, whole) < 1e-5
+    # and the float64 helper is the same matrix to that accuracy
+    ref = HessianOperator(model, loss_fn=causal_lm_loss, data=batch, params=params).to_dense()
+    assert rel(whole, ref) < 1e-5
+
+
+def test_micro_batches_of_bert_masked_lm_loss_give_the_whole_batch():
+    tr = need_transformers()
+    torch.manual_seed(0)
+    cfg = tr.BertConfig(
+        vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        max_position_embeddings=8,
+    )  # fmt: skip
+    model = tr.BertForMaskedLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 11, (4, 5), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 0], labels[1, 3], labels[1, 4], labels[3, 2] = 3, 4, 5, 6, 7  # row 2: none counted
+    batch = {"input_ids": ids, "labels": labels}
+    params = ["cls.predictions.transform.dense.weight"]
+    whole = HessianOperator(model, data=batch, params=params).to_dense()
+    split = HessianOperator(model, data=batch, params=params, micro_batch_size=1)
+    assert rel(split.to_dense(), whole) < 1e-5
+    assert split.num_samples == 5  # the counted labels, unshifted
+
+
+def test_seq2seq_loss_over_a_loader_weights_counted_labels():
+    # a stand-in encoder-decoder: logits from the input ids; seq2seq_loss's units are its counted labels
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 7).double()
+
+    class S2S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, input_ids, labels=None):
+            return {"logits": torch.tanh(self.emb(input_ids)) * 3}
+
+    model = S2S()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [2, 2, 1]])
+    labels = torch.tensor([[2, -100, -100], [1, 3, 5], [-100, 0, 6]])
+    batch = {"input_ids": ids, "labels": labels}
+    whole = HessianOperator(model, loss_fn=seq2seq_loss, data=batch).to_dense()
+    loader = [{"input_ids": ids[:1], "labels": labels[:1]}, {"input_ids": ids[1:], "labels": labels[1:]}]
+    assert rel(HessianOperator(model, loss_fn=seq2seq_loss, dataloader=loader).to_dense(), whole) < 1e-12
+    assert rel(HessianOperator(model, loss_fn=seq2seq_loss, data=batch, micro_batch_size=1).to_dense(), whole) < 1e-12
+
+
+# -- 2. cross-entropy with ignore_index or class weights -------------------------------------------
+CRITERIA = {
+    "ignore_index": lambda: nn.CrossEntropyLoss(ignore_index=2),
+    "weight": lambda: nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT)),
+    "both+smoothing": lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT), ignore_index=1, label_smoothing=0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("name", ["ignore_index", "weight", "both+smoothing"])
+@pytest.mark.parametrize("split", ["micro1", "micro3", "loader"])
+def test_cross_entropy_splits_give_the_whole_batch(kind, name, split):
+    model = mlp(3, 5, 4, seed=1)
+    crit = CRITERIA[name]()
+    x, y = classification_batch()
+    y[:3] = torch.tensor([2, 2, 1])  # ignored targets in the first chunks (a chunk of only ignored ones)
+    op = KINDS[kind]
+    whole = op(model, crit, data=(x, y)).to_dense()
+    if split == "loader":
+        split_op = op(model, crit, dataloader=[(x[:3], y[:3]), (x[3:], y[3:])])
+    else:
+        split_op = op(model, crit, data=(x, y), micro_batch_size=int(split[-1]))
+    assert rel(split_op.to_dense(), whole) < 1e-12
+
+
+def test_cross_entropy_units_are_the_counted_class_weights():
+    model = mlp(3, 5, 4, seed=1)
+    w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT)
+    x, y = classification_batch()
+    y[0] = -100
+    H = HessianOperator(model, nn.CrossEntropyLoss(weight=w), dataloader=[(x[:4], y[:4]), (x[4:], y[4:])])
+    H.gradient()
+    assert H.num_samples == pytest.approx(float(w[y[1:]].sum()), rel=1e-15)
+    # and the matrix is the Hessian of torch's own weighted mean, by double-backprop rows
+    ps = list(model.parameters())
+    ref = hessian_rows(lambda: F.cross_entropy(model(x), y, weight=w), ps)
+    assert rel(H.to_dense(), ref) < 1e-12
+
+
+def test_a_chunk_of_only_ignored_targets_contributes_zero():
+    model = mlp(3, 5, 4, seed=1)
+    x, y = classification_batch()
+    y[:2] = -100
+    whole = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y)).to_dense()
+    for kind in KINDS.values():  # no NonFiniteError from the all-ignored chunk
+        split = kind(model, nn.CrossEntropyLoss(), data=(x, y), micro_batch_size=2).to_dense()
+        assert torch.isfinite(split).all()
+    split = HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), micro_batch_size=2).to_dense()
+    assert rel(split, whole) < 1e-12
+
+
+# -- 3. the empirical Fisher with ignored targets ---------------------------------------------------
+def fisher_reference(model, x, y, weight=None, ignore_index=-100):
+    """(1/W) sum_i g_i g_i^T, g_i the gradient of sample i's share w_i l_i of the summed loss."""
+    ps = list(model.parameters())
+    rows, total = [], 0.0
+    for i in range(x.shape[0]):
+        if int(y[i]) == ignore_index:
+            continue
+        w_i = 1.0 if weight is None else float(weight[y[i]])
+        loss = w_i * F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ps)]))
+        total += w_i
+    G = torch.stack(rows)
+    return G.T @ G / total
+
+
+@pytest.mark.parametrize("per_sample", ["vmap", "loop"])
+def test_empirical_fisher_leaves_ignored_samples_out(per_sample):
+    model = mlp(3, 5, 4, seed=2)
+    x, y = classification_batch(seed=4)
+    y[[1, 5]] = -100
+    F_op = EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), data=(x, y), per_sample=per_sample)
+    assert rel(F_op.to_dense(), fisher_reference(model, x, y)) < 1e-12
+
+
+@pytest.mark.parametrize("per_sample", ["vmap", "loop"])
+def test_empirical_fisher_with_class_weights(per_sample):
+    model = mlp(3, 5, 4, seed=2)
+    w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT)
+    x, y = classification_batch(seed=5)
+    F_op = EmpiricalFisherOperator(model, nn.CrossEntropyLoss(weight=w), data=(x, y), per_sample=per_sample)
+    assert rel(F_op.to_dense(), fisher_reference(model, x, y, weight=w)) < 1e-12
+
+
+# -- 4. and 5. mapping inputs: a UserDict, a dict --------------------------------------------------
+class DictNet(nn.Module):
+    """A model whose input is a mapping ``{"a": [n, 2], "b": [n, 1]}``."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.f = nn.Linear(3, 2).double()
+
+    def forward(self, inputs):
+        return torch.tanh(self.f(torch.cat([inputs["a"], inputs["b"]], dim=1)))
+
+
+def dict_batch(kind=dict, n=5):
+    g = torch.Generator().manual_seed(7)
+    inputs = kind({"a": torch.randn(n, 2, generator=g, dtype=DT), "b": torch.randn(n, 1, generator=g, dtype=DT)})
+    return inputs, torch.randn(n, 2, generator=g, dtype=DT)
+
+
+def mse_fisher_reference(model, inputs, y):
+    ps = list(model.parameters())
+    n, rows = y.shape[0], []
+    for i in range(n):
+        sample = {k: v[i : i + 1] for k, v in inputs.items()}
+        loss = F.mse_loss(model(sample), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, ps)]))
+    G = torch.stack(rows)
+    return G.T @ G / n
+
+
+@pytest.mark.parametrize("per_sample", ["vmap", "loop"])
+@pytest.mark.parametrize("container", [dict, collections.UserDict])
+def test_empirical_fisher_splits_mapping_inputs(per_sample, container):
+    model = DictNet()
+    inputs, y = dict_batch(container)
+    F_op = EmpiricalFisherOperator(model, nn.MSELoss(), data=(inputs, y), per_sample=per_sample)
+    assert rel(F_op.to_dense(), mse_fisher_reference(model, dict(inputs), y)) < 1e-12
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+@pytest.mark.parametrize("container", [dict, collections.UserDict])
+def test_criterion_batches_with_mapping_inputs(container, fast_paths):
+    model = DictNet()
+    inputs, y = dict_batch(container)
+    ref = func_hessian_of(model, lambda call: F.mse_loss(call(dict(inputs)), y))
+    H = HessianOperator(model, nn.MSELoss(), data=(inputs, y), fast_paths=fast_paths)
+    assert rel(H.to_dense(), ref) < 1e-12
+    split = HessianOperator(model, nn.MSELoss(), data=(inputs, y), micro_batch_size=2, fast_paths=fast_paths)
+    assert rel(split.to_dense(), ref) < 1e-12
+    G = GGNOperator(model, nn.MSELoss(), data=(inputs, y), fast_paths=fast_paths).to_dense()
+    assert torch.isfinite(G).all() and G.shape == ref.shape
+
+
+# -- 6. an attended padding embedding row ------------------------------------------------------------
+class PadNet(nn.Module):
+    """Token ids -> embedding (padding row 0, attended: nothing masks it) -> a smooth head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(5, 3, padding_idx=0).double()
+        with torch.no_grad():
+            self.emb.weight[0] = torch.tensor([0.3, -0.2, 0.5])  # a non-zero padding row, used by the forward
+        self.head = nn.Linear(3, 4).double()
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids)).mean(1)  # [B, 3]
+        return self.head(h * h.sum(1, keepdim=True))  # mixes every position, the padding ones too
+
+
+@pytest.mark.parametrize("backend", ["double_backprop", "forward_over_reverse", "finite_difference"])
+def test_padding_row_is_held_constant_in_every_backend(backend):
+    model = PadNet()
+    ids = torch.tensor([[1, 0, 2], [3, 4, 0], [0, 0, 1]])
+    y = torch.tensor([0, 3, 1])
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data=(ids, y), backend=backend).to_dense()
+    ref = HessianOperator(model, nn.CrossEntropyLoss(), data=(ids, y)).to_dense()
+    pad = torch.zeros(H.shape[0], dtype=torch.bool)
+    pad[:3] = True  # emb.weight[0] comes first in the flat vector
+    assert H[pad].abs().max() == 0 and H[:, pad].abs().max() == 0
+    tol = 1e-7 if backend == "finite_difference" else 1e-12
+    assert float((H - H.T).abs().max()) < tol * float(ref.abs().max())
+    assert rel(H, ref) < tol
+    # and the rest is the true Hessian with the padding row held constant
+    names = ["emb.weight", "head.weight", "head.bias"]
+    full = func_hessian_of(model, lambda call: F.cross_entropy(call(ids), y), names)
+    keep = ~pad
+    assert rel(H[keep][:, keep], full[keep][:, keep]) < tol
+
+
+def test_padding_row_of_a_ggn_and_fisher_is_zero():
+    model = PadNet()
+    ids = torch.tensor([[1, 0, 2], [3, 4, 0], [0, 0, 1]])
+    y = torch.tensor([0, 3, 1])
+    for kind in (GGNOperator, EmpiricalFisherOperator):
+        M = kind(model, nn.CrossEntropyLoss(), data=(ids, y)).to_dense()
+        assert M[:3].abs().max() == 0 and M[:, :3].abs().max() == 0
+
+
+# -- a model's own .loss outside HuggingFace: its units are not known, so a split needs a declaration -
+def test_a_custom_models_loss_split_needs_a_declaration():
+    class OwnLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(2, 1).double()
+
+        def forward(self, x, y):
+            return types.SimpleNamespace(loss=F.mse_loss(self.f(x), y))
+
+    model = OwnLoss()
+    x, y = torch.randn(4, 2, dtype=DT), torch.randn(4, 1, dtype=DT)
+    HessianOperator(model, data=(x, y)).to_dense()  # one batch: nothing to weight
+    with pytest.raises(ValueError, match="reduction"):
+        HessianOperator(model, data=(x, y), micro_batch_size=2)
+    whole = HessianOperator(model, data=(x, y)).to_dense()
+    split = HessianOperator(model, data=(x, y), micro_batch_size=3, reduction="mean").to_dense()
+    assert rel(split, whole) < 1e-12
