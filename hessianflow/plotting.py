@@ -311,7 +311,9 @@ def plot_eigen_history(
         history: a list of dicts with ``"epoch"`` and ``key`` (records without ``key`` or with ``None``
             are skipped), e.g. :attr:`hessianflow.tracking.EigenTracker.history`.
         path: where to write the PNG.
-        lr_decay_epochs: epochs at which the learning rate was decayed (dashed vertical lines).
+        lr_decay_epochs: the first epoch run at each decayed learning rate (dashed vertical lines, where
+            the rate panel drops; the records' ``lr`` is the rate each epoch ran at). train.py's
+            ``--lr-decay-epoch d`` decays the rate *after* epoch ``d``: pass ``d + 1``.
         title: the headline (model, data).
         key: the record field to plot.
         subtitle: a smaller second line.
@@ -355,11 +357,19 @@ def plot_eigen_history(
         ax.plot(*zip(*bad), ls="none", marker="x", ms=9, mew=2, color="tab:red", label="not converged", zorder=4)
     scale = _apply_scale(ax, values_for_scale)
     decays = sorted(float(e) for e in (lr_decay_epochs or []))
-    # The epochs go in the legend entry: text beside the lines would sit on the data points.
-    decay_label = "lr decay (epoch " + ", ".join(f"{e:g}" for e in decays) + ")" if decays else None
+    # The epochs go in the legend entry: text beside the lines would sit on the data points. "from epoch
+    # N": the first epoch run at the new rate, where the rate panel's step drops (an epoch's record holds
+    # the rate it was trained with), as the scripts' epoch line says it.
+    plural = "s" if len(decays) > 1 else ""
+    decay_label = f"lr decay (new rate from epoch{plural} " + ", ".join(f"{e:g}" for e in decays) + ")"
     for i, e in enumerate(decays):
         for a in axes[:, 0]:
             a.axvline(e, color="gray", ls="--", lw=1.2, label=decay_label if (i == 0 and a is ax) else None)
+    if all(float(x).is_integer() for x in xs):  # whole epochs: no ticks at 1.25, 1.5, ...
+        from matplotlib.ticker import MaxNLocator
+
+        for a in axes[:, 0]:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ylabel = "Hessian eigenvalue" if key == "eigenvalue" else key
     ax.set_ylabel(ylabel + ("" if scale == "linear" else f" ({scale} scale)"))
     ax.grid(True, which="major", alpha=0.4)

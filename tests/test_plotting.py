@@ -81,6 +81,27 @@ def test_eigen_history_log_scale_decays_and_schedule(tmp_path):
     assert fig.axes[1].get_xlabel() == "epoch"
 
 
+def test_eigen_history_integer_epochs_get_integer_ticks_and_the_decay_its_first_epoch(tmp_path):
+    """Four epochs gave ticks 1.25, 1.5, ...; the decay line must stand where the rate panel drops."""
+    hist = [{"epoch": e, "eigenvalue": 30.0 + e, "lr": 0.1 if e <= 2 else 0.02, "batch_size": 64} for e in (1, 2, 3, 4)]
+    path, fig = P.plot_eigen_history(hist, tmp_path / "h.png", lr_decay_epochs=[3], return_fig=True)
+    check_png(path)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    (decay,) = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert list(decay.get_xdata()) == [3, 3] and decay.get_label() == "lr decay (new rate from epoch 3)"
+    # the rate panel's step drops at the same x: its last point at the old rate is epoch 2
+    (rate,) = fig.axes[2].get_lines()
+    xs, ys = list(rate.get_xdata()), list(rate.get_ydata())
+    assert xs[[i for i, y in enumerate(ys) if y < ys[0]][0]] == 3.0
+    # fractional epochs keep matplotlib's ticks
+    frac = [{"epoch": e / 2, "eigenvalue": 1.0 + e} for e in range(1, 5)]
+    _, fig = P.plot_eigen_history(frac, tmp_path / "f.png", return_fig=True)
+    assert any(not float(t).is_integer() for t in fig.axes[0].get_xticks())
+
+
 def test_eigen_history_linear_and_single_panel(tmp_path):
     hist = [{"epoch": e, "eigenvalue": 10.0 - 0.2 * e} for e in range(6)]
     path, fig = P.plot_eigen_history(hist, tmp_path / "h.png", return_fig=True)

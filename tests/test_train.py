@@ -172,6 +172,39 @@ def test_train_resnet_eigen_history_crosses_lr_decay(tmp_path):
         assert json.load(f)["eigen"]["eigenvalues"][0] == pytest.approx(hist[-1]["eigenvalue"], rel=1e-4)
 
 
+def test_the_lr_decay_is_told_at_the_first_epoch_run_at_the_new_rate(tmp_path, monkeypatch, capsys):
+    """--lr-decay-epoch 2: epoch 3 is the first at the new rate, in the log, the epoch line and the figure
+    (the figure marked epoch 2 while its rate panel dropped at 3)."""
+    pytest.importorskip("matplotlib")
+    from hessianflow import plotting
+
+    figures = []
+    original = plotting.plot_eigen_history
+
+    def keep(*args, **kwargs):
+        path, fig = original(*args, **kwargs, return_fig=True)
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(plotting, "plot_eigen_history", keep)
+    run_train(tmp_path, "--arch", "c1", "--method", "sgd", "--large-ratio", "1", "--batch-size", "64", "--epochs",
+              "4", "--lr", "0.05", "--lr-decay-epoch", "2", "--track-eigen", "--hessian-batch-size", "32",
+              "--eig-max-iter", "2")  # fmt: skip
+    out = capsys.readouterr().out
+    log = read_log(tmp_path)
+    assert [r["lr"] for r in log] == pytest.approx([0.05, 0.05, 0.01, 0.01])  # train.py's --lr-decay 0.2
+    assert [r["next_lr"] for r in log] == pytest.approx([0.05, 0.01, 0.01, 0.01])
+    first_new = next(r["epoch"] for r in log if r["lr"] < log[0]["lr"])
+    assert first_new == 3
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch")]
+    assert "-> lr 0.01 from epoch 3" in lines[1] and all("-> lr" not in ln for ln in lines[:1] + lines[2:])
+    (fig,) = figures
+    (decay,) = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert list(decay.get_xdata()) == [first_new, first_new] and "from epoch 3" in decay.get_label()
+    lo, hi = fig.axes[0].get_xlim()
+    assert all(float(t).is_integer() for t in fig.axes[0].get_xticks() if lo <= t <= hi)
+
+
 def test_track_eigen_with_absa_records_every_epoch_without_changing_the_run(tmp_path):
     """--track-eigen beside ABSA: the tracker's eigenvalue after every epoch (and in the log where ABSA
     took none), the training itself bit for bit that of the same run untracked."""

@@ -495,6 +495,7 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
         "epoch": epoch + 1, **metrics, "large_ratio": ratio, "adv_ratio": adv, "updates": run.state["updates"],
         "eigenvalue": eig, "decision": decision.reason,
         "next_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
+        "next_lr": controller.lr(epoch + 1),
         "seconds": time.time() - t0, "seconds_train": t_train, "seconds_eigen": time.time() - t1,
         "grew": decision.grew,
     }  # fmt: skip
@@ -541,6 +542,18 @@ def _save(run: _Run) -> None:
     atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log", error=OSError)  # mid-run: exit 4
 
 
+def _first_epochs_at_decayed_rates(args) -> list[int]:
+    """The (1-based) epochs that run first at each decayed rate: ``--lr-decay-epoch d`` decays after epoch d."""
+    return [d + 1 for d in args.lr_decay_epoch if d < args.epochs]
+
+
+def _decay_note(args, record: dict) -> str:
+    """``-> lr X from epoch N`` on the last epoch at the old rate (the figure marks the same epoch N)."""
+    if record["epoch"] + 1 not in _first_epochs_at_decayed_rates(args):
+        return ""
+    return f"  -> lr {record['next_lr']:.4g} from epoch {record['epoch'] + 1}"
+
+
 def end_epoch(run: _Run, record: dict) -> None:
     """Print the epoch, check the model is finite, save the checkpoint and the log (rank 0)."""
     args, state = run.args, run.state
@@ -559,6 +572,7 @@ def end_epoch(run: _Run, record: dict) -> None:
             f"test loss {_fmt(record['test_loss'])} acc {record['test_acc']:.3f}  "
             f"eig {_fmt(record['eigenvalue'], '.4g')}  updates {state['updates']}  {record['seconds']:.1f}s"
             + (f"  -> batch {record['next_batch_size']} ({record['decision']})" if grew else "")
+            + _decay_note(args, record)
         )
         _save(run)
     run.ctx.barrier()
@@ -586,7 +600,7 @@ def finish(run: _Run) -> dict:
             try:
                 run.tracker.plot(
                     os.path.join(run.out_dir, "eigen_history.png"),
-                    lr_decay_epochs=args.lr_decay_epoch,
+                    lr_decay_epochs=_first_epochs_at_decayed_rates(args),
                     title=f"{canonical_arch(args.arch)} on {args.name}: top Hessian eigenvalue ({args.eigen_type})",
                 )
             except ImportError as exc:
