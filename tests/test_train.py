@@ -205,6 +205,34 @@ def test_the_lr_decay_is_told_at_the_first_epoch_run_at_the_new_rate(tmp_path, m
     assert all(float(t).is_integer() for t in fig.axes[0].get_xticks() if lo <= t <= hi)
 
 
+@pytest.mark.parametrize("flags", [["--method", "absa", "--duration", "5"], ["--method", "sgd", "--track-eigen"]])
+def test_an_unconverged_eigenvalue_is_one_line_of_the_epoch_log_not_a_warning(flags, tmp_path, capsys):
+    """The ABSA check (and the tracker) printed a raw ConvergenceWarning (source line, "consider lanczos()")."""
+    import warnings
+
+    from hessianflow.eigen import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_train(tmp_path, "--arch", "c1", "--batch-size", "64", "--large-ratio", "2", "--epochs", "2",
+                  "--hessian-batch-size", "32", "--eig-max-iter", "2", "--eig-tol", "1e-6", *flags)  # fmt: skip
+    assert not [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    out = capsys.readouterr().out
+    log = read_log(tmp_path)
+    # 2 power iterations cannot reach a relative change of 1e-6: every epoch's eigenvalue is unconverged
+    assert [r["eig_converged"] for r in log] == [False, False]
+    assert all(r["eigenvalue"] > 0 and r["eig_residual"] > 0 for r in log)
+    notes = [ln for ln in out.splitlines() if ln.startswith("note:") and "not converged" in ln]
+    assert len(notes) == 2, out
+    for r, note in zip(log, notes):
+        assert f"epoch {r['epoch']}" in note and f"{r['eigenvalue']:.4g}" in note
+        assert "raise --eig-max-iter (now 2) or loosen --eig-tol (now 1e-06)" in note, note
+    assert "consider lanczos" not in out and "Warning" not in out
+    if "--track-eigen" in flags:  # the tracker's own record says the same
+        with open(tmp_path / "eigen_history.json") as f:
+            assert [h["converged"] for h in json.load(f)["history"]] == [False, False]
+
+
 def test_track_eigen_with_absa_records_every_epoch_without_changing_the_run(tmp_path):
     """--track-eigen beside ABSA: the tracker's eigenvalue after every epoch (and in the log where ABSA
     took none), the training itself bit for bit that of the same run untracked."""

@@ -52,6 +52,7 @@ from ..checkpoint_format import (
 )
 from ..data import DATASETS, dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
 from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
+from ..eigen import ConvergenceWarning
 from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
 from ..tracking import EigenTracker, top_eigenvalue
@@ -451,11 +452,37 @@ def _eigenvalue_check(run: _Run, epoch: int):
     if not run.controller.needs_eigenvalue(epoch):
         return None
     x, y = _hessian_batch(run.plain_set, args.hessian_batch_size, args.seed * 7919 + epoch, run.ctx)
-    res = top_eigenvalue(
+    res = _quietly(lambda: top_eigenvalue(
         run.model, run.criterion, dataloader=[(x, y)], method="power", max_iter=args.eig_max_iter,
         tol=args.eig_tol, seed=args.seed + epoch,
-    )  # fmt: skip
-    return float(res.eigenvalues[0])
+    ))  # fmt: skip
+    return {
+        "eigenvalue": float(res.eigenvalues[0]),
+        "converged": res.all_converged,
+        "residual": float(res.residuals[0]),
+    }
+
+
+def _quietly(solve):
+    """``solve()`` without its ConvergenceWarning (source line, library advice) in the training output: the
+    epoch record's ``eig_converged`` and ``eig_residual`` carry the verdict, and :func:`_convergence_note`
+    prints it as one line with the flags that help."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return solve()
+
+
+def _convergence_note(args, record: dict) -> str | None:
+    """One line for an epoch whose eigenvalue did not converge, built from the record's fields."""
+    if record.get("eig_converged") is not False:
+        return None
+    eig, residual = record["eigenvalue"], record["eig_residual"]
+    relative = f"{residual / abs(eig):.1e} of it" if eig else f"{residual:.1e}"
+    return (
+        f"note: epoch {record['epoch']}: the top eigenvalue {eig:.4g} is not converged (residual {relative} after "
+        f"{args.eig_max_iter} power iterations); raise --eig-max-iter (now {args.eig_max_iter}) or loosen "
+        f"--eig-tol (now {args.eig_tol:g})"
+    )
 
 
 def train_one_epoch(run: _Run, epoch: int) -> dict:
@@ -478,7 +505,8 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
     run.state["updates"] += int(stats["optimizer_steps"])  # every rank steps together under DDP
     test = _evaluate(run.model, run.test_set, args, run.criterion, ctx)
     t1 = time.time()
-    eig = _eigenvalue_check(run, epoch)
+    check = _eigenvalue_check(run, epoch)
+    eig = None if check is None else check["eigenvalue"]
     decision = controller.end_of_epoch(epoch, eig)
     # the eigenvalue is collective (bit-identical on every rank): a rank that decided otherwise
     # would dead-lock the next epoch's collectives, so make that an error instead
@@ -488,12 +516,14 @@ def train_one_epoch(run: _Run, epoch: int) -> dict:
         "train_acc": stats["accuracy"], "test_loss": test["loss"], "test_acc": test["accuracy"],
     }  # fmt: skip
     if run.tracker is not None:
-        run.tracker.step(run.model, epoch + 1, **metrics)
-        if eig is None:
-            eig = run.tracker.history[-1]["eigenvalue"]
+        tracked = _quietly(lambda: run.tracker.step(run.model, epoch + 1, **metrics))
+        if check is None:
+            check = {k: tracked[k] for k in ("eigenvalue", "converged", "residual")}
+    check = check or {"eigenvalue": None, "converged": None, "residual": None}
     return {
         "epoch": epoch + 1, **metrics, "large_ratio": ratio, "adv_ratio": adv, "updates": run.state["updates"],
-        "eigenvalue": eig, "decision": decision.reason,
+        "eigenvalue": check["eigenvalue"], "eig_converged": check["converged"], "eig_residual": check["residual"],
+        "decision": decision.reason,
         "next_batch_size": args.batch_size * controller.large_ratio * ctx.world_size,
         "next_lr": controller.lr(epoch + 1),
         "seconds": time.time() - t0, "seconds_train": t_train, "seconds_eigen": time.time() - t1,
@@ -574,6 +604,9 @@ def end_epoch(run: _Run, record: dict) -> None:
             + (f"  -> batch {record['next_batch_size']} ({record['decision']})" if grew else "")
             + _decay_note(args, record)
         )
+        note = _convergence_note(args, record)
+        if note is not None:
+            run.say(note)
         _save(run)
     run.ctx.barrier()
 
