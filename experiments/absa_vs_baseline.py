@@ -48,7 +48,8 @@ import sys
 import torch
 
 import hessianflow as hf
-from hessianflow.checkpoint import write_json
+from hessianflow.checkpoint import check_writable_dir, write_json
+from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as driver
 from hessianflow.cli import train
 from hessianflow.data import DATASETS
@@ -88,7 +89,8 @@ RUNS = ("small", "large", "absa")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # the scripts' argument types and one-line errors (exit 2): a bad value is refused before any work
+    p = _cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--config", type=str, choices=sorted(CONFIGS), default="digits",
         help="a set of defaults: digits (offline, minutes on a CPU) or cifar10 (GPU, data in --data-dir)",
@@ -96,46 +98,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", type=str, choices=sorted(DATASETS), default=None, help="data set (default: config's)")
     p.add_argument("--data-dir", type=str, default="./data", help="torchvision data sets' directory")
     p.add_argument("--arch", type=str, choices=ARCHS, default=None, help="model (default: config's)")
-    p.add_argument("--depth", type=int, default=None, help="ResNet depth 6n+2 (default: config's)")
-    p.add_argument("--batch-size", type=int, default=None, help="the small (mini-)batch size (default: config's)")
+    p.add_argument("--depth", type=_cli.positive_int, default=None, help="ResNet depth 6n+2 (default: config's)")
     p.add_argument(
-        "--large-ratio", type=int, default=None,
+        "--batch-size", type=_cli.positive_int, default=None,
+        help="the small (mini-)batch size (default: config's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--large-ratio", type=_cli.positive_int, default=None,
         help="L: the large baseline's and ABSA's largest batch is L x --batch-size (default: config's)",
     )  # fmt: skip
-    p.add_argument("--lr", type=float, default=None, help="learning rate at --batch-size (default: config's)")
     p.add_argument(
-        "--lr-decay-epoch", type=int, nargs="*", default=None,
+        "--lr", type=_cli.positive_float, default=None, help="learning rate at --batch-size (default: config's)"
+    )
+    p.add_argument(
+        "--lr-decay-epoch", type=_cli.nonneg_int, nargs="*", default=None,
         help="epochs after which the rate is multiplied by 0.2, for all three runs (default: train.py's, "
         "30 60 90, those within --epochs)",
     )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: config's)")
-    p.add_argument("--duration", type=int, default=None, help="ABSA: checks without a halving before the batch grows")
-    p.add_argument("--adv-ratio", type=float, default=0.2, help="ABSA: initial FGSM fraction (train.py's default)")
-    p.add_argument("--target-acc", type=float, default=None, help="the test accuracy the updates are counted to")
-    p.add_argument("--hessian-batch-size", type=int, default=None, help="ABSA: samples of each eigenvalue check")
-    p.add_argument("--eval-batch", type=int, default=None, help="batch of the final whole-training-set eigenvalue")
-    p.add_argument("--final-eig-tol", type=float, default=1e-3, help="the driver's lanczos tolerance")
+    p.add_argument("--epochs", type=_cli.positive_int, default=None, help="epochs of every run (default: config's)")
     p.add_argument(
-        "--final-num-batches", type=int, default=None,
+        "--duration", type=_cli.positive_int, default=None,
+        help="ABSA: checks without a halving before the batch grows",
+    )  # fmt: skip
+    p.add_argument(
+        "--adv-ratio", type=_cli.unit_float, default=0.2, help="ABSA: initial FGSM fraction (train.py's default)"
+    )
+    p.add_argument(
+        "--target-acc", type=_cli.unit_float, default=None, help="the test accuracy the updates are counted to"
+    )
+    p.add_argument(
+        "--hessian-batch-size", type=_cli.positive_int, default=None, help="ABSA: samples of each eigenvalue check"
+    )
+    p.add_argument(
+        "--eval-batch", type=_cli.positive_int, default=None,
+        help="batch of the final whole-training-set eigenvalue",
+    )  # fmt: skip
+    p.add_argument("--final-eig-tol", type=_cli.positive_float, default=1e-3, help="the driver's lanczos tolerance")
+    p.add_argument(
+        "--final-num-batches", type=_cli.positive_int, default=None,
         help="final eigenvalue on the first N batches of --eval-batch training samples (default: all of them)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="train.py's --seed (initialisation, data order, checks)")
-    p.add_argument("--synthetic-train", type=int, default=None, help="synthetic data only: training images (tests)")
-    p.add_argument("--synthetic-test", type=int, default=None, help="synthetic data only: test images (tests)")
+    p.add_argument(
+        "--synthetic-train", type=_cli.positive_int, default=None,
+        help="synthetic data only: training images (tests)",
+    )  # fmt: skip
+    p.add_argument(
+        "--synthetic-test", type=_cli.positive_int, default=None, help="synthetic data only: test images (tests)"
+    )
     p.add_argument("--out-dir", type=str, default="experiments/runs/absa_vs_baseline", help="output directory")
     p.add_argument("--device", type=str, default="auto", help="train.py's and the driver's --device")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads", type=_cli.nonneg_int, default=1,
         help="CPU threads (1: on a shared two-core machine 2-6x faster than torch's default; 0: torch's default)",
     )  # fmt: skip
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for key, value in CONFIGS[args.config].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    _cli.check_resnet_depth(parser, args.arch, args.depth)
+    _cli.check_device(parser, args.device)
+    # the command lines this runs, checked by the scripts' own rules before any of them starts (the same
+    # one-line error, exit 2: e.g. --lr-decay-epoch 5 3, or one beyond --epochs)
+    for run in RUNS:
+        train.parse_args(train_argv(args, run))
+        driver.parse_args(driver_argv(args, run))
     return args
 
 
@@ -167,8 +199,8 @@ def train_argv(args, run: str) -> list:
     ]  # fmt: skip
 
 
-def final_eigenvalue(args, run: str) -> dict:
-    """The driver on the run's checkpoint: top eigenvalue of the Hessian over the whole training set."""
+def driver_argv(args, run: str) -> list:
+    """hessian_eig_driver.py's command line for the final eigenvalue of one run."""
     out = os.path.join(args.out_dir, run)
     argv = [
         "--resume", os.path.join(out, "model_param.pkl"), "--eigen-type", "full", "--hessian-batch-size",
@@ -177,7 +209,12 @@ def final_eigenvalue(args, run: str) -> dict:
     ]  # fmt: skip
     if args.final_num_batches is not None:
         argv += ["--num-batches", str(args.final_num_batches)]
-    res = driver.main(driver.parse_args(argv))["eigen"]
+    return argv
+
+
+def final_eigenvalue(args, run: str) -> dict:
+    """The driver on the run's checkpoint: top eigenvalue of the Hessian over the whole training set."""
+    res = driver.main(driver.parse_args(driver_argv(args, run)))["eigen"]
     return {"eigenvalue": res["eigenvalues"][0], "residual": res["residuals"][0], "converged": res["all_converged"]}
 
 
@@ -282,7 +319,7 @@ def plot(results, args, path) -> str:
 
 def main(args) -> dict:
     """The three training runs, their final eigenvalues, the comparison; JSON and PNG; returns the JSON's dict."""
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_writable_dir(args.out_dir, what="the runs and results")  # before any work (exit 2)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     results = {}
@@ -329,4 +366,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    sys.exit(_cli.run(main, parse_args))  # the scripts' exit statuses: 2 a user error, in one line

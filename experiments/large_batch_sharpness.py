@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 import hessianflow as hf
-from hessianflow.checkpoint import write_json
+from hessianflow.checkpoint import check_writable_dir, write_json
 from hessianflow.checkpoint_format import make_checkpoint
+from hessianflow.cli import common as _cli
 from hessianflow.data import DATASETS, dataset_info, get_datasets, subset_loader
 from hessianflow.models import ARCHS, get_model
 
@@ -80,7 +81,8 @@ CONFIGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    # the scripts' argument types and one-line errors (exit 2): a bad value is refused before any work
+    p = _cli.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Usage lines: see the module docstring (python -c 'import experiments.large_batch_sharpness as m; "
         "print(m.__doc__)').",
@@ -92,50 +94,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", type=str, choices=sorted(DATASETS), default=None, help="data set (default: config's)")
     p.add_argument("--data-dir", type=str, default="./data", help="torchvision data sets' directory")
     p.add_argument("--arch", type=str, choices=ARCHS, default=None, help="model (default: config's)")
-    p.add_argument("--depth", type=int, default=None, help="ResNet depth 6n+2 (default: config's)")
-    p.add_argument("--small-batch", type=int, default=None, help="the small batch size (default: config's)")
-    p.add_argument("--large-batch", type=int, default=None, help="the large batch size (default: config's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the small batch (default: config's)")
+    p.add_argument("--depth", type=_cli.positive_int, default=None, help="ResNet depth 6n+2 (default: config's)")
+    p.add_argument(
+        "--small-batch", type=_cli.positive_int, default=None, help="the small batch size (default: config's)"
+    )
+    p.add_argument(
+        "--large-batch", type=_cli.positive_int, default=None, help="the large batch size (default: config's)"
+    )
+    p.add_argument(
+        "--lr", type=_cli.positive_float, default=None, help="learning rate of the small batch (default: config's)"
+    )
     p.add_argument(
         "--lr-rule", type=str, choices=("constant", "linear", "sqrt"), default="constant",
         help="the large batch's learning rate: constant (= --lr), linear (x large/small) or sqrt, "
         "each capped at --lr-cap",
     )  # fmt: skip
-    p.add_argument("--lr-cap", type=float, default=math.inf, help="largest rate of the large batch")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (0: the Hessian's loss)")
+    p.add_argument("--lr-cap", type=_cli.positive_float, default=math.inf, help="largest rate of the large batch")
+    p.add_argument("--momentum", type=_cli.nonneg_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_cli.nonneg_float, default=0.0, help="weight decay (0: the Hessian's loss)")
     p.add_argument(
-        "--loss-target", type=float, default=None,
+        "--loss-target", type=_cli.nonneg_float, default=None,
         help="stop when the mean training loss over the whole training set is at most this (default: config's)",
     )  # fmt: skip
-    p.add_argument("--max-epochs", type=int, default=None, help="epoch budget per run (default: config's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds: initialisation and data order")
-    p.add_argument("--eval-batch", type=int, default=None, help="batch size of evaluations and Hessian products")
-    p.add_argument("--eig-tol", type=float, default=1e-3, help="lanczos tolerance of the final eigenvalue")
     p.add_argument(
-        "--track-seeds", type=int, default=1, help="record the eigenvalue after every epoch for the first N seeds"
+        "--max-epochs", type=_cli.positive_int, default=None, help="epoch budget per run (default: config's)"
     )
     p.add_argument(
-        "--track-samples", type=int, default=128,
+        "--seeds", type=_cli.nonneg_int, nargs="+", default=None, help="seeds: initialisation and data order"
+    )
+    p.add_argument(
+        "--eval-batch", type=_cli.positive_int, default=None, help="batch size of evaluations and Hessian products"
+    )
+    p.add_argument(
+        "--eig-tol", type=_cli.positive_float, default=1e-3, help="lanczos tolerance of the final eigenvalue"
+    )
+    p.add_argument(
+        "--track-seeds", type=_cli.nonneg_int, default=1,
+        help="record the eigenvalue after every epoch for the first N seeds",
+    )  # fmt: skip
+    p.add_argument(
+        "--track-samples", type=_cli.positive_int, default=128,
         help="training samples (a fixed random subset) of the per-epoch eigenvalue; the final one uses all",
     )  # fmt: skip
-    p.add_argument("--num-train", type=int, default=None, help="use only the first N training images (tests)")
+    p.add_argument(
+        "--num-train", type=_cli.positive_int, default=None, help="use only the first N training images (tests)"
+    )
     p.add_argument("--out-dir", type=str, default="experiments/runs/large_batch_sharpness", help="output directory")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument(
-        "--threads", type=int, default=1,
+        "--threads", type=_cli.nonneg_int, default=1,
         help="CPU threads (1: on a shared two-core machine 2-6x faster than torch's default; 0: torch's default)",
     )  # fmt: skip
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for key, value in CONFIGS[args.config].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # what needs several flags (or a config's value), before any work
     if args.large_batch <= args.small_batch:
-        raise SystemExit(f"--large-batch {args.large_batch} must exceed --small-batch {args.small_batch}")
+        parser.error(
+            f"argument --large-batch: --large-batch {args.large_batch} must exceed --small-batch {args.small_batch}"
+        )
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error(
+            f"argument --seeds: {' '.join(map(str, args.seeds))} repeats a seed (each seed is one pair of runs)"
+        )
+    _cli.check_resnet_depth(parser, args.arch, args.depth)
+    _cli.check_device(parser, args.device)
     return args
 
 
@@ -269,7 +298,7 @@ def plot(runs, summary, args, path) -> str:
 
 def main(args) -> dict:
     """Train every (regime, seed), summarise, write the JSON and the PNG; return the JSON's dict."""
-    os.makedirs(args.out_dir, exist_ok=True)
+    check_writable_dir(args.out_dir, what="the results and checkpoints")  # before any work (exit 2)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -306,4 +335,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    sys.exit(_cli.run(main, parse_args))  # the scripts' exit statuses: 2 a user error, in one line

@@ -218,6 +218,14 @@ def check_device(parser, device: str) -> None:
             parser.error(f"argument --device: {device} does not exist ({torch.cuda.device_count()} GPU(s))")
 
 
+def check_resnet_depth(parser, arch: str, depth: int) -> None:
+    """Refuse a CIFAR ResNet depth other than 6n+2 (argparse error, exit 2); the other models have none."""
+    from ..models import canonical_arch
+
+    if canonical_arch(arch) == "ResNet" and (depth < 8 or (depth - 2) % 6):
+        parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {depth}")
+
+
 def synthetic_kwargs(args) -> dict:
     kw = {}
     if getattr(args, "synthetic_train", None):

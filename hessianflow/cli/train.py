@@ -218,8 +218,7 @@ def validate(parser: argparse.ArgumentParser, args, argv=None) -> argparse.Names
             parser.error(
                 f"argument --lr-decay-epoch {given}: must increase, each epoch once (the lr decays after each)"
             )
-    if canonical_arch(args.arch) == "ResNet" and (args.depth < 8 or (args.depth - 2) % 6):
-        parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {args.depth}")
+    _cli.check_resnet_depth(parser, args.arch, args.depth)
     _cli.check_device(parser, args.device)
     if args.name != "synthetic" and (args.synthetic_train or args.synthetic_test) and args.resume is None:
         parser.error("--synthetic-train/--synthetic-test apply to --name synthetic only")  # resumed: see _main
