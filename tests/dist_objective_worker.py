@@ -48,10 +48,14 @@ def references() -> dict:
 
 def main(out_dir: str) -> None:
     ctx = init_distributed("cpu")
+    if not torch.distributed.is_initialized():  # one process: init_distributed makes no group; a real one
+        torch.distributed.init_process_group("gloo")
     try:
-        _save(ctx.rank, ctx.world_size, out_dir)
+        _save(torch.distributed.get_rank(), torch.distributed.get_world_size(), out_dir)
     finally:
         ctx.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _save(rank: int, world: int, out_dir: str) -> None:
