@@ -27,7 +27,8 @@ def load(name):
 
 
 SHARP = ["--name", "synthetic", "--arch", "c1", "--num-train", "32", "--small-batch", "16", "--large-batch", "32",
-         "--max-epochs", "1", "--seeds", "0", "--track-samples", "16", "--eval-batch", "32", "--device", "cpu"]  # fmt: skip
+         "--max-epochs", "1", "--seeds", "0", "--track-samples", "16", "--eval-batch", "32",
+         "--device", "cpu"]  # fmt: skip
 ABSA = ["--name", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "c1", "--epochs", "1",
         "--batch-size", "16", "--large-ratio", "2", "--hessian-batch-size", "16", "--eval-batch", "16",
         "--device", "cpu"]  # fmt: skip
