@@ -541,10 +541,12 @@ def test_eigenvalue_criterion_meets_its_relative_accuracy(name, which, k, tol):
 
 
 def test_eigenvalue_criterion_saves_products_on_a_separated_top():
-    # a well separated top eigenvalue: r^2/gap reaches 1e-6 relative long before r does
+    # a well separated top eigenvalue: r^2/gap reaches 1e-6 relative long before r does. (Issue 21: by
+    # default k = 1 certifies the gap first, which costs what the residual rule costs here; without the
+    # certification, the Kato-Temple bound alone saves products.)
     lam = torch.cat([torch.tensor([10.0], dtype=DT), torch.linspace(0, 5, 199, dtype=DT)])
     A = sym_matrix(lam, seed=1)
-    eig = lanczos(A, k=1, tol=1e-6, seed=0, criterion="eigenvalue")
+    eig = lanczos(A, k=1, tol=1e-6, seed=0, criterion="eigenvalue", check_multiplicity=False)
     res = lanczos(A, k=1, tol=1e-6, seed=0, criterion="residual")
     assert eig.num_matvecs < res.num_matvecs and abs(float(eig.eigenvalues[0]) - 10.0) <= 1e-5
     assert float(eig.residuals[0]) > 1e-6 * 10.0  # it stopped on the eigenvalue bound, not the residual
