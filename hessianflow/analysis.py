@@ -24,11 +24,13 @@ from torch import nn
 
 from ._modes import model_mode
 from ._random import make_generator
-from .batches import LossModule, LossSpec, move_batch
-from .distributed import reduce_or_raise, use_distributed
+from .batches import LossModule, LossSpec
+from .curvature.objective import Objective
+from .distributed import reduce_or_raise
 from .eigen import lanczos
 from .hvp import unflatten
-from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, resolve_params, unwrap_model
+from .linop import NonFiniteError
+from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, unwrap_model
 from .trace import trace as _trace
 
 __all__ = ["LayerResult", "layer_blocks", "per_layer", "loss_landscape"]
@@ -381,12 +383,7 @@ def loss_landscape(
     betas=None,
     *,
     dataloader: Iterable | None = None,
-    params=None,
-    num_batches: int | None = None,
-    distributed: bool | None = None,
-    loss_fn=None,
-    reduction: str | None = None,
-    batch_weight=None,
+    **objective,
 ) -> torch.Tensor:
     """The loss on a line or a plane through the parameters.
 
@@ -414,17 +411,13 @@ def loss_landscape(
         alphas: the steps along ``d1`` (1-D).
         betas: the steps along ``d2``; ``None`` for a curve.
         dataloader: instead of ``data``, an iterable of batches.
-        params: the parameters the directions live on (see :func:`~hessianflow.operators.resolve_params`;
-            default: every parameter with ``requires_grad``).
-        num_batches: use only the first ``num_batches`` batches of the loader.
-        distributed: combine the ranks' losses over ``torch.distributed``, each rank holding its shard
-            of the data: the size-weighted mean (``"sum"``: the sum) over the union of the shards, the
-            same on every rank. ``None``, as for the operators: on when a process group with more than
-            one rank is initialised and a loader is given (a one-batch list ``[(x, y)]`` included).
-            Every rank must then call with the same directions and steps; shards may be empty, and a
-            failure on one rank raises on all of them.
-        loss_fn, reduction, batch_weight: as for :class:`~hessianflow.operators.HessianOperator`
-            (``reduction`` is required over a loader for a loss whose reduction is not declared).
+        **objective: the objective's further keywords (:class:`~hessianflow.curvature.objective.Objective`):
+            ``params`` (the parameters the directions live on; default every parameter with
+            ``requires_grad``), ``loss_fn``, ``reduction``, ``batch_weight``, ``num_batches``,
+            ``micro_batch_size`` and ``distributed`` (combine the ranks' losses over
+            ``torch.distributed``, each rank holding its share of the data: the same loss over the union
+            of the shares on every rank; shards may be empty, and a failure on one rank raises on all).
+            The pieces of the data are weighted by the units the loss averages over, as for the operators.
 
     Returns:
         float64 CPU tensor of losses, ``[len(alphas)]`` or ``[len(alphas), len(betas)]``.
@@ -433,6 +426,7 @@ def loss_landscape(
         ValueError: for both or neither of ``data``/``dataloader``, a direction of the wrong length or
             count, empty or non-finite steps, an empty loader (distributed: no samples on any rank), or
             ``distributed=True`` without a process group.
+        NonFiniteError: a NaN or infinite loss at a point (as every other entry point).
 
     Example (a linear model at :math:`w = 0` under the squared error with zero targets, along
     :math:`d = e_1`: :math:`L(\\alpha) = \\alpha^2 \\|X e_1\\|^2 / n = 2 \\alpha^2 / 3`):
@@ -448,26 +442,28 @@ def loss_landscape(
         >>> loss_landscape(model, nn.MSELoss(), data=(X, y), directions=d, alphas=[0.0, 1.0, 2.0])
         tensor([0.0000, 0.6667, 2.6667], dtype=torch.float64)
     """
-    _check_landscape_args(data, dataloader, directions, alphas, num_batches)
-    model = unwrap_model(model)
-    chosen, names = resolve_params(model, params)
-    dtype, device = chosen[0].dtype, chosen[0].device
-    dirs = _directions(directions, 1 if betas is None else 2, sum(p.numel() for p in chosen), dtype, device)
+    if directions is None or alphas is None:
+        raise ValueError("loss_landscape needs directions and alphas")
+    if objective.get("train_mode"):
+        raise ValueError("loss_landscape evaluates the model in eval mode; train_mode=True is not supported")
+    obj = Objective(model, criterion, data=data, dataloader=dataloader, **objective)
+    model, spec, chosen, names = obj.model, obj.spec, obj.params, obj.param_names
+    dirs = _directions(directions, 1 if betas is None else 2, obj.size, obj.dtype, obj.device)
     a = _steps(alphas, "alphas")
     b = None if betas is None else _steps(betas, "betas")
-    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
-    distributed = use_distributed(distributed, default=dataloader is not None)
-    if dataloader is not None or distributed:
-        spec.require_reduction()
-    reduction = spec.reduction or "mean"
-    batches = _landscape_batches(spec, data, dataloader, num_batches, device, dtype)
+    distributed, reduction = obj.distributed, obj.reduction
+    device = obj.device
+
+    def batches():
+        return (batch for batch, _ in obj.pieces())
+
     grid = [(float(x),) for x in a] if b is None else [(float(x), float(y)) for x in a for y in b]
 
     def local():
         """This rank's ``[points, 2]`` table: the (weighted) loss sum and the weight at each point."""
         with model_mode(model, False), torch.no_grad():
             at = _perturbed_loss(model, spec, chosen, names, dirs)
-            sums = [_loss_sum(at(c), spec, batches(), reduction) for c in grid]
+            sums = [_loss_sum(at(c), obj, batches(), reduction) for c in grid]
         if not distributed and any(count == 0 for _, count in sums):
             raise ValueError("the data loader yielded no samples")
         return [torch.tensor(sums, dtype=torch.float64)], 0
@@ -482,38 +478,6 @@ def loss_landscape(
         raise ValueError("the data loader yielded no samples on any rank")
     out = totals / counts if reduction == "mean" else totals
     return out if b is None else out.view(len(a), len(b))
-
-
-def _check_landscape_args(data, dataloader, directions, alphas, num_batches) -> None:
-    if (data is None) == (dataloader is None):
-        raise ValueError("pass exactly one of data=batch or dataloader=")
-    if directions is None or alphas is None:
-        raise ValueError("loss_landscape needs directions and alphas")
-    bad_nb = isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    if num_batches is not None and bad_nb:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-
-
-def _landscape_batches(spec: LossSpec, data, dataloader, num_batches, device, dtype):
-    """A function giving one pass over the batches, checked and moved to the parameters' device and dtype:
-    the one batch (moved once), or the loader's first ``num_batches``, streamed (a large loader is never
-    held in memory)."""
-
-    def to_device(batch):
-        spec.check_batch(batch)
-        return move_batch(batch, device, dtype=dtype)
-
-    if data is not None:
-        one = [to_device(data)]
-        return lambda: iter(one)
-
-    def stream():
-        for j, batch in enumerate(dataloader):
-            if num_batches is not None and j >= num_batches:
-                break
-            yield to_device(batch)
-
-    return stream
 
 
 def _perturbed_loss(model: nn.Module, spec: LossSpec, chosen, names: list[str], dirs: list[torch.Tensor]):
@@ -540,17 +504,19 @@ def _perturbed_loss(model: nn.Module, spec: LossSpec, chosen, names: list[str], 
     return at
 
 
-def _loss_sum(loss_of, spec: LossSpec, batches, reduction: str) -> tuple[float, float]:
-    """``(sum of the batch losses, weighted by the batch weights for a mean, total weight)`` over a pass."""
+def _loss_sum(loss_of, obj: Objective, batches, reduction: str) -> tuple[float, float]:
+    """``(sum of the batch losses, weighted by their units for a mean, total units)`` over a pass."""
     total, count = 0.0, 0
     for batch in batches:
-        nb = spec.weight(batch)
+        nb = obj.units(batch)
         if nb == 0:
             continue
         loss = loss_of(batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"the loss must be a scalar, got {shape}")
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the loss is not finite ({float(loss)}) on the loss landscape")
         total += float(loss) * (nb if reduction == "mean" else 1.0)
         count += nb
     return total, count

@@ -31,12 +31,13 @@ import time
 
 from ._checks import check_int, check_positive, is_int
 from .batches import LossSpec
+from .curvature.objective import OBJECTIVE_OPTIONS
+from .curvature.operators import HessianOperator
 from .eigen import EigenResult, lanczos, power_iteration
 from .history import FIELDS as _FIELDS
 from .history import load_history, write_csv, write_json
 from .history import plain_value as _plain
 from .linop import NonFiniteError
-from .operators import HessianOperator
 from .trace import METHODS as _TRACE_METHODS
 from .trace import trace as _estimate_trace
 
@@ -58,6 +59,10 @@ def _solve(op, method: str, k: int, max_iter: int, tol: float, seed, v0=None) ->
     return res
 
 
+# what EigenTracker passes on to the operators (the Objective's keywords besides criterion and data)
+_OBJECTIVE_KEYWORDS = ("params", "loss_fn", "reduction", "batch_weight", *OBJECTIVE_OPTIONS)
+
+
 def _check_method(method: str) -> str:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -70,19 +75,14 @@ def top_eigenvalue(
     data=None,
     dataloader=None,
     *,
-    loss_fn=None,
-    reduction: str | None = None,
-    batch_weight=None,
     method: str = "power",
     k: int = 1,
     max_iter: int = 100,
     tol: float = 1e-3,
     seed=0,
-    num_batches: int | None = None,
-    train_mode: bool = False,
-    params=None,
     progress: bool = False,
     v0=None,
+    **objective,
 ) -> EigenResult:
     """The top ``k`` eigenpairs of the Hessian of ``criterion(model(x), y)`` over a batch or a loader.
 
@@ -98,9 +98,6 @@ def top_eigenvalue(
         criterion: the loss, ``criterion(outputs, targets)``, mean- or sum-reduced; or ``None``.
         data: one batch (``(inputs, targets)`` with a criterion; any batch otherwise).
         dataloader: or an iterable of batches (the Hessian of the loss over all of its samples).
-        loss_fn, reduction, batch_weight: the other loss forms and the whole-data weighting, as for
-            :class:`~hessianflow.operators.HessianOperator` (no criterion and no ``loss_fn``: the model
-            output's ``.loss``).
         method: ``"power"`` or ``"lanczos"``.
         k: the number of eigenpairs.
         max_iter: for power iteration the products per eigenpair, for Lanczos the total number of
@@ -111,12 +108,12 @@ def top_eigenvalue(
             ``1e-3``: PyHessian's and HessianFlow's, which is what their users mean by it.
         seed: the seed of the start vector(s) (an int, a ``torch.Generator`` or ``None``); the default 0
             makes repeated calls reproducible.
-        num_batches: use only the first ``num_batches`` batches of ``dataloader``.
-        train_mode: compute the Hessian in train mode (BatchNorm batch statistics); default eval mode.
-        params: the parameters to differentiate w.r.t. (default all with ``requires_grad``).
         progress: show a progress bar over the loader's batches.
         v0: the start vector: ``None`` (random, from ``seed``), a flat tensor, or ``"gradient"`` (the
             loss gradient plus 1% of a random vector; see :func:`~hessianflow.eigen.lanczos`).
+        **objective: the objective's further keywords, passed on unchanged
+            (:class:`~hessianflow.curvature.objective.Objective`): ``params``, ``loss_fn``, ``reduction``,
+            ``batch_weight``, ``train_mode``, ``num_batches``, ``micro_batch_size``, ``distributed``.
 
     Returns:
         the solver's :class:`~hessianflow.eigen.EigenResult` (``eigenvalues[0]`` is the top one;
@@ -146,19 +143,7 @@ def top_eigenvalue(
     k = check_int("k", k, minimum=1)
     max_iter = check_int("max_iter", max_iter, minimum=1)
     tol = check_positive("tol", tol)
-    op = HessianOperator(
-        model,
-        criterion,
-        data=data,
-        dataloader=dataloader,
-        params=params,
-        train_mode=train_mode,
-        num_batches=num_batches,
-        progress=progress,
-        loss_fn=loss_fn,
-        reduction=reduction,
-        batch_weight=batch_weight,
-    )
+    op = HessianOperator(model, criterion, data=data, dataloader=dataloader, progress=progress, **objective)
     try:
         return _solve(op, method, k, max_iter, tol, seed, v0)
     finally:
@@ -193,8 +178,6 @@ class EigenTracker:
             output's ``.loss``).
         data: a fixed batch (``(inputs, targets)`` with a criterion; any batch otherwise).
         dataloader: or an iterable of batches.
-        loss_fn, reduction, batch_weight: as for :class:`~hessianflow.operators.HessianOperator`.
-        num_batches: use only the first ``num_batches`` batches of ``dataloader``.
         top_k: the number of top eigenvalues per step (``eigenvalue`` is the first).
         method: ``"power"`` (default, HessianFlow's) or ``"lanczos"``; see :func:`top_eigenvalue`.
         max_iter: see :func:`top_eigenvalue` (default 100, PyHessian's).
@@ -206,8 +189,10 @@ class EigenTracker:
         seed: an int or ``None`` (fresh randomness each step).
         out_dir: if given, ``eigen_history.csv`` and ``eigen_history.json`` are rewritten there
             (atomically) after every record, so a crash loses nothing logged.
-        train_mode: compute the Hessian in train mode (default eval mode).
-        params: the parameters to differentiate w.r.t. (default all with ``requires_grad``).
+        **objective: the objective's further keywords, passed on unchanged to every step's operator
+            (:class:`~hessianflow.curvature.objective.Objective`): ``params``, ``loss_fn``, ``reduction``,
+            ``batch_weight``, ``train_mode`` (default eval mode), ``num_batches``, ``micro_batch_size``,
+            ``distributed``.
 
     Epochs must increase from record to record (after :meth:`load_state_dict` too): one record per
     epoch, in order, is what the history files and the plot assume.
@@ -236,10 +221,6 @@ class EigenTracker:
         data=None,
         dataloader=None,
         *,
-        loss_fn=None,
-        reduction: str | None = None,
-        batch_weight=None,
-        num_batches: int | None = None,
         top_k: int = 1,
         method: str = "power",
         max_iter: int = 100,
@@ -249,21 +230,26 @@ class EigenTracker:
         trace_method: str = "hutchinson",
         seed: int | None = 0,
         out_dir=None,
-        train_mode: bool = False,
-        params=None,
+        **objective,
     ):
         if data is not None and dataloader is not None:
             raise ValueError("pass at most one of data=(inputs, targets) or dataloader=")
         if criterion is not None and not callable(criterion):
             raise ValueError("criterion must be callable as criterion(outputs, targets)")
-        LossSpec(criterion, loss_fn, reduction, batch_weight)  # the checks of the forms, now
+        unknown = sorted(set(objective) - set(_OBJECTIVE_KEYWORDS))
+        if unknown:
+            raise TypeError(f"EigenTracker got unexpected keyword argument(s) {unknown}")
+        LossSpec(criterion, objective.get("loss_fn"), objective.get("reduction"), objective.get("batch_weight"))
         if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None (it is saved in state_dict), got {seed!r}")
         self.criterion = criterion
-        self.loss_kwargs = {"loss_fn": loss_fn, "reduction": reduction, "batch_weight": batch_weight}
         self.data = data
         self.dataloader = dataloader
+        num_batches = objective.get("num_batches")
         self.num_batches = None if num_batches is None else check_int("num_batches", num_batches, minimum=1)
+        self.train_mode = bool(objective.get("train_mode", False))
+        #: the objective's keywords besides the criterion and the data (see Objective), passed on unchanged
+        self.objective = {**objective, "num_batches": self.num_batches, "train_mode": self.train_mode}
         self.top_k = check_int("top_k", top_k, minimum=1)
         self.method = _check_method(method)
         self.max_iter = check_int("max_iter", max_iter, minimum=1)
@@ -275,8 +261,6 @@ class EigenTracker:
         self.trace_method = trace_method
         self.seed = None if seed is None else int(seed)
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
-        self.train_mode = bool(train_mode)
-        self.params = params
         self.history: list[dict] = []
 
     # -- measuring -----------------------------------------------------------------------------
@@ -304,16 +288,7 @@ class EigenTracker:
         epoch = self._check_epoch(epoch)
         clean = {k: _plain(k, v) for k, v in metrics.items()}
         start = time.perf_counter()
-        op = HessianOperator(
-            model,
-            self.criterion,
-            data=self.data,
-            dataloader=self.dataloader,
-            params=self.params,
-            train_mode=self.train_mode,
-            num_batches=self.num_batches,
-            **self.loss_kwargs,
-        )
+        op = HessianOperator(model, self.criterion, data=self.data, dataloader=self.dataloader, **self.objective)
         try:
             res = _solve(op, self.method, self.top_k, self.max_iter, self.tol, self.seed)
             tr = None

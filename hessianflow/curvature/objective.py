@@ -165,8 +165,8 @@ class Objective:
         self.dataloader = dataloader
         self.train_mode = bool(train_mode)
         self.distributed = use_distributed(distributed, default=dataloader is not None or single_loader)
-        if self.splits:
-            self.spec.require_reduction(self._split_name())
+        if self.splits or single_loader:  # a loader is a loader, even of one batch
+            self.spec.require_reduction("over a data loader" if single_loader else self._split_name())
         if self.micro_batch_size is not None and self.train_mode and _batch_norms(self.model):
             raise ValueError(
                 "micro_batch_size with train_mode=True and BatchNorm layers: each chunk would be normalised by its "
