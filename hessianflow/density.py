@@ -18,6 +18,7 @@ nodes).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,9 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int, check_positive
 from ._random import make_generator, rademacher
-from .eigen import lanczos_quadrature
+from .eigen import ConvergenceWarning, lanczos_quadrature
 from .linop import as_operator
+from .trace import _NONDETERMINISTIC
 
 __all__ = ["DensityResult", "spectral_density"]
 
@@ -41,6 +43,10 @@ class DensityResult:
         weights: ``[num_runs, m]`` float64, each row non-negative and summing to 1.
         num_matvecs: products with the operator spent.
         size: the dimension ``n`` of the operator (needed for traces).
+        status: the verdict as data: ``"estimated"`` (the rules estimate the density of a fixed matrix,
+            their spread over runs in :meth:`moment_stderr`) or ``"nondeterministic"`` (the operator is
+            not a fixed matrix: the nodes mix several matrices; a :class:`ConvergenceWarning` says so).
+        reason: one sentence for ``"nondeterministic"``, else empty.
 
     Example:
         >>> import torch
@@ -55,6 +61,16 @@ class DensityResult:
     weights: torch.Tensor
     num_matvecs: int
     size: int
+    status: str = "estimated"
+    reason: str = ""
+
+    @property
+    def accuracy(self) -> float | None:
+        """The relative standard error of :meth:`trace_estimate` over runs (``None`` for one run)."""
+        se, m1 = self.moment_stderr(1), self.moments(1)
+        if not math.isfinite(se):
+            return None
+        return 0.0 if se == 0.0 else (abs(se / m1) if m1 != 0.0 else math.inf)
 
     @property
     def num_runs(self) -> int:
@@ -132,6 +148,9 @@ class DensityResult:
             "weights": self.weights.tolist(),
             "num_matvecs": int(self.num_matvecs),
             "size": int(self.size),
+            "status": self.status,
+            "reason": self.reason,
+            "accuracy": self.accuracy if self.accuracy is None or math.isfinite(self.accuracy) else None,
         }
 
 
@@ -184,4 +203,11 @@ def spectral_density(A, num_runs: int = 10, num_steps: int = 90, seed=None, prog
         nodes[r, :j] = theta
         nodes[r, j:] = theta[-1]
         weights[r, :j] = w
-    return DensityResult(nodes=nodes, weights=weights, num_matvecs=op.num_matvecs - start, size=op.size)
+    result = DensityResult(nodes=nodes, weights=weights, num_matvecs=op.num_matvecs - start, size=op.size)
+    if not bool(getattr(op, "deterministic", True)):
+        result.status, result.reason = (
+            "nondeterministic",
+            _NONDETERMINISTIC.replace("the estimate and its standard error describe", "the quadrature rules describe"),
+        )
+        warnings.warn(f"spectral_density: {result.reason}", ConvergenceWarning, stacklevel=2)
+    return result

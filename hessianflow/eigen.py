@@ -55,6 +55,20 @@ class EigenResult:
         num_matvecs: products with the operator spent by this call.
         iterations: iterations performed (for both solvers, one product each).
         method: ``"lanczos"`` or ``"power_iteration"``.
+        status: the verdict as data (scripts read it, never the warning's text): ``"converged"``;
+            ``"max_iter"`` (the budget ran out before the test passed); ``"noise_floor"`` (the test
+            passed but ``tol`` asks for more than the products' noise can certify); ``"unchecked"`` (the
+            multiplicity tests of :func:`lanczos` could not be completed: pairs after the first may be
+            out of place); ``"nondeterministic"`` (the operator is not a fixed matrix).
+        reason: one sentence saying why, empty when converged; the :class:`ConvergenceWarning` is built
+            from ``status`` and ``reason``.
+        accuracy: the relative eigenvalue accuracy reached, worst pair, in the units of ``tol`` (Lanczos:
+            the stopping test's bound, ``min(r, r^2/gap)`` relative to each eigenvalue with the eigenvalue
+            criterion, ``r / max|theta|`` with the residual one; power iteration: ``r / |lambda|``), never
+            below ``noise``.
+        noise: the products' noise floor in the same units (:func:`_noise_floor`): the part of
+            ``accuracy`` that no further iteration can improve. It is reported apart from the solver's own
+            error, which is computed in at least float32 whatever the operator's dtype.
 
     Example:
         >>> import torch
@@ -62,8 +76,11 @@ class EigenResult:
         >>> res = lanczos(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)), k=2, seed=0)
         >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.all_converged
         ([3.0, 2.0], True)
-        >>> sorted(res.to_dict())
-        ['converged', 'eigenvalues', 'iterations', 'method', 'num_matvecs', 'residuals']
+        >>> sorted(res.to_dict())  # doctest: +NORMALIZE_WHITESPACE
+        ['accuracy', 'converged', 'eigenvalues', 'iterations', 'method', 'noise', 'num_matvecs', 'reason',
+         'residuals', 'status']
+        >>> res.status, res.accuracy < 1e-6
+        ('converged', True)
     """
 
     eigenvalues: torch.Tensor
@@ -73,6 +90,10 @@ class EigenResult:
     num_matvecs: int
     iterations: int
     method: str
+    status: str = "converged"
+    reason: str = ""
+    accuracy: float = 0.0
+    noise: float = 0.0
 
     @property
     def all_converged(self) -> bool:
@@ -88,6 +109,10 @@ class EigenResult:
             "converged": [bool(x) for x in self.converged.detach().cpu().tolist()],
             "num_matvecs": int(self.num_matvecs),
             "iterations": int(self.iterations),
+            "status": self.status,
+            "reason": self.reason,
+            "accuracy": float(self.accuracy),
+            "noise": float(self.noise),
         }
         if include_vectors:
             out["eigenvectors"] = self.eigenvectors.detach().cpu().double().T.tolist()
@@ -97,6 +122,19 @@ class EigenResult:
 # ------------------------------------------------------------------------------------------------
 # validation helpers
 # ------------------------------------------------------------------------------------------------
+def _work_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype of the solvers' own arithmetic (basis, recurrence, Rayleigh quotients) for an operator's dtype.
+
+    float32 and float64 operators keep their dtype. A lower precision (bfloat16, float16) is promoted: to
+    float64 on the CPU, float32 on an accelerator. In the operator's bfloat16 the orthogonalisation loses
+    the basis after a few steps (issue 21: a bf16 MLP gave 0.57 for a top eigenvalue of 0.84, which the
+    bf16 operator's own dense matrix has too), an error of the solver, not of the products.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 def _operator_and_k(A, k) -> tuple[LinearOperator, int]:
     op = as_operator(A)
     if not op.dtype.is_floating_point:
@@ -146,15 +184,16 @@ def _start_vector(op: LinearOperator, A, v0, generator: torch.Generator) -> torc
                 "v0='gradient' needs a curvature operator (HessianOperator or GGNOperator), which knows the "
                 f"gradient; got {type(A).__name__}"
             )
-        g = A.gradient().to(dtype=op.dtype, device=op.device)
+        work = _work_dtype(op.dtype, op.device)
+        g = A.gradient().to(dtype=work, device=op.device)
         gnorm = _norm(g)
-        r = randn((op.size,), generator, dtype=op.dtype, device=op.device)
+        r = randn((op.size,), generator, dtype=work, device=op.device)
         r = r / _norm(r)
         if not math.isfinite(gnorm) or gnorm == 0.0:
             return r
         return g / gnorm + _GRADIENT_MIX * r
     try:
-        v0 = check_vector(v0, op.size, op.dtype, op.device).detach()
+        v0 = check_vector(v0, op.size, _work_dtype(op.dtype, op.device), op.device).detach()
     except ValueError as exc:
         raise ValueError(f"v0: {exc}") from None
     norm = _norm(v0)
@@ -302,7 +341,8 @@ class _Krylov:
     """
 
     def __init__(self, op: LinearOperator, generator: torch.Generator, locked: torch.Tensor | None = None):
-        n, dtype, device = op.size, op.dtype, op.device
+        n, dtype, device = op.size, _work_dtype(op.dtype, op.device), op.device
+        self.dtype = dtype  # of the basis and the recurrence: at least float32, whatever the operator's dtype
         self.op = op
         self.generator = generator
         self.L = locked if locked is not None else torch.zeros(n, 0, dtype=dtype, device=device)
@@ -395,7 +435,8 @@ class _Krylov:
             return False
         for _ in range(1 if z is not None else 3):
             if z is None:
-                z = randn((n,), self.generator, dtype=self.op.dtype, device=self.op.device)
+                z = randn((n,), self.generator, dtype=self.dtype, device=self.op.device)
+            z = z.to(self.dtype)  # a no-op unless the operator computes in lower precision
             z0 = _norm(z)
             if z0 > 0:
                 z, nz, _, ok = self._orthogonalize(z)
@@ -421,7 +462,7 @@ class _Krylov:
         rest = [c for c in range(self.P.shape[1]) if c != i]
         self.P = self.P[:, rest]
         self.C = self.C[:, rest]
-        w = self.op.matvec(p)
+        w = self.op.matvec(p).to(self.dtype)  # a no-op unless the operator computes in lower precision
         raw = _norm(w)
         self.anorm = max(self.anorm, raw)
         self._append_B(p)
@@ -558,7 +599,8 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
     gen = make_generator(seed)
     n, start = op.size, op.num_matvecs
     first = _start_vector(op, A, v0, gen)
-    U = torch.zeros(n, 0, dtype=op.dtype, device=op.device)  # [n, found]
+    work = _work_dtype(op.dtype, op.device)  # the iteration's own arithmetic: at least float32
+    U = torch.zeros(n, 0, dtype=work, device=op.device)  # [n, found]
     values, residuals, stopped = [], [], []
     iterations = 0
     scale = 0.0
@@ -571,7 +613,7 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
 
     with tqdm(total=k * max_iter, disable=not progress, desc="power iteration", leave=False) as bar:
         for i in range(k):
-            v = deflate(first if i == 0 and first is not None else randn((n,), gen, dtype=op.dtype, device=op.device))
+            v = deflate(first if i == 0 and first is not None else randn((n,), gen, dtype=work, device=op.device))
             v = v / _norm(v)
             vec, lam, res, done, steps, pair_asym = _power_pair(op, v, deflate, max_iter, tol, scale, bar)
             iterations += steps
@@ -591,31 +633,41 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
     deterministic = bool(getattr(op, "deterministic", True))
     conv &= reachable & deterministic
     order = torch.argsort(values_t.abs(), descending=True, stable=True)
+    denom = torch.clamp(values_t.abs(), min=max(tol * scale, torch.finfo(torch.float64).tiny))
+    if not deterministic:
+        status = "nondeterministic"
+        why = "the operator is not deterministic (e.g. dropout or train-mode BatchNorm over a shuffled loader)"
+    elif noisy:
+        status = "noise_floor"
+        why = (
+            f"the products' noise (asymmetry up to {asym:.2g}, floor {floor:.2g}) is above tol={tol:g} "
+            "times the eigenvalue: that accuracy cannot be certified"
+        )
+    elif not bool(conv.all()):
+        status = "max_iter"
+        why = (
+            f"relative change >= tol={tol:g} within max_iter={max_iter} per pair, or residual above "
+            "2*sqrt(tol)*|lambda_max|, e.g. when two eigenvalues of opposite sign have nearly equal magnitude"
+        )
+    else:
+        status, why = "converged", ""
     result = EigenResult(
         eigenvalues=values_t[order],
-        eigenvectors=U[:, order],
+        eigenvectors=U[:, order].to(op.dtype),
         residuals=res_t[order],
         converged=conv[order],
         num_matvecs=op.num_matvecs - start,
         iterations=iterations,
         method="power_iteration",
+        status=status,
+        reason=why,
+        accuracy=float((torch.clamp(res_t, min=floor) / denom).max()),
+        noise=float((floor / denom).max()),
     )
     if not result.all_converged:
         bad = [i for i, c in enumerate(result.converged.tolist()) if not c]
-        if not deterministic:
-            why = "the operator is not deterministic (e.g. dropout or train-mode BatchNorm over a shuffled loader)"
-        elif noisy:
-            why = (
-                f"the products' noise (asymmetry up to {asym:.2g}, floor {floor:.2g}) is above tol={tol:g} "
-                "times the eigenvalue: that accuracy cannot be certified"
-            )
-        else:
-            why = (
-                f"relative change >= tol={tol:g} within max_iter={max_iter} per pair, or residual above "
-                "2*sqrt(tol)*|lambda_max|, e.g. when two eigenvalues of opposite sign have nearly equal magnitude"
-            )
         warnings.warn(
-            f"power iteration: pairs {bad} not converged: {why}; consider lanczos()",
+            f"power iteration: pairs {bad} not converged: {result.reason}; consider lanczos()",
             ConvergenceWarning,
             stacklevel=2,
         )
@@ -634,7 +686,7 @@ def _power_pair(op: LinearOperator, v: torch.Tensor, deflate, max_iter: int, tol
     vec, lam, res = v, 0.0, 0.0
     for _ in range(max_iter):
         vec = v  # the vector whose Rayleigh quotient and residual are computed below
-        w = op.matvec(v)
+        w = op.matvec(v).to(v.dtype)  # a no-op unless the operator computes in lower precision
         if prev is not None:
             asym = max(asym, abs(float(prev[0] @ w) - float(v @ prev[1])))
         prev = (v, w)
@@ -647,7 +699,7 @@ def _power_pair(op: LinearOperator, v: torch.Tensor, deflate, max_iter: int, tol
         if lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
             done = True
             break
-        if wn <= 10 * torch.finfo(op.dtype).eps * max(scale, abs(lam)):
+        if wn <= 10 * torch.finfo(v.dtype).eps * max(scale, abs(lam)):
             # A v has no component outside the pairs found: lam = 0 and v is an exact
             # eigenvector of the deflated operator; another iteration cannot move it.
             done = True
@@ -855,7 +907,16 @@ def lanczos(
     converged &= reachable
     if not deterministic:
         converged[:] = False
-    vectors = proc.vectors(S[:, wanted])
+    vectors = proc.vectors(S[:, wanted]).to(op.dtype)
+    stalled = check_incomplete or (not checked and (verdict is not None or bool(now.all())))
+    status, why = "converged", ""
+    if not bool(converged.all()):
+        status, why = _lanczos_why(deterministic, claimed & ~reachable, values, floor, proc.asym, tol, scale,
+                                   stalled, criterion, max_iter)  # fmt: skip
+    # the accuracy of the state the verdict was drawn from (a separate check restarts the basis after it)
+    tested = getattr(proc, "tested", None) if verdict is not None else None
+    th_t, res_t, wanted_t, _ = tested if tested is not None else (theta, res, wanted, scale)
+    accuracy, noise = _accuracy(th_t, res_t, wanted_t, tol, scale, criterion, floor)
     result = EigenResult(
         eigenvalues=values,
         eigenvectors=vectors,
@@ -864,11 +925,12 @@ def lanczos(
         num_matvecs=used(),
         iterations=used(),
         method="lanczos",
+        status=status,
+        reason=why,
+        accuracy=accuracy,
+        noise=noise,
     )
     if not result.all_converged:
-        stalled = check_incomplete or (not checked and (verdict is not None or bool(now.all())))
-        why = _lanczos_why(deterministic, claimed & ~reachable, values, floor, proc.asym, tol, scale, stalled,
-                           criterion, max_iter)  # fmt: skip
         warnings.warn(
             f"lanczos: not all of the {k} {which} pairs converged: {why}; converged={result.converged.tolist()}",
             ConvergenceWarning,
@@ -877,26 +939,44 @@ def lanczos(
     return result
 
 
-def _lanczos_why(deterministic, noisy, values, floor, asym, tol, scale, stalled, criterion, max_iter) -> str:
-    """The reason :func:`lanczos` gives in its warning when not every pair converged."""
+def _accuracy(theta, res, idx, tol, scale, criterion, floor) -> tuple[float, float]:
+    """The relative accuracy reached by the pairs ``idx`` and the products' noise floor, in the units of
+    ``tol`` (see :class:`EigenResult`): the stopping test's bound, never below the floor."""
+    tiny = torch.finfo(torch.float64).tiny
+    r = res[idx]
+    if criterion == "residual":
+        denom = torch.full_like(r, max(scale, tiny))
+        bound = r
+    else:
+        denom = torch.clamp(theta[idx].abs(), min=max(tol * scale, tiny))
+        bound = r.clone()
+        if theta.numel() > idx.numel():
+            dist = (theta[idx][:, None] - theta[None, :]).abs()
+            dist[torch.arange(idx.numel()), idx] = float("inf")
+            bound = torch.fmin(r, r**2 / dist.min(dim=1).values)
+    return float((torch.clamp(bound, min=floor) / denom).max()), float((floor / denom).max())
+
+
+def _lanczos_why(deterministic, noisy, values, floor, asym, tol, scale, stalled, criterion, max_iter):
+    """The status and the reason of :func:`lanczos`'s verdict when not every pair converged."""
     if not deterministic:
-        return (
+        return "nondeterministic", (
             "the operator is not deterministic (two products with the same vector differ: e.g. dropout "
             "or BatchNorm batch statistics over a shuffled loader in train mode), so no convergence can be "
             "certified"
         )
     if bool(noisy.any()):
         worst = float((floor / torch.clamp(values.abs(), min=tol * scale)).max())
-        return (
+        return "noise_floor", (
             f"the products' noise limits the eigenvalues to about {worst:.1e} relative (asymmetry "
             f"|u.Av - v.Au| up to {asym:.2g}, rounding floor {floor:.2g}), above "
             f"tol={tol:g}: accuracy reached ~{worst:.1e}, not {tol:g}"
         )
     if stalled:
-        return "the multiplicity tests could not be completed (pairs after the first may be out of place)"
+        return "unchecked", "the multiplicity tests could not be completed (pairs after the first may be out of place)"
     if criterion == "residual":
-        return f"residuals above tol * max|theta| = {tol * scale:.3g} within max_iter={max_iter} products"
-    return f"eigenvalue error bounds above tol={tol:g} relative within max_iter={max_iter} products"
+        return "max_iter", f"residuals above tol * max|theta| = {tol * scale:.3g} within max_iter={max_iter} products"
+    return "max_iter", f"eigenvalue error bounds above tol={tol:g} relative within max_iter={max_iter} products"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1040,6 +1120,7 @@ def _iterate(proc: _Krylov, k, which, tol, criterion, max_iter, max_basis, used,
         passed = _confirmed(passed, theta, res, wanted, prev, tol, scale, criterion)
         prev = theta[wanted].clone() if wanted.numel() == k else None
         proc.last_passed = passed
+        proc.tested = (theta, res, wanted, scale)  # the state the verdict is drawn from (see _accuracy)
         if passed is not None and bool(passed.all()):
             if checked or proc.j >= proc.op.size:  # the basis spans the space: every Ritz value is exact
                 verdict, checked = passed, True

@@ -177,6 +177,10 @@ class DenseOperator(LinearOperator):
         Traceback (most recent call last):
         ...
         ValueError: the matrix is not symmetric (relative asymmetry 1.00e+00)
+        >>> DenseOperator(torch.eye(2, dtype=torch.int64))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the matrix has the integer dtype torch.int64: convert it first with .double() ...
     """
 
     def __init__(self, matrix: torch.Tensor, check_symmetric: bool = True):
@@ -185,7 +189,11 @@ class DenseOperator(LinearOperator):
             raise ValueError(f"expected a square matrix, got shape {shape}")
         _refuse_complex(matrix.dtype)
         if not matrix.is_floating_point():
-            matrix = matrix.to(torch.get_default_dtype())
+            # Issue 21: an integer matrix used to become float32 silently (integers above 2**24 rounded).
+            raise ValueError(
+                f"the matrix has the integer dtype {matrix.dtype}: convert it first with .double() (exact for "
+                "integers up to 2**53) or .float(); the algorithms compute in floating point"
+            )
         if check_symmetric and matrix.numel():
             scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
             asym = (matrix - matrix.T).abs().max() / scale

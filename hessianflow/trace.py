@@ -15,6 +15,7 @@ estimate. The samples and products are accumulated in float64 whatever the opera
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,13 @@ class TraceResult:
         samples: the per-sample values the standard error comes from (Hutchinson: the
             :math:`z^\\top A z`; Hutch++: those of its Hutchinson part; XTrace: the leave-one-out
             estimates), or ``None``.
+        status: the verdict as data: ``"exact"`` (computed from ``n`` products with the identity),
+            ``"estimated"`` (a stochastic estimate, its error described by ``stderr``) or
+            ``"nondeterministic"`` (the operator is not a fixed matrix: two products of the same vector
+            differ, so ``stderr`` describes no fixed matrix's trace; a :class:`ConvergenceWarning` says so).
+        reason: one sentence for a status other than ``"exact"`` and ``"estimated"``, else empty.
+        accuracy: the relative standard error ``stderr / |estimate|`` (0 when exact; ``inf`` when the
+            estimate is 0 and the standard error is not).
 
     Example:
         >>> import torch
@@ -52,7 +60,7 @@ class TraceResult:
         >>> r.estimate, r.stderr, r.num_matvecs, r.method  # Rademacher vectors: exact on a diagonal
         (55.0, 0.0, 4, 'hutchinson')
         >>> sorted(r.to_dict())
-        ['estimate', 'method', 'num_matvecs', 'samples', 'stderr']
+        ['accuracy', 'estimate', 'method', 'num_matvecs', 'reason', 'samples', 'status', 'stderr']
     """
 
     estimate: float
@@ -60,6 +68,15 @@ class TraceResult:
     num_matvecs: int
     method: str
     samples: list[float] | None = None
+    status: str = "estimated"
+    reason: str = ""
+
+    @property
+    def accuracy(self) -> float:
+        """The relative standard error ``stderr / |estimate|`` (see the class docstring)."""
+        if self.stderr == 0.0:
+            return 0.0
+        return abs(self.stderr / self.estimate) if self.estimate != 0.0 else math.inf
 
     def to_dict(self) -> dict:
         """JSON-ready plain Python values."""
@@ -69,6 +86,9 @@ class TraceResult:
             "num_matvecs": int(self.num_matvecs),
             "method": self.method,
             "samples": None if self.samples is None else [float(x) for x in self.samples],
+            "status": self.status,
+            "reason": self.reason,
+            "accuracy": float(self.accuracy) if math.isfinite(self.accuracy) else None,
         }
 
 
@@ -86,7 +106,25 @@ def _exact(op: LinearOperator, start: int) -> TraceResult:
     """The trace from ``n`` products with the identity, when the budget allows it."""
     eye = torch.eye(op.size, dtype=op.dtype, device=op.device)
     value = float(op.matmat(eye).diagonal().double().sum())
-    return TraceResult(value, 0.0, op.num_matvecs - start, "exact", None)
+    return TraceResult(value, 0.0, op.num_matvecs - start, "exact", None, status="exact")
+
+
+_NONDETERMINISTIC = (
+    "the operator is not deterministic (two products with the same vector differ: e.g. dropout or BatchNorm "
+    "batch statistics over a shuffled loader in train mode), so the estimate and its standard error describe "
+    "no fixed matrix"
+)
+
+
+def _verdict(op: LinearOperator, result: TraceResult) -> TraceResult:
+    """Mark ``result`` for an operator that is not a fixed matrix, with a :class:`ConvergenceWarning`."""
+    if bool(getattr(op, "deterministic", True)):
+        return result
+    from .eigen import ConvergenceWarning
+
+    result.status, result.reason = "nondeterministic", _NONDETERMINISTIC
+    warnings.warn(f"trace ({result.method}): {result.reason}", ConvergenceWarning, stacklevel=3)
+    return result
 
 
 def _hutchinson_samples(op, count, gen, batch_size, bar) -> torch.Tensor:
@@ -178,7 +216,7 @@ def hutchinson_trace(
                 if se <= rtol * abs(est):
                     break
     est, se = _mean_stderr(samples)
-    return TraceResult(est, se, op.num_matvecs - start, "hutchinson", samples.tolist())
+    return _verdict(op, TraceResult(est, se, op.num_matvecs - start, "hutchinson", samples.tolist()))
 
 
 def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
@@ -231,7 +269,7 @@ def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
     start, n = op.num_matvecs, op.size
     k = m // 3
     if k >= n:
-        return _exact(op, start)
+        return _verdict(op, _exact(op, start))
     S = rademacher((n, k), gen, dtype=torch.float64, device=op.device)
     Q = torch.linalg.qr(_products(op, S)).Q  # [n, k]
     low_rank = float((Q * _products(op, Q)).sum())
@@ -240,7 +278,7 @@ def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
         G = G - Q @ (Q.T @ G)
     samples = (G * _products(op, G)).sum(dim=0).cpu()
     mean, se = _mean_stderr(samples)
-    return TraceResult(low_rank + mean, se, op.num_matvecs - start, "hutch++", samples.tolist())
+    return _verdict(op, TraceResult(low_rank + mean, se, op.num_matvecs - start, "hutch++", samples.tolist()))
 
 
 def _xtrace_from_sketch(op, Om, Y, improved: bool):
@@ -474,11 +512,11 @@ def xtrace(A, num_matvecs: int = 100, seed=None):
     start, n = op.num_matvecs, op.size
     s = m // 2
     if s >= n:
-        return _exact(op, start)
+        return _verdict(op, _exact(op, start))
     Om = randn((n, s), gen, dtype=torch.float64, device=op.device)
     Om = Om * (math.sqrt(n) / torch.linalg.vector_norm(Om, dim=0, keepdim=True))
     ests, se = _xtrace_from_sketch(op, Om, _products(op, Om), improved=True)
-    return TraceResult(float(ests.mean()), se, op.num_matvecs - start, "xtrace", ests.tolist())
+    return _verdict(op, TraceResult(float(ests.mean()), se, op.num_matvecs - start, "xtrace", ests.tolist()))
 
 
 def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
@@ -523,7 +561,8 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
 
     Returns:
         A :class:`TraceResult`; for ``"auto"`` its ``method`` is ``"auto(xtrace)"``,
-        ``"auto(hutchinson)"`` or ``"auto(exact)"`` (the budget covered ``n`` products).
+        ``"auto(hutchinson)"`` or ``"auto(exact)"`` (the budget covered ``n`` products: ``m >= n``, where
+        the explicit ``"xtrace"`` and ``"hutch++"`` keep their estimators up to ``2n`` and ``3n``).
 
     Raises:
         ValueError: for an unknown ``method`` or ``num_matvecs`` below the chosen method's minimum.
@@ -558,22 +597,22 @@ def _auto_trace(op: LinearOperator, m: int, gen: torch.Generator) -> TraceResult
     """``trace(method="auto")``: XTrace or Hutchinson, chosen from the first ``m//2`` products."""
     start, n = op.num_matvecs, op.size
     s = m // 2
-    if s >= n:
+    if m >= n:  # n products give the exact trace (issue 21: the switch was at 2n)
         result = _exact(op, start)
         result.method = "auto(exact)"
-        return result
+        return _verdict(op, result)
     # [s, n] transposed: the same vectors hutchinson_trace draws first for this seed.
     Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T
     Y = _products(op, Om)
     rho = _uncaptured_fraction(Y)
     if rho < 0.5:
         ests, se = _xtrace_from_sketch(op, Om, Y, improved=False)
-        return TraceResult(float(ests.mean()), se, op.num_matvecs - start, "auto(xtrace)", ests.tolist())
+        return _verdict(op, TraceResult(float(ests.mean()), se, op.num_matvecs - start, "auto(xtrace)", ests.tolist()))
     first = (Om * Y).sum(dim=0).cpu()
     rest = _hutchinson_samples(op, m - s, gen, min(m - s, 10), None)
     samples = torch.cat([first, rest])
     mean, se = _mean_stderr(samples)
-    return TraceResult(mean, se, op.num_matvecs - start, "auto(hutchinson)", samples.tolist())
+    return _verdict(op, TraceResult(mean, se, op.num_matvecs - start, "auto(hutchinson)", samples.tolist()))
 
 
 def _uncaptured_fraction(Y: torch.Tensor) -> float:

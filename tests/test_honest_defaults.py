@@ -4,13 +4,17 @@ that are not a fixed matrix; integer matrices; the exact trace within a budget o
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import pytest
 import torch
 
-from hessianflow.eigen import lanczos
+from hessianflow.density import spectral_density
+from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
+from hessianflow.linop import LinearOperator
+from hessianflow.trace import trace
 
 try:
     from spectra import sym_matrix
@@ -98,3 +102,115 @@ def test_trace_standard_error_uses_the_unbiased_standard_deviation():
     g = torch.Generator().manual_seed(0)
     v = [hutchinson_trace(A, num_matvecs=3, seed=g).stderr ** 2 * 3 for _ in range(600)]
     assert sum(v) / len(v) == pytest.approx(var, rel=0.2)
+
+
+# -- verdicts as data ---------------------------------------------------------------------------------
+class _Shuffled(LinearOperator):
+    """A fixed dense matrix that declares itself not deterministic (as a shuffled, drop_last loader does)."""
+
+    deterministic = False
+
+    def __init__(self, matrix):
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matvec(self, v):
+        return self.matrix @ v
+
+
+def test_verdict_fields_say_why_and_the_warning_is_built_from_them():
+    A = sym_matrix(torch.cat([torch.tensor([5.0, 4.0]), torch.linspace(0, 3, 58)]).double(), seed=0)
+    ok = lanczos(A, k=2, seed=0)
+    assert ok.status == "converged" and ok.reason == "" and 0.0 < ok.accuracy <= 1e-6 and ok.noise < 1e-13
+    d = ok.to_dict()
+    assert (d["status"], d["reason"]) == ("converged", "") and d["accuracy"] == ok.accuracy
+    json.dumps(d)
+    with pytest.warns(ConvergenceWarning) as caught:
+        short = lanczos(A, k=1, seed=0, max_iter=3)
+    assert short.status == "max_iter" and short.accuracy > 1e-6 and short.reason in str(caught[0].message)
+    with pytest.warns(ConvergenceWarning) as caught:
+        noisy = lanczos(A.float(), k=1, seed=0, tol=1e-9)
+    assert noisy.status == "noise_floor" and noisy.reason in str(caught[0].message)
+    assert noisy.accuracy >= noisy.noise > 1e-9  # float32 cannot certify 1e-9: the accuracy says how far
+    with pytest.warns(ConvergenceWarning):
+        p = power_iteration(A, k=1, max_iter=2, seed=0)
+    assert p.status == "max_iter" and p.reason and json.dumps(p.to_dict())
+
+
+def test_every_solver_refuses_convergence_for_an_operator_that_is_not_a_fixed_matrix():
+    A = sym_matrix(torch.cat([torch.tensor([5.0, 4.0]), torch.linspace(0, 3, 38)]).double(), seed=1)
+    op = _Shuffled(A)
+    for solve in (lambda: lanczos(op, k=1, seed=0), lambda: power_iteration(op, k=1, seed=0, tol=1e-8, max_iter=500)):
+        with pytest.warns(ConvergenceWarning, match="not deterministic"):
+            res = solve()
+        assert not res.converged.any() and res.status == "nondeterministic"
+        assert abs(float(res.eigenvalues[0]) - 5.0) < 1e-6  # the values themselves are fine: the verdict is not
+    for method in ("hutchinson", "hutch++", "xtrace", "auto"):
+        with pytest.warns(ConvergenceWarning, match="not deterministic"):
+            r = trace(op, num_matvecs=20, seed=0, method=method)
+        assert r.status == "nondeterministic" and r.to_dict()["status"] == "nondeterministic"
+    with pytest.warns(ConvergenceWarning, match="not deterministic"):
+        r = trace(op, num_matvecs=40, seed=0)  # the exact branch too
+    assert r.status == "nondeterministic" and r.method == "auto(exact)"
+    with pytest.warns(ConvergenceWarning, match="not deterministic"):
+        d = spectral_density(op, num_runs=2, num_steps=10, seed=0)
+    assert d.status == "nondeterministic" and d.to_dict()["status"] == "nondeterministic"
+    # the same matrix as a fixed operator: no warning, the statuses of a fixed matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trace(A, num_matvecs=20, seed=0).status == "estimated"
+        assert spectral_density(A, num_runs=2, num_steps=10, seed=0).status == "estimated"
+        assert trace(A, num_matvecs=40, seed=0).status == "exact"
+
+
+def test_trace_budget_of_n_products_gives_the_exact_trace():
+    # issue 21: a 12 x 12 matrix and 12 products gave an XTrace estimate 57.7 +- 14.9 against 66
+    A = sym_matrix(torch.arange(1.0, 13.0, dtype=DT) - 1.0, seed=2)  # trace 66
+    for method in ("auto",):  # the explicit estimators keep theirs up to 2n / 3n (tests/test_trace.py)
+        r = trace(A, num_matvecs=12, seed=0, method=method)
+        assert r.estimate == pytest.approx(66.0, rel=1e-12) and r.stderr == 0.0 and r.num_matvecs == 12
+        assert r.status == "exact" and "exact" in r.method
+    assert trace(A, num_matvecs=11, seed=0).method != "auto(exact)"  # one product short: an estimate
+
+
+def test_integer_matrix_is_refused_with_one_sentence():
+    M = torch.tensor([[2, 1], [1, 2]])
+    for call in (lambda: lanczos(M, k=1), lambda: power_iteration(M), lambda: trace(M, num_matvecs=4),
+                 lambda: spectral_density(M, num_runs=1)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"integer dtype torch.int64: convert it first with .double\(\)"):
+            call()
+    assert float(lanczos(M.double(), k=1, seed=0).eigenvalues[0]) == pytest.approx(3.0, rel=1e-12)
+
+
+# -- low precision: the solver's arithmetic in at least float32 --------------------------------------------
+class _Bf16(LinearOperator):
+    """A dense matrix applied in bfloat16, as a bf16 model's products are."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix.shape[0], torch.bfloat16, "cpu")
+        self.matrix = matrix.to(torch.bfloat16)
+
+    def _matvec(self, v):
+        return self.matrix @ v
+
+
+def test_bfloat16_operator_gets_the_eigenvalue_of_its_own_matrix():
+    # The solver used to run in bfloat16 too: its basis lost orthogonality within a few steps (issue 21: 0.57
+    # for 0.84 on a bf16 MLP). The bf16 matrix's own top eigenvalue is what the products define.
+    A = sym_matrix(
+        torch.cat(
+            [torch.tensor([0.84, 0.6]), 0.4 * torch.rand(198, generator=torch.Generator().manual_seed(0))]
+        ).double(),
+        seed=5,
+    )
+    op = _Bf16(A)
+    own = float(torch.linalg.eigvalsh(op.matrix.double())[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = lanczos(op, k=1, tol=1e-2, seed=0, max_iter=60)
+        pw = power_iteration(op, k=1, tol=1e-4, seed=0, max_iter=200)
+    assert float(res.eigenvalues[0]) == pytest.approx(own, rel=1e-2)
+    assert float(pw.eigenvalues[0]) == pytest.approx(own, rel=1e-2)
+    assert res.eigenvectors.dtype == torch.bfloat16 and res.noise > 0.0
+    d = spectral_density(op, num_runs=2, num_steps=30, seed=0)
+    assert d.support()[1] == pytest.approx(own, rel=1e-2)

@@ -608,16 +608,20 @@ def _solve_quietly(solve, reasons: list | None = None):
     return out
 
 
-def _why_not_converged(reasons: list) -> tuple[str, str]:
-    """The solver's own reason (``lanczos: ...converged: WHY; converged=[...]``) and the advice that fits it."""
-    why = ""
-    for text in reasons:
-        head, sep, rest = text.partition(" converged: ")
-        if sep:
-            why = rest.split("; converged=")[0].split("; consider lanczos()")[0]
-    if "noise" in why:
-        return why, "the values are good to the accuracy reached: loosen --tol to it"
-    return why, "the values are estimates: raise --max-iter or loosen --tol"
+# the advice that fits each of the solver's verdicts (EigenResult.status); the reason is the solver's own
+_ADVICE = {
+    "noise_floor": "the values are good to the accuracy reached: loosen --tol to it",
+    "nondeterministic": "the operator is not a fixed matrix: analyse in eval mode over a fixed, unshuffled set",
+    "unchecked": "the values after the first may be out of place: raise --max-iter",
+}
+
+
+def _why_not_converged(eig) -> tuple[str, str]:
+    """The solver's own reason and the advice that fits its status (read from the result's fields)."""
+    advice = _ADVICE.get(eig.status, "the values are estimates: raise --max-iter or loosen --tol")
+    if eig.status == "noise_floor":
+        advice += f" (~{eig.accuracy:.1e})"
+    return eig.reason, advice
 
 
 def eigenvalues(run: _Run, op):
@@ -633,19 +637,17 @@ def eigenvalues(run: _Run, op):
         raise _cli.UsageError(f"--top-k {k} exceeds the {op.size} parameters")
     t0 = time.time()
     v0 = "gradient" if args.start == "gradient" else None
-    reasons = []
     if args.method == "lanczos":
         tol, max_iter = (LANCZOS_TOL if args.tol is None else args.tol), args.max_iter  # None: lanczos's own
         eig = _solve_quietly(lambda: lanczos(
             op, k=k, which=args.which, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0,
             criterion=args.criterion,
-        ), reasons)  # fmt: skip
+        ))  # fmt: skip
     else:
         tol = 1e-3 if args.tol is None else args.tol
         max_iter = 100 if args.max_iter is None else args.max_iter
         eig = _solve_quietly(
-            lambda: power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0),
-            reasons,
+            lambda: power_iteration(op, k=k, max_iter=max_iter, tol=tol, seed=args.seed, progress=run.progress, v0=v0)
         )
     seconds = time.time() - t0
     which = args.which if args.method == "lanczos" else "LM"
@@ -662,7 +664,7 @@ def eigenvalues(run: _Run, op):
         run.log("  " + line)
     if not eig.all_converged:
         bad = [i + 1 for i, c in enumerate(eig.converged.tolist()) if not c]
-        why, advice = _why_not_converged(reasons)
+        why, advice = _why_not_converged(eig)
         run.warn(
             f"{args.method} did not converge for eigenvalue(s) {bad} within {eig.num_matvecs} products "
             f"(tol {tol:g})" + (f": {why}" if why else "") + f"; {advice}"
