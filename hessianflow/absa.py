@@ -50,6 +50,7 @@ from ._checks import check_int, check_positive
 from ._modes import model_mode
 from .adversarial import fgsm
 from .batches import LossSpec, move_batch, split_inputs_targets
+from .curvature.params import unwrap_model
 from .linop import NonFiniteError
 
 __all__ = ["ABSAController", "Decision", "train_epoch", "evaluate", "set_lr"]
@@ -434,11 +435,12 @@ class _PerSampleSum:
         return self.criterion(outputs, targets).sum()
 
 
-def _loop_spec(criterion, loss_fn, reduction, batch_weight, where: str) -> LossSpec:
-    """The loss of the training and test loops, which always combine batches: its reduction must be known."""
+def _loop_spec(model, criterion, loss_fn, reduction, batch_weight, where: str) -> LossSpec:
+    """The loss of the training and test loops, which always combine batches: its reduction must be known,
+    and its batches are weighted by the units it averages over (the objective's declaration)."""
     if criterion is not None and getattr(criterion, "reduction", None) == "none":
         criterion = _PerSampleSum(criterion)
-    spec = LossSpec(criterion, loss_fn, reduction, batch_weight)
+    spec = LossSpec(criterion, loss_fn, reduction, batch_weight, model=unwrap_model(model))
     try:
         spec.require_reduction()
     except ValueError as exc:
@@ -695,7 +697,7 @@ def train_epoch(
     """
     large_ratio, adv_ratio, max_batches = _check_epoch_args(large_ratio, adv_ratio, max_batches, non_finite)
     device = _default_device(model) if device is None else torch.device(device)
-    spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "train_epoch")
+    spec = _loop_spec(model, criterion, loss_fn, reduction, batch_weight, "train_epoch")
     use_adv = adv_ratio > 0 and bool((torch.as_tensor(eps) != 0).any())
     if use_adv and spec.kind != "criterion":
         raise ValueError(
@@ -811,7 +813,7 @@ def evaluate(
     if max_batches is not None:
         max_batches = check_int("max_batches", max_batches, minimum=1)
     device = _default_device(model) if device is None else torch.device(device)
-    spec = _loop_spec(criterion, loss_fn, reduction, batch_weight, "evaluate")
+    spec = _loop_spec(model, criterion, loss_fn, reduction, batch_weight, "evaluate")
     tally = _Tally()
     with model_mode(model, False), torch.no_grad():
         for index, batch in enumerate(loader):

@@ -333,3 +333,111 @@ def test_a_custom_models_loss_split_needs_a_declaration():
     whole = HessianOperator(model, data=(x, y)).to_dense()
     split = HessianOperator(model, data=(x, y), micro_batch_size=3, reduction="mean").to_dense()
     assert rel(split, whole) < 1e-12
+
+
+# -- the training loop weights its accumulated mini-batches by the same units --------------------------
+def test_train_epoch_accumulates_the_mean_over_counted_targets():
+    from hessianflow.absa import train_epoch
+
+    model = mlp(3, 5, 4, seed=3)
+    x, y = classification_batch(n=10, seed=8)
+    y[[0, 1, 2, 7]] = -100  # the first mini-batch holds one counted target, the second three
+    ps = [p.detach().clone() for p in model.parameters()]
+    expected = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = [(x[:4], y[:4]), (x[4:], y[4:])]
+    train_epoch(model, loader, opt, nn.CrossEntropyLoss(), large_ratio=2)
+    for before, p, g in zip(ps, model.parameters(), expected):
+        torch.testing.assert_close(before - p.detach(), g, rtol=1e-12, atol=1e-15)
+
+
+# -- issue 21: what the operators say about bad input and random data -------------------------------
+def test_a_loader_that_sees_other_samples_every_pass_is_not_deterministic():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp(3, 5, 4, seed=1)
+    x, y = classification_batch(n=10)
+    ds = TensorDataset(x, y)
+    crit = nn.CrossEntropyLoss()
+    assert HessianOperator(model, crit, dataloader=DataLoader(ds, batch_size=4)).deterministic
+    assert HessianOperator(model, crit, dataloader=DataLoader(ds, batch_size=4, shuffle=True)).deterministic
+    assert HessianOperator(
+        model, crit, dataloader=DataLoader(ds, batch_size=5, shuffle=True, drop_last=True)
+    ).deterministic
+    with pytest.warns(RuntimeWarning, match="drops its last partial batch"):
+        H = HessianOperator(model, crit, dataloader=DataLoader(ds, batch_size=4, shuffle=True, drop_last=True))
+    assert not H.deterministic
+    with pytest.warns(RuntimeWarning, match="first 1 batches"):
+        H = HessianOperator(model, crit, dataloader=DataLoader(ds, batch_size=4, shuffle=True), num_batches=1)
+    assert not H.deterministic
+    from torch.utils.data import RandomSampler
+
+    with pytest.warns(RuntimeWarning, match="replacement"):
+        sampler = RandomSampler(ds, replacement=True)
+        H = HessianOperator(model, crit, dataloader=DataLoader(ds, batch_size=4, sampler=sampler))
+    assert not H.deterministic
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (3, "takes parameters, modules, names"),
+        ("re:[", "not a valid regular expression"),
+        ("", "empty name"),
+        (["0.weight", 2.5], "got float"),
+    ],
+)
+def test_bad_params_get_one_sentence(params, message):
+    model = mlp(3, 5, 4, seed=1)
+    with pytest.raises(ValueError, match=message):
+        HessianOperator(model, nn.CrossEntropyLoss(), data=classification_batch(), params=params)
+
+
+def test_a_set_of_names_selects_in_model_order():
+    model = mlp(3, 5, 4, seed=1)
+    names = {"2.bias", "0.weight", "2.weight"}
+    H = HessianOperator(model, nn.CrossEntropyLoss(), data=classification_batch(), params=names)
+    assert H.param_names == ["0.weight", "2.weight", "2.bias"]
+
+
+def test_a_loss_fn_that_ignores_the_parameters_gets_one_sentence():
+    model = mlp(3, 5, 4, seed=1)
+    x, y = classification_batch()
+    fn = lambda m, b: F.cross_entropy(m(b[0]).detach(), b[1])  # noqa: E731
+    for op in (HessianOperator, GGNOperator):
+        kw = {"loss_fn": fn} if op is HessianOperator else {"forward_fn": lambda m, b: m(b[0]).detach(),
+              "loss_of_output": lambda o, b: F.cross_entropy(o, b[1])}  # fmt: skip
+        with pytest.raises(ValueError, match="does not depend on the chosen parameters"):
+            op(model, data=(x, y), **kw).to_dense()
+
+
+def test_loss_landscape_raises_on_a_non_finite_loss():
+    from hessianflow import NonFiniteError, loss_landscape
+
+    model = mlp(3, 5, 4, seed=1)
+    x, y = classification_batch()
+    x[0, 0] = float("nan")
+    n = sum(p.numel() for p in model.parameters())
+    with pytest.raises(NonFiniteError):
+        loss_landscape(model, nn.CrossEntropyLoss(), (x, y), torch.ones(n, dtype=DT), [0.0, 0.1])
+
+
+def test_unknown_keywords_are_a_type_error_naming_the_valid_ones():
+    model = mlp(3, 5, 4, seed=1)
+    with pytest.raises(TypeError, match="micro_batch_size"):
+        HessianOperator(model, nn.CrossEntropyLoss(), data=classification_batch(), micro_batch=2)
+
+
+def test_operator_signatures_are_real():
+    import inspect
+
+    for op in KINDS.values():
+        sig = inspect.signature(op.__init__)
+        names = [p.name for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        assert {"model", "criterion", "data", "dataloader", "params", "loss_fn", "objective"} <= set(names)
+        assert len(names) - 1 <= 12  # self excluded
+        assert all(
+            p.kind is p.KEYWORD_ONLY
+            for p in sig.parameters.values()
+            if p.name not in ("self", "model", "criterion", "options")
+        )
