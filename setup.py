@@ -34,7 +34,16 @@ extras = {
     "transformers": ["transformers>=4.40"],
     "data": ["scikit-learn>=1.0"],  # the bundled handwritten digits: a real data set with no download
 }
-extras["test"] = ["pytest>=7", "hypothesis>=6", "ruff>=0.4", *extras["plot"], *extras["transformers"], *extras["data"]]
+# pytest-xdist: pyproject's addopts run the suite on every core (-n auto)
+extras["test"] = [
+    "pytest>=7",
+    "pytest-xdist>=3",
+    "hypothesis>=6",
+    "ruff>=0.4",
+    *extras["plot"],
+    *extras["transformers"],
+    *extras["data"],
+]
 # Peer libraries, for benchmarks/ only: measured side by side, never imported by the package.
 extras["bench"] = ["hessian-eigenthings==1.0.0a5", "curvlinops-for-pytorch", "scipy", "matplotlib>=3.5"]
 

@@ -106,6 +106,7 @@ def test_a_flipped_weight_byte_loads_in_torch_and_is_refused_here(good, tmp_path
     assert spec.describe() == "c1"
 
 
+@pytest.mark.slow
 def test_the_driver_refuses_a_flipped_byte_in_one_line(good, model, tmp_path, capsys):
     # the intact file: exit 0, and the eigenvalue in the JSON is the model's
     jpath = tmp_path / "good.json"

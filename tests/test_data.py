@@ -406,6 +406,7 @@ def test_synthetic_bad_options():
         make_synthetic(image_size=16, max_shift=16)
 
 
+@pytest.mark.slow
 def test_synthetic_is_learnable_but_not_trivial():
     """A two-layer CNN gets far above chance (10%) in four quick epochs, but not near 100%."""
     data = get_datasets("synthetic", augment=False, seed=0, num_train=2000, num_test=500)
@@ -578,6 +579,7 @@ def test_getData_rejects_bad_batch_sizes():
         getData("synthetic", test_bs=2.5)
 
 
+@pytest.mark.slow
 def test_root_utils_serves_hessianflows_imports_from_a_checkout():
     """``from utils import getData`` (HessianFlow's import, run from a checkout) is the package's data layer:
     the same batches as :func:`hessianflow.data.getData` (and ``import *`` fails on a stale ``__all__``)."""

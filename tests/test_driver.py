@@ -224,6 +224,7 @@ def test_landscape_curve_is_centred_on_the_loss(everything):
     assert 0.3 * land["eigenvalues"][0] < second < 3 * land["eigenvalues"][0]
 
 
+@pytest.mark.slow
 def test_which_sa_gives_the_most_negative_and_a_2d_landscape(ckpt, capsys, tmp_path):
     argv = ["--resume", ckpt["path"], *SYN, "--hessian-batch-size", str(BATCH), "--which", "SA", "--landscape",
             "2", "--landscape-points", "3", "--landscape-radius", "0.1", "--out-dir", str(tmp_path),
@@ -245,6 +246,7 @@ def test_which_sa_gives_the_most_negative_and_a_2d_landscape(ckpt, capsys, tmp_p
     assert out["figures"]["landscape"].endswith("_landscape2d.png")
 
 
+@pytest.mark.slow
 def test_ggn_eigenvalues_are_nonnegative(ckpt, capsys, tmp_path):
     argv = ["--resume", ckpt["path"], "--hessian-batch-size", str(BATCH), "--operator", "ggn", "--which", "SA",
             "--top-k", "2", "--json", str(tmp_path / "g.json"), "--no-progress"]  # fmt: skip
@@ -270,6 +272,7 @@ def test_full_eigen_type_over_batches_equals_the_concatenated_batch(ckpt, capsys
                  float(ref.residuals[0]))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_eigenvalues_and_per_layer_table(ckpt, capsys):
     """--micro-batch-size: the full data in chunks of 3 is the same matrix as the unsplit batches of 8."""
     argv = ["--resume", ckpt["path"], "--eigen-type", "full", "--num-batches", "2", "--hessian-batch-size", "8",
@@ -473,6 +476,7 @@ def test_hessianflow_command_line_is_accepted():
     assert args.method == "lanczos" and args.top_k == 1 and args.data == "train"
 
 
+@pytest.mark.slow
 def test_gradient_start(ckpt, capsys):
     """--start gradient --criterion eigenvalue: the library's lanczos with those arguments on the same batch."""
     out, _ = run_driver(["--resume", ckpt["path"], "--hessian-batch-size", "8", "--start", "GRADIENT",

@@ -11,6 +11,7 @@ from dense_reference import check_png
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_its_numbers_are_right(tmp_path):
     pytest.importorskip("matplotlib")
     out_dir = tmp_path / "figs"

@@ -265,6 +265,7 @@ def test_missing_matplotlib_message(monkeypatch, tmp_path):
         P.plot_topk([1.0], tmp_path / "x.png")
 
 
+@pytest.mark.slow
 def test_imports_without_matplotlib_and_never_uses_pyplot(tmp_path):
     code = f"""
 import sys

@@ -191,6 +191,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_a_checkpoint_write_exits_130_and_keeps_the_last_epoch(tmp_path):
     save = tmp_path / "c.pkl"
     argv = [*TINY, "--arch", "c1", "--method", "sgd", "--large-ratio", "1", "--epochs", "2", "--out-dir",

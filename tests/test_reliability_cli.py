@@ -99,6 +99,7 @@ def test_a_run_diverging_in_its_first_epoch_claims_no_checkpoint(tmp_path, capsy
 # -- 2. the epoch log after interrupted writes -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_log_holds_each_epoch_once_after_interrupted_checkpoint_writes(tmp_path, capsys, monkeypatch):
     save = str(tmp_path / "c.pkl")
     real = ck.atomic_write

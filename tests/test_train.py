@@ -28,6 +28,7 @@ def read_log(tmp_path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_absa_end_to_end_batch_grows_and_lr_follows(tmp_path):
     metrics = run_train(
         tmp_path, "--arch", "c2", "--epochs", "4", "--batch-size", "32", "--large-ratio", "4", "--duration", "1",
@@ -58,6 +59,7 @@ def test_absa_end_to_end_batch_grows_and_lr_follows(tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
 
 
+@pytest.mark.slow
 def test_sgd_learns_above_chance(tmp_path):
     run_train(
         tmp_path, "--arch", "c1", "--method", "sgd", "--epochs", "3", "--batch-size", "32", "--large-ratio", "1",
@@ -70,6 +72,7 @@ def test_sgd_learns_above_chance(tmp_path):
     assert log[-1]["train_loss"] < log[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(tmp_path):
     common = ["--arch", "ResNet", "--depth", "8", "--epochs", "3", "--batch-size", "32", "--large-ratio", "2",
               "--duration", "1", "--hessian-batch-size", "32", "--lr", "0.05"]  # fmt: skip
@@ -135,6 +138,7 @@ def test_nan_loss_stops_with_exit_3_and_keeps_checkpoint(tmp_path, monkeypatch, 
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_train_resnet_eigen_history_crosses_lr_decay(tmp_path):
     argv = ["--epochs", "3", "--lr-decay-epoch", "2", "--depth", "8", "--batch-size", "32",
             "--hessian-batch-size", "48", "--eig-max-iter", "100", "--eig-tol", "1e-4"]  # fmt: skip
@@ -172,6 +176,7 @@ def test_train_resnet_eigen_history_crosses_lr_decay(tmp_path):
         assert json.load(f)["eigen"]["eigenvalues"][0] == pytest.approx(hist[-1]["eigenvalue"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_lr_decay_is_told_at_the_first_epoch_run_at_the_new_rate(tmp_path, monkeypatch, capsys):
     """--lr-decay-epoch 2: epoch 3 is the first at the new rate, in the log, the epoch line and the figure
     (the figure marked epoch 2 while its rate panel dropped at 3)."""
@@ -233,6 +238,7 @@ def test_an_unconverged_eigenvalue_is_one_line_of_the_epoch_log_not_a_warning(fl
             assert [h["converged"] for h in json.load(f)["history"]] == [False, False]
 
 
+@pytest.mark.slow
 def test_track_eigen_with_absa_records_every_epoch_without_changing_the_run(tmp_path):
     """--track-eigen beside ABSA: the tracker's eigenvalue after every epoch (and in the log where ABSA
     took none), the training itself bit for bit that of the same run untracked."""
