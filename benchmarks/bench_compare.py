@@ -1,7 +1,7 @@
-"""The approximation audit (hessianflow.compare.compare_curvatures) on ResNet-20 and a GPT-2-style model.
+"""The approximation audit (hessianflow.curvature.compare.compare_curvatures) on ResNet-20 and a GPT-2-style model.
 
 Prints, per model, a Markdown table: for the Hessian, the GGN, the empirical Fisher and the block-diagonal
-Hessian (one block per module with parameters, hessianflow.analysis.layer_blocks), the top-k eigenvalues,
+Hessian (one block per module with parameters, hessianflow.curvature.analysis.layer_blocks), the top-k eigenvalues,
 their relative errors against the Hessian's, the mean squared cosine of the principal angles between the
 top-k eigenspaces, the trace ratio and the Wasserstein-1 distance between the SLQ spectral measures.
 Usage::
@@ -28,9 +28,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hessianflow.compare import compare_curvatures  # noqa: E402
+from hessianflow.curvature.compare import compare_curvatures  # noqa: E402
+from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
 from hessianflow.data import make_synthetic  # noqa: E402
-from hessianflow.losses import causal_lm_loss  # noqa: E402
 from hessianflow.models import get_model  # noqa: E402
 
 

@@ -65,9 +65,9 @@ sys.path.insert(0, HERE)
 
 import _peers  # noqa: E402
 
+from hessianflow.curvature import CurvatureOperator, HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.operators import CurvatureOperator, HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace, xtrace  # noqa: E402
 
 SECTIONS = ("hvp", "eigen", "trace", "slq")

@@ -9,15 +9,15 @@ Usage::
 
 What is timed, with train.py's own defaults (read from ``train.build_parser()``, so they follow the script):
 
-* **training**: :func:`hessianflow.absa.train_epoch` over the augmented synthetic CIFAR-shaped set
+* **training**: :func:`hessianflow.training.loop.train_epoch` over the augmented synthetic CIFAR-shaped set
   (``utils.get_datasets("synthetic", num_train=...)``, random crop, normalised), through train.py's
   loader and per-epoch sampler, ResNet-20, SGD with momentum and weight decay, batch 128, accumulation
   ratio 1 (ABSA's first phase), with 20% FGSM examples (``--adv-ratio 0.2``, ``--eps 0.005``: the
   first half of an ABSA run) and without (the second half). ``--batches`` mini-batches are timed and
   the time is scaled to the 391 mini-batches of 50,000 images (``--batches 0``: the whole set).
-* **test evaluation**: :func:`hessianflow.absa.evaluate` on the 10,000 test images (scaled the same way).
+* **test evaluation**: :func:`hessianflow.training.loop.evaluate` on the 10,000 test images (scaled the same way).
 * **eigenvalue check**: what train.py runs after every ABSA epoch while the batch can still grow:
-  :func:`hessianflow.tracking.top_eigenvalue` (power iteration, ``--eig-max-iter 10``, ``--eig-tol 1e-2``)
+  :func:`hessianflow.training.tracking.top_eigenvalue` (power iteration, ``--eig-max-iter 10``, ``--eig-tol 1e-2``)
   on a fresh un-augmented batch of ``--hessian-batch-size 128`` samples, including drawing that batch.
 
 The check is compared with an epoch (training + test evaluation). Repeats are interleaved (a training
@@ -43,12 +43,12 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from hessianflow.absa import evaluate, train_epoch  # noqa: E402
-from hessianflow.adversarial import normalized_bounds, pixel_eps  # noqa: E402
 from hessianflow.cli import train  # noqa: E402
 from hessianflow.data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
 from hessianflow.models import get_model  # noqa: E402
-from hessianflow.tracking import top_eigenvalue  # noqa: E402
+from hessianflow.training.adversarial import normalized_bounds, pixel_eps  # noqa: E402
+from hessianflow.training.loop import evaluate, train_epoch  # noqa: E402
+from hessianflow.training.tracking import top_eigenvalue  # noqa: E402
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 

@@ -8,7 +8,7 @@ One row per method, each in a fresh process (so that one row's allocations canno
 - ``hf hessian (fresh)``: ``reuse_graph=False``: forward, gradient with ``create_graph``, double backward;
 - ``hf hessian (micro m)`` / ``hf ggn (micro m)``: ``micro_batch_size=batch/m``: the same product over the
   batch, in ``m`` chunks with one chunk's graph in memory at a time;
-- ``hf ggn``: hessianflow's GGN product with :func:`hessianflow.losses.causal_lm_loss` (the analytic
+- ``hf ggn``: hessianflow's GGN product with :func:`hessianflow.curvature.losses.causal_lm_loss` (the analytic
   softmax cross-entropy Hessian);
 - ``he hessian`` / ``he ggn``: hessian-eigenthings 1.0.0a5's HuggingFace path (``hf_lm_loss()``,
   ``hf_lm_forward()`` + ``hf_lm_loss_of_output()``) on the same model and batch. It does not select
@@ -93,7 +93,7 @@ def _calls(row: str, model, batch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import hessianflow as hf
-    from hessianflow.losses import causal_lm_loss
+    from hessianflow.curvature.losses import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     n = sum(p.numel() for p in params)

@@ -105,7 +105,7 @@ def transformer_workload(device):
 
 
 def hf_operator(w, reuse=True, model=None):
-    from hessianflow.losses import causal_lm_loss
+    from hessianflow.curvature.losses import causal_lm_loss
 
     model = model or w["model"]
     if "batch" in w:
@@ -114,7 +114,7 @@ def hf_operator(w, reuse=True, model=None):
 
 
 def rows_for(w, peers: dict, repeats: int, compile_model: bool) -> dict:
-    from hessianflow.losses import causal_lm_loss
+    from hessianflow.curvature.losses import causal_lm_loss
 
     model = w["model"]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -87,7 +87,7 @@ def step_numerics() -> None:
     import copy
 
     import hessianflow as hf
-    from hessianflow.adversarial import fgsm
+    from hessianflow.training.adversarial import fgsm
 
     crit = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(1)

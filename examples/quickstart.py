@@ -25,11 +25,11 @@ from torch import nn
 # the data layer (utils.py) lives next to the scripts, one directory up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hessianflow.analysis import loss_landscape, per_layer  # noqa: E402
+from hessianflow.curvature import HessianOperator, exact_hessian  # noqa: E402
+from hessianflow.curvature.analysis import loss_landscape, per_layer  # noqa: E402
 from hessianflow.data import make_synthetic  # noqa: E402
 from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.eigen import lanczos  # noqa: E402
-from hessianflow.operators import HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.plotting import plot_density, plot_landscape_1d, plot_per_layer  # noqa: E402
 from hessianflow.trace import trace  # noqa: E402
 

@@ -3,9 +3,9 @@
 The model is HuggingFace's ``GPT2LMHeadModel``, built from a configuration (random weights) or loaded
 from a local directory written by ``save_pretrained``; nothing is downloaded. The tokens are the bytes of
 a local text file (byte-level: token id = byte value, vocabulary 256, no tokenizer) or uniform random
-tokens. The loss is the next-token cross-entropy (:func:`hessianflow.losses.causal_lm_loss`, labels =
+tokens. The loss is the next-token cross-entropy (:func:`hessianflow.curvature.losses.causal_lm_loss`, labels =
 inputs), and products run through the model's default ``sdpa`` attention (hessianflow selects the math
-kernel, which has a double backward; see :mod:`hessianflow.attention`).
+kernel, which has a double backward; see :mod:`hessianflow.curvature.attention`).
 
 Usage::
 
@@ -28,7 +28,7 @@ import tempfile
 import torch
 
 import hessianflow as hf
-from hessianflow.losses import causal_lm_loss
+from hessianflow.curvature.losses import causal_lm_loss
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -5,13 +5,7 @@ parameter vector; every algorithm (:func:`power_iteration`, :func:`lanczos`, :fu
 trace estimators) takes such an operator or a dense symmetric tensor.
 """
 
-from . import losses
 from ._version import __version__
-from .absa import ABSAController, Decision, evaluate, set_lr, train_epoch
-from .adversarial import fgsm, normalized_bounds, pgd, pixel_eps
-from .analysis import LayerResult, layer_blocks, loss_landscape, per_layer
-from .attention import AttentionKernelError, product_kernels
-from .batches import LossSpec, move_batch
 from .checkpoint import (
     CheckpointError,
     atomic_write,
@@ -34,13 +28,16 @@ from .compat import (
     hessian_vector_product,
     normalization,
 )
+from .curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator, exact_hessian, losses, resolve_params
+from .curvature.analysis import LayerResult, layer_blocks, loss_landscape, per_layer
+from .curvature.attention import AttentionKernelError, product_kernels
+from .curvature.batches import LossSpec, move_batch
+from .curvature.losses import OutputLoss, causal_lm_loss, seq2seq_loss, sequence_classification_loss
 from .density import DensityResult, spectral_density
 from .distributed import DistContext, broadcast_buffers, init_distributed, is_distributed, shard
 from .eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
 from .hvp import double_backprop_hvp, flatten, forward_over_reverse_hvp, unflatten
 from .linop import DenseOperator, LinearOperator, NonFiniteError, as_operator
-from .losses import OutputLoss, causal_lm_loss, seq2seq_loss, sequence_classification_loss
-from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, exact_hessian, resolve_params
 from .plotting import (
     plot_density,
     plot_eigen_history,
@@ -50,7 +47,10 @@ from .plotting import (
     plot_topk,
 )
 from .trace import TraceResult, hutchinson_trace, hutchpp_trace, trace, xtrace
-from .tracking import EigenTracker, load_history, top_eigenvalue
+from .training.absa import ABSAController, Decision
+from .training.adversarial import fgsm, normalized_bounds, pgd, pixel_eps
+from .training.loop import evaluate, set_lr, train_epoch
+from .training.tracking import EigenTracker, load_history, top_eigenvalue
 
 __all__ = [
     "__version__",

@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "WriteError",
     "atomic_write",
     "save_checkpoint",
     "write_json",
@@ -54,6 +55,14 @@ _CODE_REFUSAL = (
 
 class CheckpointError(ValueError):
     """A checkpoint could not be written or read; the message names the file and the problem."""
+
+
+class WriteError(CheckpointError, OSError):
+    """A file could not be written; the previous file at its path is intact.
+
+    Both a :class:`CheckpointError` (for code that catches those) and an ``OSError``: an I/O failure,
+    which the scripts report with their own exit status (4) when it happens during a run.
+    """
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -81,9 +90,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(
-    path: str | os.PathLike, write, what: str = "file", *, error: type[Exception] = CheckpointError
-) -> str:
+def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
     """Write a file so that a crash, a full disk or an interrupt leaves the old file or the new one.
 
     ``write(f)`` writes the content to a binary file object: a temporary file in the target's directory,
@@ -94,16 +101,12 @@ def atomic_write(
         path: the target; its directory must exist.
         write: a callable taking the open binary file.
         what: what the file is, for error messages ("checkpoint", "JSON file", ...).
-        error: the exception class raised on failure, called with the one-line message (default
-            :class:`CheckpointError`). Files a run rewrites as it goes (the tracker's history, the
-            figures) pass ``OSError``: their failure mid-run is an I/O failure (the scripts' exit
-            status 4), not a user mistake (status 2).
 
     Returns:
         The absolute path written.
 
     Raises:
-        CheckpointError: (or ``error``) the file could not be written (directory missing or
+        WriteError: the file could not be written (directory missing or
             unwritable, disk full, ``write`` failed...). The previous file at ``path``, if any, is
             intact and no temporary file is left behind.
 
@@ -127,9 +130,9 @@ def atomic_write(
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     if os.path.isdir(path):
-        raise error(f"cannot save {what} {path}: it is a directory")
+        raise WriteError(f"cannot save {what} {path}: it is a directory")
     if not os.path.isdir(directory):
-        raise error(f"cannot save {what} {path}: the directory {directory} does not exist")
+        raise WriteError(f"cannot save {what} {path}: the directory {directory} does not exist")
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
@@ -154,7 +157,7 @@ def atomic_write(
             except OSError:
                 pass
         if isinstance(exc, Exception):
-            raise error(f"cannot save {what} {path}: {cause}") from exc
+            raise WriteError(f"cannot save {what} {path}: {cause}") from exc
         raise  # KeyboardInterrupt, SystemExit: clean up, then let them through unchanged
     return path
 
@@ -216,9 +219,9 @@ def jsonable(obj):
     return obj
 
 
-def write_json(path: str | os.PathLike, obj, *, error: type[Exception] = CheckpointError) -> str:
+def write_json(path: str | os.PathLike, obj) -> str:
     """Atomically write :func:`jsonable` ``(obj)`` as strict, indented JSON (see :func:`atomic_write`,
-    which raises ``error`` on failure).
+    which raises :class:`WriteError` on failure).
 
     Example:
         >>> import json, os, tempfile, torch
@@ -229,7 +232,7 @@ def write_json(path: str | os.PathLike, obj, *, error: type[Exception] = Checkpo
         {'loss': None, 'w': [1.5, 2.0], 'shape': [2, 3]}
     """
     text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file", error=error)
+    return atomic_write(path, lambda f: f.write(text.encode()), what="JSON file")
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:

@@ -40,14 +40,12 @@ from .models.cnn import pair
 
 __all__ = [
     "FORMAT",
-    "RUN_FLAGS",
     "ModelSpec",
     "CHECKSUM_FIELD",
     "state_checksum",
     "make_checkpoint",
     "read_checkpoint",
     "verify_checksum",
-    "resume_settings",
     "upgrade_state_dict",
     "load_state_into",
     "load_model",
@@ -55,16 +53,6 @@ __all__ = [
 
 #: The tag of every checkpoint written by train.py / train_resnet.py.
 FORMAT = "hessianflow.checkpoint/1"
-
-#: The flags that define a training run: on ``--resume`` they come from the checkpoint, and a different
-#: value on the command line is refused (the others, e.g. ``--device`` or ``--data-dir``, may change
-#: between the pieces of a run).
-RUN_FLAGS = (
-    "name", "arch", "depth", "method", "batch_size", "large_ratio", "lr", "lr_decay", "lr_decay_epoch",
-    "weight_decay", "momentum", "adv_ratio", "eps", "duration", "hessian_batch_size", "eig_max_iter",
-    "eig_tol", "seed", "track_eigen", "eigen_type", "eig_data", "eig_batches", "synthetic_train",
-    "synthetic_test",
-)  # fmt: skip
 
 #: The field holding :func:`state_checksum` of the checkpoint's state_dict (absent before 0.3).
 CHECKSUM_FIELD = "state_dict_sha256"
@@ -305,41 +293,6 @@ def read_checkpoint(path, purpose: str = "analyse"):
         depth=depth if arch == "ResNet" else None,
     )
     return ckpt, spec, extract_state_dict(ckpt)
-
-
-def resume_settings(ckpt: Mapping, args, explicit, path) -> None:
-    """Put the run flags of ``ckpt`` into ``args`` (an argparse namespace), refusing contradictions.
-
-    A flag given on the command line (its name in ``explicit``) with another value than the one the run
-    was started with is an error: the run would silently change meaning. ``--epochs`` may grow. Without
-    ``--save`` the run continues in the file it resumes (so that resuming it again continues from the
-    newest epoch), and without ``--out-dir`` in the run's own output directory. A script that trains one
-    architecture (``args.fixed_arch``, train_resnet.py) refuses a checkpoint of another.
-    """
-    saved = ckpt.get("args", {})
-    conflicts = [
-        f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {saved[k]!r})"
-        for k in RUN_FLAGS
-        if k in explicit and k in saved and getattr(args, k) != saved[k]
-    ]
-    if conflicts:
-        raise CheckpointError(f"resuming {path}, which was run with other settings: " + "; ".join(conflicts))
-    fixed = getattr(args, "fixed_arch", None)
-    if fixed is not None and canonical_arch(ckpt["arch"]) != canonical_arch(fixed):
-        raise CheckpointError(
-            f"{path} holds a {ckpt['arch']}, and this script trains a {fixed} only: resume it with train.py"
-        )
-    for k in RUN_FLAGS:
-        if k in saved:
-            setattr(args, k, saved[k])
-    if "epochs" not in explicit:
-        args.epochs = saved.get("epochs", args.epochs)
-    if "save" not in explicit:
-        args.save = str(path)
-    if "out_dir" not in explicit and isinstance(saved.get("out_dir"), str):
-        args.out_dir = saved["out_dir"]
-    if ckpt["epoch"] > args.epochs:
-        raise CheckpointError(f"{path} already holds {ckpt['epoch']} epochs, more than --epochs {args.epochs}")
 
 
 # This project's names before version 0.2, when C1/C2 were nn.Sequential blocks: Sequential index ->

@@ -149,7 +149,7 @@ def get_eigen(model, inputs, targets, criterion, cuda: bool = True, maxIter: int
         >>> round(eigenvalue, 1), eigenvector[0].abs().round(decimals=1)
         (4.0, tensor([[0., 1.]]))
     """
-    from .operators import HessianOperator
+    from .curvature import HessianOperator
 
     _check_cuda(cuda)
     return _eigen(HessianOperator(model, criterion, data=(inputs, targets)), maxIter, tol)
@@ -162,7 +162,7 @@ def get_eigen_full_dataset(
 
     Unlike the original, the last, smaller batch is kept and weighted by its size. ``loss_forms``
     (``loss_fn=``, ``reduction=``, ``batch_weight=``) are those of
-    :class:`~hessianflow.operators.HessianOperator`, for batches other than ``(inputs, targets)``.
+    :class:`~hessianflow.curvature.HessianOperator`, for batches other than ``(inputs, targets)``.
 
     Example:
         The least-squares problem of :func:`get_eigen`, one sample a batch:
@@ -177,7 +177,7 @@ def get_eigen_full_dataset(
         >>> round(eigenvalue, 1)
         4.0
     """
-    from .operators import HessianOperator
+    from .curvature import HessianOperator
 
     unknown = set(loss_forms) - {"loss_fn", "reduction", "batch_weight"}
     if unknown:

@@ -5,7 +5,7 @@
 
 What the package does with a process group:
 
-- :class:`~hessianflow.operators.HessianOperator` (and the GGN) over a loader that holds *this rank's
+- :class:`~hessianflow.curvature.HessianOperator` (and the GGN) over a loader that holds *this rank's
   shard* of a data set sums the size-weighted shard products over the ranks with one all-reduce, so
   the product is that of the whole data set, and is bit-identical on every rank (an all-reduce hands
   every rank the same sum). Power iteration, Lanczos, SLQ and the trace estimators draw their random

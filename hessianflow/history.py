@@ -1,6 +1,6 @@
 """The eigenvalue history's file format: what a record holds, and its CSV and JSON files.
 
-:class:`~hessianflow.tracking.EigenTracker` measures; this module says how its records are written and
+:class:`~hessianflow.training.tracking.EigenTracker` measures; this module says how its records are written and
 read back, so that a history can be read (:func:`load_history`) without building a tracker.
 
 A record is a flat dict: the standard fields :data:`FIELDS` first, in that order, then the caller's
@@ -129,7 +129,7 @@ def _write_text(path, text: str, what: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` atomically, creating its directory; return ``path``."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), what=what, error=OSError)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), what=what)
     return path
 
 

@@ -126,7 +126,7 @@ def double_backprop_hmm(
 
     Uses ``torch.autograd.grad(..., is_grads_batched=True)`` (a vmap over the backward pass), which runs
     the ``k`` products as batched kernels. Raises ``RuntimeError`` where an operation in the graph has no
-    batching rule; :class:`~hessianflow.operators.HessianOperator` then falls back to a loop.
+    batching rule; :class:`~hessianflow.curvature.HessianOperator` then falls back to a loop.
     """
     return _double_backprop(grads, params, mats, retain_graph, batched=True)
 

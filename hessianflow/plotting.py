@@ -74,7 +74,7 @@ def _save(fig, path) -> str:
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI), what="figure", error=OSError)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI), what="figure")
     return path
 
 
@@ -309,7 +309,7 @@ def plot_eigen_history(
 
     Args:
         history: a list of dicts with ``"epoch"`` and ``key`` (records without ``key`` or with ``None``
-            are skipped), e.g. :attr:`hessianflow.tracking.EigenTracker.history`.
+            are skipped), e.g. :attr:`hessianflow.training.tracking.EigenTracker.history`.
         path: where to write the PNG.
         lr_decay_epochs: the first epoch run at each decayed learning rate (dashed vertical lines, where
             the rate panel drops; the records' ``lr`` is the rate each epoch ran at). train.py's
@@ -474,7 +474,7 @@ def plot_landscape_1d(
         >>> import os, tempfile
         >>> from hessianflow import plot_landscape_1d
         >>> alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
-        >>> losses = [0.5 + 2.0 * a * a for a in alphas]  # e.g. hessianflow.analysis.loss_landscape
+        >>> losses = [0.5 + 2.0 * a * a for a in alphas]  # e.g. hessianflow.curvature.analysis.loss_landscape
         >>> path = plot_landscape_1d(alphas, losses, os.path.join(tempfile.mkdtemp(), "l1d.png"))
         >>> open(path, "rb").read(4)
         b'\\x89PNG'

@@ -21,9 +21,9 @@ for path in (os.path.dirname(HERE), HERE):
 
 from test_loss_forms import TinyLM, counted, token_batches  # noqa: E402
 
+from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
+from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
 from hessianflow.distributed import init_distributed  # noqa: E402
-from hessianflow.losses import causal_lm_loss  # noqa: E402
-from hessianflow.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
 
 
 def products(rank: int, world: int) -> dict:

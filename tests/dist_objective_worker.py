@@ -22,8 +22,8 @@ for path in (os.path.dirname(HERE), HERE):
 
 import objective_cases as oc  # noqa: E402
 
+from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
 from hessianflow.distributed import init_distributed  # noqa: E402
-from hessianflow.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
 
 KINDS = {"H": HessianOperator, "G": GGNOperator, "F": EmpiricalFisherOperator}
 N = 9

@@ -27,9 +27,13 @@ import time
 import torch
 from torch import nn
 
-from hessianflow import operators  # noqa: E402
 from hessianflow._random import make_generator, randn  # noqa: E402
-from hessianflow.analysis import loss_landscape  # noqa: E402
+from hessianflow.curvature import (  # noqa: E402
+    GGNOperator,
+    HessianOperator,
+    products,  # noqa: E402
+)
+from hessianflow.curvature.analysis import loss_landscape  # noqa: E402
 from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.distributed import (  # noqa: E402
     assert_same_on_all_ranks,
@@ -38,7 +42,6 @@ from hessianflow.distributed import (  # noqa: E402
     shard,
 )
 from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.operators import GGNOperator, HessianOperator  # noqa: E402
 from hessianflow.trace import hutchinson_trace, trace  # noqa: E402
 
 try:  # a script run from tests/ (torchrun puts its folder on sys.path), or imported by pytest
@@ -174,19 +177,19 @@ def fault_results(rank: int, world: int) -> dict:
         out["nan_error"] = (type(exc).__name__, str(exc))
     out["after_error_v"] = HessianOperator(model, ce, dataloader=_loader(X[sl], y[sl])) @ v
     # a batched product that only the last rank cannot do (as if vmap had no rule for an op there)
-    original = operators.double_backprop_hmm
+    original = products.double_backprop_hmm
 
     def no_rule(*args, **kwargs):
         raise RuntimeError("no batching rule (injected)")
 
     if rank == world - 1:
-        operators.double_backprop_hmm = no_rule
+        products.double_backprop_hmm = no_rule
     try:
         H = HessianOperator(model, ce, dataloader=_loader(X[sl], y[sl]))
         out["fallback_HV"] = H @ V
         out["fallback_batched_ok"] = H._batched_ok
     finally:
-        operators.double_backprop_hmm = original
+        products.double_backprop_hmm = original
     bn = nn.BatchNorm1d(3)
     with torch.no_grad():
         bn.running_mean.fill_(rank + 1.0)

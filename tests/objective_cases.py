@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessianflow.batches import default_weight  # noqa: F401 - the tests' piece sizes
-from hessianflow.losses import causal_lm_loss, seq2seq_loss
+from hessianflow.curvature.batches import default_weight  # noqa: F401 - the tests' piece sizes
+from hessianflow.curvature.losses import causal_lm_loss, seq2seq_loss
 
 DT = torch.float64
 CLASSES = 4

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from dense_reference import mlp
 from torch.utils.data import DataLoader, TensorDataset
 
-from hessianflow.absa import ABSAController, Decision, evaluate, set_lr, train_epoch
-from hessianflow.adversarial import fgsm
 from hessianflow.linop import NonFiniteError
+from hessianflow.training.absa import ABSAController, Decision
+from hessianflow.training.adversarial import fgsm
+from hessianflow.training.loop import evaluate, set_lr, train_epoch
 
 DT = torch.float64
 

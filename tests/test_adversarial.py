@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hessianflow.adversarial import fgsm, normalized_bounds, pgd, pixel_eps
+from hessianflow.training.adversarial import fgsm, normalized_bounds, pgd, pixel_eps
 
 DT = torch.float64
 

@@ -7,9 +7,9 @@ import torch
 from dense_reference import func_hessian, small_cnn
 from torch import nn
 
-from hessianflow.analysis import LayerResult, layer_blocks, loss_landscape, per_layer
+from hessianflow.curvature import GGNOperator, HessianOperator, exact_hessian
+from hessianflow.curvature.analysis import LayerResult, layer_blocks, loss_landscape, per_layer
 from hessianflow.eigen import lanczos
-from hessianflow.operators import GGNOperator, HessianOperator, exact_hessian
 
 DT = torch.float64
 

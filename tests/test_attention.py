@@ -1,4 +1,4 @@
-"""hessianflow.attention: kernel selection for products, its restore, and attention modules' curvature.
+"""hessianflow.curvature.attention: kernel selection for products, its restore, and attention modules' curvature.
 
 The products are checked against a dense float64 Hessian built row by row by double backprop and by
 central differences of the gradient (tests/dense_reference.py), never against hessianflow itself.
@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends, sdpa_kernel
 
 import hessianflow as hf
-from hessianflow.attention import AttentionKernelError, product_kernels
+from hessianflow.curvature.attention import AttentionKernelError, product_kernels
 
 
 def _double_backward(q, k, v):

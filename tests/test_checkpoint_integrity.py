@@ -23,10 +23,10 @@ from hessianflow.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.cli import train
+from hessianflow.curvature import HessianOperator
 from hessianflow.data import fixed_batch, get_datasets
 from hessianflow.eigen import lanczos
 from hessianflow.models import get_model
-from hessianflow.operators import HessianOperator
 
 SYN = {"name": "synthetic", "seed": 3, "synthetic_train": 64, "synthetic_test": 32}
 BATCH = 16

@@ -8,7 +8,7 @@ import torch
 from dense_reference import check_png, func_hessian, ggn, mlp
 from torch import nn
 
-from hessianflow.compare import CurvatureComparison, compare_curvatures, plot_comparison, wasserstein1
+from hessianflow.curvature.compare import CurvatureComparison, compare_curvatures, plot_comparison, wasserstein1
 from hessianflow.density import DensityResult
 
 DT = torch.float64

@@ -17,6 +17,7 @@ from hessianflow.checkpoint import save_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.cli import train
+from hessianflow.curvature import HessianOperator
 from hessianflow.data import (
     DATASETS,
     DataNotFoundError,
@@ -29,7 +30,6 @@ from hessianflow.data import (
 )
 from hessianflow.eigen import lanczos
 from hessianflow.models import get_model
-from hessianflow.operators import HessianOperator
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hessianflow import distributed as hd
+from hessianflow.curvature import HessianOperator
 from hessianflow.distributed import (
     DistContext,
     all_reduce_sum,
@@ -38,7 +39,6 @@ from hessianflow.distributed import (
     shard,
 )
 from hessianflow.linop import NonFiniteError
-from hessianflow.operators import HessianOperator
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -322,7 +322,7 @@ def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
     from hessianflow.cli import train
     from hessianflow.data import get_datasets
     from hessianflow.models import get_model
-    from hessianflow.tracking import top_eigenvalue
+    from hessianflow.training.tracking import top_eigenvalue
 
     two, one = tmp_path / "two", tmp_path / "one"
     # the same per-step effective batch: 32 per process x 2 processes = 64 in one process
@@ -380,7 +380,7 @@ def test_train_resnet_tracks_the_full_set_eigenvalue_of_one_process(tmp_path):
     from hessianflow.checkpoint import load_checkpoint
     from hessianflow.data import get_datasets
     from hessianflow.models import get_model
-    from hessianflow.tracking import top_eigenvalue
+    from hessianflow.training.tracking import top_eigenvalue
 
     # --eig-batches 2 of 24: the first 48 samples, whatever the world size (each rank holds 24 of them)
     flags = [
@@ -482,7 +482,7 @@ def test_two_ranks_give_the_one_process_loss_landscape(ops_runs):
 
 def test_loss_landscape_reduction_in_a_one_rank_group(tmp_path):
     """``distributed=True`` in a real one-rank gloo group; without a group it is refused."""
-    from hessianflow.analysis import loss_landscape
+    from hessianflow.curvature.analysis import loss_landscape
 
     if torch.distributed.is_initialized():
         pytest.skip("a process group is already initialised in this process")

@@ -17,10 +17,10 @@ from hessianflow.checkpoint import save_checkpoint
 from hessianflow.checkpoint_format import make_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
+from hessianflow.curvature import GGNOperator, HessianOperator
 from hessianflow.data import fixed_batch, get_datasets
 from hessianflow.eigen import lanczos, power_iteration
 from hessianflow.models import get_model
-from hessianflow.operators import GGNOperator, HessianOperator
 
 SYN = ["--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "128"]
 BATCH = 16

@@ -478,7 +478,7 @@ def test_start_vector_v0():
 def test_gradient_start_on_a_curvature_operator():
     from torch import nn
 
-    from hessianflow.operators import HessianOperator, exact_hessian
+    from hessianflow.curvature import HessianOperator, exact_hessian
 
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)

@@ -13,9 +13,9 @@ from dense_reference import check_png, need_sklearn
 from torch import nn
 
 from hessianflow.checkpoint_format import load_model
+from hessianflow.curvature import HessianOperator
 from hessianflow.data import get_datasets, subset_loader
 from hessianflow.eigen import lanczos
-from hessianflow.operators import HessianOperator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""The speed paths (hessianflow.fast_paths) on and off: the same products against dense float64 references,
+"""The speed paths (hessianflow.curvature.fast_paths) on and off: the same products against dense float64 references,
 and off really means no module patched and inputs in their own memory format."""
 
 import copy
@@ -9,10 +9,9 @@ from dense_reference import ViewNet, func_hessian
 from dense_reference import ggn as func_ggn
 from torch import nn
 
-from hessianflow import fast_paths
+from hessianflow.curvature import GGNOperator, HessianOperator, fast_paths
 from hessianflow.hvp import flatten, unflatten
 from hessianflow.linop import NonFiniteError
-from hessianflow.operators import GGNOperator, HessianOperator
 
 DT = torch.float64
 RTOL = 1e-10

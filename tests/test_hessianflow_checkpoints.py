@@ -21,10 +21,10 @@ from torch import nn
 from hessianflow.checkpoint_format import load_model, upgrade_state_dict
 from hessianflow.cli import eig as drv
 from hessianflow.cli.common import run as run_cli
+from hessianflow.curvature import HessianOperator
 from hessianflow.data import fixed_batch, get_datasets
 from hessianflow.eigen import lanczos
 from hessianflow.models import get_model
-from hessianflow.operators import HessianOperator
 
 SYN = ["--name", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32"]
 BATCH, SEED = 16, 1

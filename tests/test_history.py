@@ -13,10 +13,10 @@ import pytest
 import hessianflow
 from hessianflow import history as history_mod
 from hessianflow import plotting as plotting_mod
-from hessianflow import tracking
 from hessianflow.checkpoint import atomic_write as real_atomic_write
 from hessianflow.cli import common as _cli
 from hessianflow.cli import train
+from hessianflow.training import tracking
 
 T = ["--name", "synthetic", "--synthetic-train", "128", "--synthetic-test", "64", "--arch", "c1", "--batch-size", "32",
      "--hessian-batch-size", "32", "--eig-max-iter", "3", "--no-progress", "--device", "cpu"]  # fmt: skip

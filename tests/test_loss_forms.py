@@ -16,14 +16,14 @@ from dense_reference import dense_ggn, func_hessian_of, mlp
 from torch import nn
 
 import hessianflow as hf
-from hessianflow.absa import evaluate, train_epoch
-from hessianflow.analysis import loss_landscape, per_layer
-from hessianflow.batches import move_batch, split_samples
+from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator, resolve_params
+from hessianflow.curvature.analysis import loss_landscape, per_layer
+from hessianflow.curvature.batches import move_batch, split_samples
+from hessianflow.curvature.losses import causal_lm_loss
 from hessianflow.hvp import flatten, unflatten
 from hessianflow.linop import NonFiniteError
-from hessianflow.losses import causal_lm_loss
-from hessianflow.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, resolve_params
-from hessianflow.tracking import top_eigenvalue
+from hessianflow.training.loop import evaluate, train_epoch
+from hessianflow.training.tracking import top_eigenvalue
 
 DT = torch.float64
 
@@ -51,7 +51,7 @@ class TinyLM(nn.Module):
         steps = torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
         logits = self.lm_head(h.cumsum(1) / steps)  # [B, T, V]
         loss = None
-        if labels is not None:  # written out here, independently of hessianflow.losses
+        if labels is not None:  # written out here, independently of hessianflow.curvature.losses
             lp = torch.log_softmax(logits[:, :-1], dim=-1)
             tgt = labels[:, 1:]
             keep = tgt != -100

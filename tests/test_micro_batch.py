@@ -14,7 +14,7 @@ from test_loss_forms import TinyLM, counted, mean_over_counted_tokens, rel_err, 
 from torch import nn
 
 import hessianflow as hf
-from hessianflow.batches import split_batch
+from hessianflow.curvature.batches import split_batch
 
 DT = torch.float64
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - pytest's importlib mode
     from tests.dense_reference import func_hessian_of, hessian_rows, mlp, need_transformers
 
 from hessianflow import EmpiricalFisherOperator, GGNOperator, HessianOperator
-from hessianflow.losses import causal_lm_loss, seq2seq_loss
+from hessianflow.curvature.losses import causal_lm_loss, seq2seq_loss
 
 DT = torch.float64
 KINDS = {"hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
@@ -337,7 +337,7 @@ def test_a_custom_models_loss_split_needs_a_declaration():
 
 # -- the training loop weights its accumulated mini-batches by the same units --------------------------
 def test_train_epoch_accumulates_the_mean_over_counted_targets():
-    from hessianflow.absa import train_epoch
+    from hessianflow.training.loop import train_epoch
 
     model = mlp(3, 5, 4, seed=3)
     x, y = classification_batch(n=10, seed=8)

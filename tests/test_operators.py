@@ -7,9 +7,9 @@ import torch
 from dense_reference import ViewNet, func_hessian, ggn, mlp, small_cnn, warm_batchnorm
 from torch import nn
 
+from hessianflow.curvature import GGNOperator, HessianOperator, exact_hessian, resolve_params
 from hessianflow.hvp import flatten, unflatten
 from hessianflow.linop import NonFiniteError
-from hessianflow.operators import GGNOperator, HessianOperator, exact_hessian, resolve_params
 
 DT = torch.float64
 RTOL = 1e-10

@@ -270,7 +270,7 @@ def test_imports_without_matplotlib_and_never_uses_pyplot(tmp_path):
     code = f"""
 import sys
 sys.modules["matplotlib"] = None  # as if not installed
-import hessianflow, hessianflow.plotting, hessianflow.tracking
+import hessianflow, hessianflow.plotting, hessianflow.training.tracking
 del sys.modules["matplotlib"]
 from hessianflow.plotting import plot_topk
 plot_topk([2.0, 1.0], {str(tmp_path / "k.png")!r})

@@ -15,12 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import hessianflow as hf
 from hessianflow._checks import check_int
+from hessianflow.curvature import HessianOperator
 from hessianflow.density import spectral_density
 from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
 from hessianflow.linop import LinearOperator
-from hessianflow.operators import HessianOperator
 from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace, xtrace
-from hessianflow.tracking import EigenTracker, top_eigenvalue
+from hessianflow.training.tracking import EigenTracker, top_eigenvalue
 
 try:
     from spectra import spectrum, sym_matrix

@@ -1,4 +1,4 @@
-"""Tests of hessianflow.tracking against the dense float64 Hessian of a small network."""
+"""Tests of hessianflow.training.tracking against the dense float64 Hessian of a small network."""
 
 import json
 import math
@@ -9,10 +9,10 @@ import torch
 from dense_reference import mlp
 from torch import nn
 
+from hessianflow.curvature import exact_hessian
 from hessianflow.eigen import ConvergenceWarning
 from hessianflow.linop import NonFiniteError
-from hessianflow.operators import exact_hessian
-from hessianflow.tracking import EigenTracker, load_history, top_eigenvalue
+from hessianflow.training.tracking import EigenTracker, load_history, top_eigenvalue
 
 
 def make_problem(seed=0, n_samples=40):
@@ -45,8 +45,8 @@ def test_top_eigenvalue_lanczos_matches_dense(problem):
 
 
 def test_top_eigenvalue_passes_the_start_vector(problem):
+    from hessianflow.curvature import HessianOperator
     from hessianflow.eigen import lanczos
-    from hessianflow.operators import HessianOperator
 
     model, crit, data, _, evals = problem
     res = top_eigenvalue(model, crit, data=data, method="lanczos", tol=1e-10, max_iter=200, v0="gradient", seed=3)

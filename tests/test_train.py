@@ -10,10 +10,10 @@ import torch
 from hessianflow.checkpoint import load_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import train, train_resnet
+from hessianflow.curvature import HessianOperator
 from hessianflow.data import dataset_info, get_datasets
 from hessianflow.eigen import lanczos
 from hessianflow.models import get_model
-from hessianflow.operators import HessianOperator
 
 TINY = ["--name", "synthetic", "--synthetic-train", "320", "--synthetic-test", "160", "--no-progress"]
 

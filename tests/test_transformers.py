@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessianflow as hf
-from hessianflow.losses import causal_lm_loss
+from hessianflow.curvature.losses import causal_lm_loss
 
 VOCAB, T, D = 16, 8, 6  # D = 6, two heads of 3: 300-900 parameters, dense references in seconds
 

@@ -76,13 +76,13 @@ def rank_zero_first(ctx, enabled: bool, fn):
 
 def evaluate_on_ranks(model, loader, criterion, device) -> dict:
     """Loss and accuracy of ``model`` over ``loader``, the batches of this process's share of the data,
-    summed over the processes of a torchrun job (:func:`hessianflow.absa.evaluate` on each).
+    summed over the processes of a torchrun job (:func:`hessianflow.training.loop.evaluate` on each).
 
     Returns ``{"loss", "accuracy", "samples"}`` over all processes; ``accuracy`` is ``None`` when the
     outputs are not class logits, ``loss`` is NaN when no process had a sample.
     """
-    from ..absa import evaluate
     from ..distributed import all_reduce_sum
+    from ..training.loop import evaluate
 
     res = evaluate(model, loader, criterion, device)
     have_acc = res["correct"] is not None
@@ -259,7 +259,7 @@ def run(main, parse_args, argv=None, interrupted: str = INTERRUPTED) -> int:
     curvature exits 3; an I/O failure mid-run exits 4; Ctrl-C prints ``interrupted`` and exits 130.
     Anything else is a bug and keeps its traceback.
     """
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, WriteError
     from ..linop import NonFiniteError
 
     try:
@@ -274,6 +274,9 @@ def run(main, parse_args, argv=None, interrupted: str = INTERRUPTED) -> int:
     except NonFiniteError as exc:
         print(f"{prog}: numerical error: {exc}", file=sys.stderr)
         return EXIT_NUMERIC
+    except WriteError as exc:  # a file the run writes as it goes (writability is checked before any work)
+        print(f"{prog}: I/O error: {exc}", file=sys.stderr)
+        return EXIT_IO
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
         if is_main_rank():
             print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -325,7 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _select_blocks(model, prefixes):
     """The layer blocks named by ``--layers`` (a name or a prefix ending at a dot), all when None."""
-    from ..analysis import layer_blocks
+    from ..curvature.analysis import layer_blocks
 
     blocks = layer_blocks(model)
     if prefixes is None:
@@ -721,7 +721,7 @@ def density(run: _Run, op) -> dict:
 
 def per_layer_analysis(run: _Run, model, criterion, source, blocks) -> dict:
     """``--per-layer``: top eigenvalue and trace of each layer's diagonal block, a table and a figure."""
-    from ..analysis import per_layer
+    from ..curvature.analysis import per_layer
     from ..plotting import plot_per_layer
 
     args = run.args
@@ -761,7 +761,7 @@ def per_layer_analysis(run: _Run, model, criterion, source, blocks) -> dict:
 
 def landscape(run: _Run, model, criterion, source, eig) -> dict:
     """``--landscape 1|2``: the loss along the top eigenvector(s), and its figure."""
-    from ..analysis import loss_landscape
+    from ..curvature.analysis import loss_landscape
     from ..plotting import plot_landscape_1d, plot_landscape_2d
 
     args = run.args
@@ -824,7 +824,7 @@ def finish(run: _Run, result: dict, t_start: float) -> dict:
         assert_same_on_all_ranks(len(nums), "the number of results")
         assert_same_on_all_ranks(nums, "the results")
     if run.args.json is not None and run.ctx.is_main:
-        write_json(run.args.json, result, error=OSError)  # checked before any work: a failure now is I/O (exit 4)
+        write_json(run.args.json, result)  # checked before any work: a failure now is I/O (WriteError, exit 4)
     return result
 
 
@@ -851,7 +851,7 @@ def main(args) -> dict:
 
 
 def _main(args, ctx) -> dict:
-    from ..operators import GGNOperator, HessianOperator
+    from ..curvature import GGNOperator, HessianOperator
 
     t_start = time.time()
     run = _Run(args, ctx)

@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..absa import ABSAController, set_lr, train_epoch
-from ..adversarial import normalized_bounds, pixel_eps
 from ..checkpoint import (
     CheckpointError,
+    WriteError,
     atomic_write,
     check_writable_dir,
     jsonable,
@@ -46,7 +45,6 @@ from ..checkpoint_format import (
     load_state_into,
     make_checkpoint,
     read_checkpoint,
-    resume_settings,
     upgrade_state_dict,
     verify_checksum,
 )
@@ -55,8 +53,12 @@ from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_dist
 from ..eigen import ConvergenceWarning
 from ..linop import NonFiniteError
 from ..models import ARCHS, canonical_arch, get_model
-from ..tracking import EigenTracker, top_eigenvalue
+from ..training.absa import ABSAController
+from ..training.adversarial import normalized_bounds, pixel_eps
+from ..training.loop import set_lr, train_epoch
+from ..training.tracking import EigenTracker, top_eigenvalue
 from . import common as _cli
+from .resume import resume_settings
 
 TRAIN_DEFAULTS = {
     "name": "cifar10",
@@ -565,10 +567,10 @@ def _save(run: _Run) -> None:
     )  # fmt: skip
     try:
         save_checkpoint(ckpt, args.save)
-    except CheckpointError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
-        raise OSError(f"{exc} ({_kept(args.save)})") from exc
+    except WriteError as exc:  # e.g. the disk filled up mid-run: the previous checkpoint is intact
+        raise WriteError(f"{exc} ({_kept(args.save)})") from exc
     lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in state["history"])
-    atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log", error=OSError)  # mid-run: exit 4
+    atomic_write(run.log_path, lambda f: f.write(lines.encode()), what="epoch log")  # a WriteError: exit 4
 
 
 def _first_epochs_at_decayed_rates(args) -> list[int]:
@@ -627,7 +629,7 @@ def finish(run: _Run) -> dict:
     if ctx.is_main:
         if run.epochs_run == 0 and os.path.abspath(args.save) != os.path.abspath(args.resume or args.save):
             _save(run)  # resumed with nothing left to train, to a new --save: write it there as promised
-        write_json(os.path.join(run.out_dir, "metrics.json"), metrics, error=OSError)
+        write_json(os.path.join(run.out_dir, "metrics.json"), metrics)
         if run.tracker is not None and run.tracker.history:
             try:
                 run.tracker.plot(

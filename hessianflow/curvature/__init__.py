@@ -3,7 +3,7 @@ the pieces of the data, parameter selection, and the operators built from them."
 
 from .objective import Objective
 from .operators import CurvatureOperator, EmpiricalFisherOperator, GGNOperator, HessianOperator, exact_hessian
-from .params import resolve_params
+from .params import resolve_params, unwrap_model
 
 __all__ = [
     "Objective",
@@ -13,4 +13,5 @@ __all__ = [
     "EmpiricalFisherOperator",
     "exact_hessian",
     "resolve_params",
+    "unwrap_model",
 ]

@@ -8,7 +8,7 @@ averages over: samples, counted targets, counted tokens...) is
 exactly when :math:`L_b` is the mean over the :math:`u_b` units of piece :math:`b`; a sum-reduced one is
 :math:`\\sum_b L_b`. Every curvature matrix (and the gradient) is linear in the loss, so it combines the
 same way. This module does that sum and knows nothing of curvature: it is tested on plain tensors. The
-units come from the objective's one declaration (:class:`~hessianflow.batches.LossSpec`); a piece of
+units come from the objective's one declaration (:class:`~hessianflow.curvature.batches.LossSpec`); a piece of
 zero units contributes zero (it is never evaluated: an all-padding batch's loss is ``0/0``).
 """
 

@@ -8,7 +8,7 @@ One :class:`Objective` says what every curvature operator of a model means:
 the units being what the loss averages over: samples, counted targets (``ignore_index`` left out),
 class-weighted targets (``weight=``), counted tokens (a language model's shifted labels). The
 declaration is made once, from the loss itself where the library can know its meaning (criteria, the loss
-helpers, a HuggingFace model's ``.loss``: :class:`~hessianflow.batches.LossSpec`), or by ``reduction=``
+helpers, a HuggingFace model's ``.loss``: :class:`~hessianflow.curvature.batches.LossSpec`), or by ``reduction=``
 and ``batch_weight=`` for a plain function. Every way of splitting the data (a loader's batches,
 ``micro_batch_size=`` chunks, ``torch.distributed`` ranks, the empirical Fisher's single samples) weights
 its pieces by the units they hold (:mod:`~hessianflow.curvature.combine`), so no split changes the matrix;
@@ -25,8 +25,8 @@ from torch import nn
 
 from .._checks import check_int
 from .._modes import model_mode
-from ..batches import LossSpec, move_batch, split_batch
 from ..distributed import use_distributed
+from .batches import LossSpec, move_batch, split_batch
 from .params import padding_rows, resolve_params, unwrap_model
 
 __all__ = ["Objective", "OBJECTIVE_OPTIONS"]
@@ -91,11 +91,11 @@ class Objective:
         dataloader: an iterable of batches; the objective is the loss over all of their units.
         params: the parameters to differentiate w.r.t. (:func:`~hessianflow.curvature.params.resolve_params`).
         loss_fn: ``loss_fn(model, batch) -> scalar`` instead of a criterion (e.g.
-            :func:`~hessianflow.losses.causal_lm_loss`); neither: the model output's ``.loss``.
+            :func:`~hessianflow.curvature.losses.causal_lm_loss`); neither: the model output's ``.loss``.
         reduction: ``"mean"`` or ``"sum"``; read off a criterion, a loss helper or a HuggingFace model,
             declared here for anything else. Needed whenever the data is split.
         batch_weight: ``batch_weight(batch) -> number``, the units a mean-reduced loss averages over in a
-            batch; default: derived from the loss (see :class:`~hessianflow.batches.LossSpec`).
+            batch; default: derived from the loss (see :class:`~hessianflow.curvature.batches.LossSpec`).
         forward_fn, loss_of_output: a split loss ``loss_of_output(forward_fn(model, batch), batch)``.
         train_mode: run the model in train mode (BatchNorm batch statistics, dropout). Default ``False``.
         num_batches: use only the first ``num_batches`` batches of the loader (per rank).

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..attention import product_kernels
 from ..distributed import FallbackOnAllRanks
-from ..fast_paths import FastPaths
 from ..hvp import flatten, flatten_batched, unflatten
 from ..linop import LinearOperator
+from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
+from .fast_paths import FastPaths
 from .objective import OBJECTIVE_OPTIONS, Objective
 from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
 
@@ -89,7 +89,7 @@ class CurvatureOperator(LinearOperator):
               to a loop.
             - ``allow_tf32`` (``False``): let CUDA float32 products run in TF32 (10-bit mantissa); by
               default products are true float32 whatever the global ``torch.backends`` settings.
-            - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.fast_paths`, the same
+            - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.curvature.fast_paths`, the same
               products to rounding; ``False`` runs the model exactly as written.
 
     Attributes:
@@ -166,7 +166,7 @@ class CurvatureOperator(LinearOperator):
 
     @property
     def fast_paths(self) -> bool:
-        """The operator's own switch of the speed paths (see :mod:`hessianflow.fast_paths`)."""
+        """The operator's own switch of the speed paths (see :mod:`hessianflow.curvature.fast_paths`)."""
         return self._fast.on
 
     @property
@@ -189,7 +189,7 @@ class CurvatureOperator(LinearOperator):
             yield
 
     def _forward(self, inputs):
-        """The model's outputs (image batches on the CPU in channels-last order, see :mod:`~hessianflow.fast_paths`)."""
+        """The model's outputs (CPU image batches channels-last: :mod:`~hessianflow.curvature.fast_paths`)."""
         return self._fast.run(self.model, inputs)
 
     # -- assembling products -------------------------------------------------------------------
@@ -369,13 +369,13 @@ class GGNOperator(CurvatureOperator):
 
     - a ``criterion``: output ``model(inputs)``, loss ``criterion(output, targets)``;
     - ``forward_fn=(model, batch) -> output`` with ``loss_of_output=(output, batch) -> loss``, or a
-      :class:`~hessianflow.losses.OutputLoss` as ``loss_fn`` (the same two functions), e.g.
-      :func:`~hessianflow.losses.causal_lm_loss` for a HuggingFace causal LM. A plain ``loss_fn`` or a
+      :class:`~hessianflow.curvature.losses.OutputLoss` as ``loss_fn`` (the same two functions), e.g.
+      :func:`~hessianflow.curvature.losses.causal_lm_loss` for a HuggingFace causal LM. A plain ``loss_fn`` or a
       model's ``.loss`` hides the output and is refused.
 
     **Softmax cross-entropy** (an ``nn.CrossEntropyLoss`` criterion, mean or sum, without class weights
     or label smoothing, with class-index targets; or an ``OutputLoss`` that declares ``cross_entropy``,
-    as the :mod:`hessianflow.losses` helpers do): the output Hessian is applied analytically,
+    as the :mod:`hessianflow.curvature.losses` helpers do): the output Hessian is applied analytically,
 
     .. math:: H_{\\mathrm{out}} u = c_t \\left(p_t \\odot u_t - p_t (p_t^\\top u_t)\\right)
 
@@ -441,7 +441,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     :math:`s_i = \\ell_i` for a sum-reduced one, the sums running over every sample :math:`i` of the
     batch or of the loader. **A sample** is a leading-dimension slice: slice ``i:i+1`` of every tensor
     of the batch whose leading dimension is that of the batch's first tensor, in any container (other
-    leaves are shared; see :func:`~hessianflow.batches.split_samples`); :math:`\\ell_i` is the loss of
+    leaves are shared; see :func:`~hessianflow.curvature.batches.split_samples`); :math:`\\ell_i` is the loss of
     that one-sample batch and :math:`u_i` its units (1; its counted targets, 0 when its target is
     ignored; its class weight; its counted tokens), so that :math:`s_i` is the sample's share of the
     summed loss. With plain samples this is the usual :math:`\\frac1N \\sum_i g_i g_i^\\top`. Samples of

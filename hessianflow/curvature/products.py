@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from ..batches import LossModule, split_samples, tensor_leaves, with_tensor_leaves
 from ..hvp import (
     double_backprop_hmm,
     double_backprop_hvp,
@@ -28,6 +27,7 @@ from ..hvp import (
     unflatten,
 )
 from ..linop import NonFiniteError
+from .batches import LossModule, split_samples, tensor_leaves, with_tensor_leaves
 
 __all__ = [
     "Product",
@@ -56,9 +56,9 @@ def _require_graph(loss: torch.Tensor) -> torch.Tensor:
 class Product:
     """The interface (see the module docstring); ``run(inputs)`` is how the operator calls the model."""
 
-    #: the derivatives products take, for :func:`~hessianflow.attention.product_kernels`
+    #: the derivatives products take, for :func:`~hessianflow.curvature.attention.product_kernels`
     kernels = "double_backprop"
-    #: whether the speed paths' double-backward forwards apply (:mod:`~hessianflow.fast_paths`)
+    #: whether the speed paths' double-backward forwards apply (:mod:`~hessianflow.curvature.fast_paths`)
     second_order = True
     #: whether prepare()'s state can be kept across products on one batch
     reusable = True
@@ -318,7 +318,7 @@ class EmpiricalFisher(Product):
         """``[n, size]`` per-sample gradients of the raw loss by ``vmap(grad(...))``.
 
         The batch's tensors are found and put back by the package's own traversal
-        (:func:`~hessianflow.batches.tensor_leaves`), which sees into every mapping (a ``UserDict``
+        (:func:`~hessianflow.curvature.batches.tensor_leaves`), which sees into every mapping (a ``UserDict``
         too), so every tensor with the batch's leading dimension is split into samples."""
         leaves = tensor_leaves(batch)
         idx = [i for i, t in enumerate(leaves) if t.dim() > 0 and t.shape[0] == n]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..adversarial import normalized_bounds
+from ..training.adversarial import normalized_bounds
 
 __all__ = ["DATASETS", "DataNotFoundError", "DatasetInfo", "data_range", "dataset_info"]
 
@@ -140,7 +140,7 @@ def data_range(name: str, dtype: torch.dtype = torch.float32, **synthetic_kwargs
     """The valid pixel range [0, 1] mapped into the normalised input space, per channel.
 
     An adversarial perturbation (FGSM) clamps to this box so that the perturbed input is still an image.
-    This is :func:`hessianflow.adversarial.normalized_bounds` of the set's ``mean`` and ``std``.
+    This is :func:`hessianflow.training.adversarial.normalized_bounds` of the set's ``mean`` and ``std``.
 
     Returns:
         ``(lo, hi)``, tensors of shape ``[C, 1, 1]``: ``lo = (0 - mean) / std``, ``hi = (1 - mean) / std``.

@@ -2,7 +2,7 @@
 
 A ``loss_fn`` is any ``fn(model, batch) -> scalar``. The helpers here are :class:`OutputLoss` objects:
 callable as such a function, and also split into the model's output and a loss of it, which is what
-the generalised Gauss-Newton matrix needs (:class:`~hessianflow.operators.GGNOperator`). They follow
+the generalised Gauss-Newton matrix needs (:class:`~hessianflow.curvature.GGNOperator`). They follow
 the HuggingFace ``transformers`` conventions (labels ``-100`` are ignored; the loss is the mean over
 the counted positions) without importing ``transformers``; hessian-eigenthings 1.0 offers the same
 kind of helpers for causal LM and sequence-to-sequence models.

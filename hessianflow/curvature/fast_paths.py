@@ -15,12 +15,12 @@ default (where they were measured faster):
 
 **The switch.** A path is taken only when both are on: the operator's ``fast_paths=`` argument
 (default ``True``) and the global switch, on unless turned off by :func:`enabled` (``with
-hessianflow.fast_paths.enabled(False): ...``) or the environment (``HESSIANFLOW_FAST_PATHS=0``). Off,
+hessianflow.curvature.fast_paths.enabled(False): ...``) or the environment (``HESSIANFLOW_FAST_PATHS=0``). Off,
 no module of the model gets an instance-level ``forward`` and inputs keep their memory format: a user
 debugging a model sees it run exactly as written.
 
 Not here: TF32 (an accuracy setting, the operators' ``allow_tf32=``) and the attention kernel
-selection (:func:`hessianflow.attention.product_kernels`, needed for correctness: the fused kernels have
+selection (:func:`hessianflow.curvature.attention.product_kernels`, needed for correctness: the fused kernels have
 no double backward).
 """
 
@@ -47,7 +47,7 @@ def is_enabled() -> bool:
     """The global switch: the innermost :func:`enabled` block's flag, else ``$HESSIANFLOW_FAST_PATHS``.
 
     Example:
-        >>> from hessianflow import fast_paths
+        >>> from hessianflow.curvature import fast_paths
         >>> with fast_paths.enabled(False):
         ...     fast_paths.is_enabled()
         False
@@ -64,7 +64,8 @@ def enabled(flag: bool = True) -> Iterator[None]:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from hessianflow import HessianOperator, fast_paths
+        >>> from hessianflow import HessianOperator
+        >>> from hessianflow.curvature import fast_paths
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)).eval()

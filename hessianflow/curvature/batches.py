@@ -7,8 +7,8 @@ A *batch* is any nesting of dicts, lists, tuples (named tuples included) and ten
    dict with one input key and one target key (:data:`INPUT_KEYS`, :data:`TARGET_KEYS`);
    the loss is ``criterion(model(inputs), targets)``.
 2. ``loss_fn``: ``loss_fn(model, batch) -> scalar``, for any batch and any model call (a model taking
-   ``(x, mask)``, a custom objective). :class:`~hessianflow.losses.OutputLoss` objects (e.g.
-   :func:`~hessianflow.losses.causal_lm_loss`) also say what the model's output is, for the GGN.
+   ``(x, mask)``, a custom objective). :class:`~hessianflow.curvature.losses.OutputLoss` objects (e.g.
+   :func:`~hessianflow.curvature.losses.causal_lm_loss`) also say what the model's output is, for the GGN.
 3. neither: the model is called as ``model(**batch)`` (a dict), ``model(*batch)`` (a list or tuple) or
    ``model(batch)``, and its output's ``.loss`` (or ``output["loss"]``) is the loss: a HuggingFace
    model given ``labels``. That loss is a mean (HuggingFace's convention).
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .linop import NonFiniteError
+from ..linop import NonFiniteError
 from .losses import IGNORE_INDEX, CrossEntropyTargets, OutputLoss
 
 __all__ = [
@@ -56,7 +56,7 @@ REDUCTIONS = ("mean", "sum")
 
 THREE_WAYS = (
     "pass criterion= (criterion(model(inputs), targets)), loss_fn= (loss_fn(model, batch) -> scalar, e.g. "
-    "hessianflow.losses.causal_lm_loss), or a batch for which the model's output has a .loss "
+    "hessianflow.curvature.losses.causal_lm_loss), or a batch for which the model's output has a .loss "
     "(a HuggingFace model given labels)"
 )
 
@@ -99,7 +99,7 @@ def move_batch(batch, device, dtype: torch.dtype | None = None, non_blocking: bo
 
     Example:
         >>> import torch
-        >>> from hessianflow.batches import move_batch
+        >>> from hessianflow.curvature.batches import move_batch
         >>> batch = move_batch({"x": torch.zeros(2, 3), "ids": torch.tensor([1, 2]), "note": "a"}, "cpu", torch.float64)
         >>> batch["x"].dtype, batch["ids"].dtype, batch["note"]
         (torch.float64, torch.int64, 'a')
@@ -346,12 +346,12 @@ class LossSpec:
         loss_fn: ``loss_fn(model, batch) -> scalar``; any batch.
         reduction: ``"mean"`` or ``"sum"``: how the loss reduces over a batch's samples (or weight
             units). Default: the criterion's ``.reduction``; a ``loss_fn``'s ``.reduction`` attribute
-            (the :mod:`hessianflow.losses` helpers declare ``"mean"``); ``"mean"`` for a model's
+            (the :mod:`hessianflow.curvature.losses` helpers declare ``"mean"``); ``"mean"`` for a model's
             ``.loss``. Otherwise unknown (``None``): fine for one batch, refused over a data loader.
         batch_weight: ``batch_weight(batch) -> number``, the units the loss averages over in ``batch``;
             default: derived from the loss where its meaning is known (:attr:`units_name`): the counted
             (class-weighted) targets of ``nn.CrossEntropyLoss`` / ``nn.NLLLoss``, the units an
-            :class:`~hessianflow.losses.OutputLoss` declares (the loss helpers' counted tokens), a
+            :class:`~hessianflow.curvature.losses.OutputLoss` declares (the loss helpers' counted tokens), a
             HuggingFace model's counted (shifted) labels; otherwise the samples (:func:`default_weight`).
         forward_fn, loss_of_output: a split loss, ``loss_of_output(forward_fn(model, batch), batch)``
             (together, instead of ``loss_fn``); what the GGN needs with batches other than
@@ -363,7 +363,7 @@ class LossSpec:
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from hessianflow.batches import LossSpec
+        >>> from hessianflow.curvature.batches import LossSpec
         >>> spec = LossSpec(nn.MSELoss(reduction="sum"))
         >>> spec.kind, spec.reduction, spec.weight((torch.zeros(4, 2), torch.zeros(4, 1)))
         ('criterion', 'sum', 4)
@@ -465,11 +465,11 @@ class LossSpec:
             raise ValueError(
                 "the GGN needs the model's output and a loss of it, and a plain loss_fn(model, batch) is "
                 "one function: pass forward_fn=(model, batch) -> output and loss_of_output=(output, batch) "
-                "-> loss, a hessianflow.losses.OutputLoss, or a criterion with (inputs, targets) batches"
+                "-> loss, a hessianflow.curvature.losses.OutputLoss, or a criterion with (inputs, targets) batches"
             )
         raise ValueError(
             "the GGN needs the model's output and a loss of it, and a model output's .loss hides the "
-            "loss's form: pass loss_fn=hessianflow.losses.causal_lm_loss (or seq2seq_loss, "
+            "loss's form: pass loss_fn=hessianflow.curvature.losses.causal_lm_loss (or seq2seq_loss, "
             "sequence_classification_loss), forward_fn= with loss_of_output=, or a criterion"
         )
 
@@ -529,7 +529,7 @@ class LossModule(torch.nn.Module):
     model's parameters (``"model." + name``) under any loss form, a ``loss_fn`` calling the model too.
 
     The unchecked :meth:`LossSpec.raw_loss` (traceable by ``torch.func``). Used by the operators'
-    ``torch.func`` paths and by :func:`~hessianflow.analysis.loss_landscape`.
+    ``torch.func`` paths and by :func:`~hessianflow.curvature.analysis.loss_landscape`.
     """
 
     def __init__(self, model: torch.nn.Module, spec: LossSpec):

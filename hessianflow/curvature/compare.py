@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .algebra import BlockDiagonalOperator
+from ..algebra import BlockDiagonalOperator
+from ..density import DensityResult, spectral_density
+from ..eigen import EigenResult, lanczos
+from ..trace import trace
 from .analysis import layer_blocks
-from .density import DensityResult, spectral_density
-from .eigen import EigenResult, lanczos
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
-from .trace import trace
 
 __all__ = ["KindComparison", "CurvatureComparison", "compare_curvatures", "plot_comparison", "wasserstein1"]
 
@@ -235,9 +235,9 @@ def compare_curvatures(
     """Compare the GGN, the empirical Fisher and the block-diagonal Hessian with the Hessian.
 
     For every kind in ``kinds`` the operator is built on the same model, loss and data
-    (:class:`~hessianflow.operators.HessianOperator`, :class:`~hessianflow.operators.GGNOperator`,
-    :class:`~hessianflow.operators.EmpiricalFisherOperator`, and for ``"block_diagonal"`` the Hessian with
-    every block off the diagonal removed, the blocks being :func:`hessianflow.analysis.layer_blocks`'
+    (:class:`~hessianflow.curvature.HessianOperator`, :class:`~hessianflow.curvature.GGNOperator`,
+    :class:`~hessianflow.curvature.EmpiricalFisherOperator`, and for ``"block_diagonal"`` the Hessian with
+    every block off the diagonal removed, the blocks being :func:`hessianflow.curvature.analysis.layer_blocks`'
     (one per module with parameters of its own): a
     :class:`~hessianflow.algebra.BlockDiagonalOperator`); then its top-``k`` eigenpairs by
     :func:`hessianflow.eigen.lanczos`, its trace by :func:`hessianflow.trace.trace` and its spectral density
@@ -249,7 +249,8 @@ def compare_curvatures(
     Args:
         model: the network.
         criterion: ``criterion(model(inputs), targets)``, or ``loss_fn=`` (for the GGN an
-            :class:`~hessianflow.losses.OutputLoss` such as :func:`hessianflow.losses.causal_lm_loss`).
+            :class:`~hessianflow.curvature.losses.OutputLoss` such as
+            :func:`hessianflow.curvature.losses.causal_lm_loss`).
         data: one batch; or ``dataloader=`` (then ``reduction=`` as for the operators).
         loss_fn: see ``criterion``.
         kinds: which curvatures; ``"hessian"`` is always computed (the reference) and reported first.
@@ -334,7 +335,7 @@ def plot_comparison(result: CurvatureComparison, path, title: str | None = None,
         >>> os.path.getsize(p) > 10000
         True
     """
-    from .plotting import _figure, _save
+    from ..plotting import _figure, _save
 
     fig, axes = _figure(1, 2, figsize=(11.0, 4.5))
     ax_eig, ax_den = axes[0]

@@ -152,7 +152,7 @@ def product_kernels(device: torch.device | str | None = None, backend: str = "do
     Example (outside the context, PyTorch's CPU flash kernel raises on the second derivative):
         >>> import torch
         >>> import torch.nn.functional as F
-        >>> from hessianflow.attention import product_kernels
+        >>> from hessianflow.curvature.attention import product_kernels
         >>> q = torch.randn(1, 1, 3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
         >>> with product_kernels(torch.device("cpu"), "double_backprop"):
         ...     (g,) = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)

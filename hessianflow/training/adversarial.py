@@ -10,7 +10,7 @@ and PGD (Madry et al. 2018, "Towards deep learning models resistant to adversari
 such steps, projecting back onto the :math:`L_\\infty` ball of radius :math:`\\epsilon` around
 :math:`x` and onto the valid data range after each one.
 
-Both are used by ABSA (:mod:`hessianflow.absa`) to regularise large-batch training.
+Both are used by ABSA (:mod:`hessianflow.training.absa`) to regularise large-batch training.
 
 Conventions:
 
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ._checks import check_int
-from ._modes import model_mode
-from ._random import make_generator
+from .._checks import check_int
+from .._modes import model_mode
+from .._random import make_generator
 
 __all__ = ["fgsm", "pgd", "pixel_eps", "normalized_bounds"]
 

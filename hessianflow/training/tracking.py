@@ -6,7 +6,7 @@ schedule (ABSA) reacts to it, and the eigenvalue history is the figure that show
 ending in sharper regions. This module keeps that measurement and its log:
 
 - :func:`top_eigenvalue`: the top eigenpair(s) of a model's Hessian over a batch or a data loader, a thin
-  convenience over :class:`~hessianflow.operators.HessianOperator` and :mod:`hessianflow.eigen`.
+  convenience over :class:`~hessianflow.curvature.HessianOperator` and :mod:`hessianflow.eigen`.
 - :class:`EigenTracker`: measures (or is told) the eigenvalue once per epoch, together with the training
   metrics of that epoch, and keeps the history: CSV and JSON files written atomically (their format,
   and :func:`load_history` which reads them, live in :mod:`hessianflow.history`), a figure, and a
@@ -29,17 +29,17 @@ import numbers
 import os
 import time
 
-from ._checks import check_int, check_positive, is_int
-from .batches import LossSpec
-from .curvature.objective import OBJECTIVE_OPTIONS
-from .curvature.operators import HessianOperator
-from .eigen import EigenResult, lanczos, power_iteration
-from .history import FIELDS as _FIELDS
-from .history import load_history, write_csv, write_json
-from .history import plain_value as _plain
-from .linop import NonFiniteError
-from .trace import METHODS as _TRACE_METHODS
-from .trace import trace as _estimate_trace
+from .._checks import check_int, check_positive, is_int
+from ..curvature.batches import LossSpec
+from ..curvature.objective import OBJECTIVE_OPTIONS
+from ..curvature.operators import HessianOperator
+from ..eigen import EigenResult, lanczos, power_iteration
+from ..history import FIELDS as _FIELDS
+from ..history import load_history, write_csv, write_json
+from ..history import plain_value as _plain
+from ..linop import NonFiniteError
+from ..trace import METHODS as _TRACE_METHODS
+from ..trace import trace as _estimate_trace
 
 __all__ = ["top_eigenvalue", "EigenTracker", "load_history"]
 
@@ -86,7 +86,7 @@ def top_eigenvalue(
 ) -> EigenResult:
     """The top ``k`` eigenpairs of the Hessian of ``criterion(model(x), y)`` over a batch or a loader.
 
-    Builds a :class:`~hessianflow.operators.HessianOperator` and runs
+    Builds a :class:`~hessianflow.curvature.HessianOperator` and runs
     :func:`~hessianflow.eigen.power_iteration` (``method="power"``: the ``k`` eigenvalues of largest
     *magnitude*, the method of HessianFlow and PyHessian) or :func:`~hessianflow.eigen.lanczos`
     (``method="lanczos"``, ``which="LA"``: the ``k`` *largest* eigenvalues, usually with an order of
@@ -393,7 +393,7 @@ class EigenTracker:
 
     def plot(self, path, lr_decay_epochs=None, title=None, subtitle=None) -> str:
         """Plot the eigenvalue history with :func:`hessianflow.plotting.plot_eigen_history`."""
-        from .plotting import plot_eigen_history
+        from ..plotting import plot_eigen_history
 
         if subtitle is None:
             subtitle = f"{self.method}, top-{self.top_k}, tol {self.tol:g}" + (

@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._modes import model_mode
-from ._random import make_generator
+from .._modes import model_mode
+from .._random import make_generator
+from ..distributed import reduce_or_raise
+from ..eigen import lanczos
+from ..hvp import unflatten
+from ..linop import NonFiniteError
+from ..trace import trace as _trace
 from .batches import LossModule, LossSpec
-from .curvature.objective import Objective
-from .distributed import reduce_or_raise
-from .eigen import lanczos
-from .hvp import unflatten
-from .linop import NonFiniteError
-from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator, unwrap_model
-from .trace import trace as _trace
+from .objective import Objective
+from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from .params import unwrap_model
 
 __all__ = ["LayerResult", "layer_blocks", "per_layer", "loss_landscape"]
 
@@ -55,7 +56,7 @@ def layer_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
 
     Example:
         >>> from torch import nn
-        >>> from hessianflow.analysis import layer_blocks
+        >>> from hessianflow.curvature.analysis import layer_blocks
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1, bias=False))
         >>> [(name, [tuple(p.shape) for p in ps]) for name, ps in layer_blocks(model)]
         [('0', [(3, 2), (3,)]), ('2', [(1, 3)])]
@@ -94,7 +95,7 @@ class LayerResult:
 
     Example:
         >>> import torch
-        >>> from hessianflow.analysis import LayerResult
+        >>> from hessianflow.curvature.analysis import LayerResult
         >>> r = LayerResult("fc", 2, torch.tensor([3.0]), 4.0, 0.0, True, 2, torch.tensor([True]), torch.zeros(1))
         >>> r.eigenvalue, r.all_converged, r.to_dict()["trace"]
         (3.0, True, 4.0)
@@ -191,7 +192,7 @@ def per_layer(
     """Top eigenvalue(s) and trace of each layer's diagonal Hessian block.
 
     For each block :math:`\\theta_\\ell` of :func:`layer_blocks` the operator is restricted to
-    :math:`\\theta_\\ell` (``params=`` of :class:`~hessianflow.operators.HessianOperator`), i.e. the
+    :math:`\\theta_\\ell` (``params=`` of :class:`~hessianflow.curvature.HessianOperator`), i.e. the
     block :math:`H_{\\ell\\ell}` with the other parameters held fixed. Since the diagonal of :math:`H`
     is the concatenation of the blocks' diagonals,
 
@@ -214,7 +215,7 @@ def per_layer(
         model: the network.
         criterion: the loss, as for the operators; or ``None`` with ``loss_fn=`` (and ``reduction=``,
             ``batch_weight=``) in ``operator_kwargs``, or neither for the model output's ``.loss``
-            (see :class:`~hessianflow.operators.CurvatureOperator`).
+            (see :class:`~hessianflow.curvature.CurvatureOperator`).
         data: one batch (any form the operators take).
         dataloader: or an iterable of batches (exactly one of the two).
         top_k: eigenvalues per block (capped at each block's size).
