@@ -214,3 +214,27 @@ def test_bfloat16_operator_gets_the_eigenvalue_of_its_own_matrix():
     assert res.eigenvectors.dtype == torch.bfloat16 and res.noise > 0.0
     d = spectral_density(op, num_runs=2, num_steps=30, seed=0)
     assert d.support()[1] == pytest.approx(own, rel=1e-2)
+
+
+def test_float32_model_defaults_succeed_quietly_and_are_right():
+    # issue 21: hf.lanczos(H) on a float32 model returned converged=False with a warning while right to 1e-7,
+    # and the driver's GGN at tol 1e-4 reported "accuracy reached ~2.2e-04" (the float32 dot products of the
+    # basis counted as the products' noise). Default tol follows the dtype; the basis is float64 on the CPU.
+    from torch import nn
+
+    import hessianflow as hf
+
+    torch.manual_seed(0)
+    m32 = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+    x, y = torch.randn(64, 8), torch.randint(0, 5, (64,))
+    m64 = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5)).double()
+    m64.load_state_dict({k: v.double() for k, v in m32.state_dict().items()})
+    crit = nn.CrossEntropyLoss()
+    for Op in (hf.HessianOperator, hf.GGNOperator):
+        truth = float(torch.linalg.eigvalsh(Op(m64, crit, data=(x.double(), y)).to_dense())[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            res = lanczos(Op(m32, crit, data=(x, y)), seed=0)
+        assert res.all_converged and res.status == "converged"
+        assert abs(float(res.eigenvalues[0]) - truth) <= 1e-4 * truth
+        assert res.noise < 1e-4  # the floor is below the default tol it is compared with
