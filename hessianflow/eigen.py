@@ -1,7 +1,8 @@
 """Extreme eigenpairs of a symmetric operator: power iteration and Lanczos.
 
 Both solvers take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor and know
-nothing about models. They work in the operator's dtype and device; the small projected matrices are
+nothing about models. They work on the operator's device, in float64 on the CPU and at least float32 on an
+accelerator whatever the operator's dtype (:func:`_work_dtype`); the small projected matrices are
 diagonalised in float64 on the CPU.
 
 * :func:`power_iteration` is the method of HessianFlow / PyHessian (power iteration with deflation and
@@ -125,8 +126,9 @@ class EigenResult:
 def _work_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The dtype of the solvers' own arithmetic (basis, recurrence, Rayleigh quotients) for an operator's dtype.
 
-    float32 and float64 operators keep their dtype. A lower precision (bfloat16, float16) is promoted: to
-    float64 on the CPU, float32 on an accelerator. In the operator's bfloat16 the orthogonalisation loses
+    float64 on the CPU whatever the operator's dtype (float32 dot products of long vectors would count as
+    the products' noise: benchmarks/README.md, issue 21); on an accelerator float64 stays float64 and
+    anything else becomes float32. In the operator's bfloat16 the orthogonalisation loses
     the basis after a few steps (issue 21: a bf16 MLP gave 0.57 for a top eigenvalue of 0.84, which the
     bf16 operator's own dense matrix has too), an error of the solver, not of the products.
     """
