@@ -27,7 +27,7 @@ from .linop import LinearOperator, as_operator
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
 
-#: The values ``trace(method=...)`` accepts (public: :mod:`hessianflow.tracking` checks against it).
+#: The values ``trace(method=...)`` accepts (public: :mod:`hessianflow.training.tracking` checks against it).
 METHODS = ("auto", "hutchinson", "hutch++", "xtrace")
 
 
