@@ -10,9 +10,10 @@ Usage::
     python benchmarks/bench_compare.py --models gpt2 --k 5    # one model
     python benchmarks/bench_compare.py --train-steps 0        # at initialisation
 
-ResNet-20 (hessianflow.models, float32) on one batch of the offline synthetic data set (hessianflow.data),
+ResNet-20 (hessianflow.training.models, float32) on one batch of the offline synthetic data set
+(hessianflow.training.data),
 after --train-steps steps of SGD on the training split; the GPT-2-style model is transformers' GPT2 with a
-tiny config (float64, hf.losses.causal_lm_loss) on random tokens of a fixed seed, after --train-steps Adam
+tiny config (float64, hf.curvature.losses.causal_lm_loss) on random tokens of a fixed seed, after --train-steps Adam
 steps on them. CPU by default; everything is seeded.
 """
 
@@ -30,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hessianflow.curvature.compare import compare_curvatures  # noqa: E402
 from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
-from hessianflow.data import make_synthetic  # noqa: E402
-from hessianflow.models import get_model  # noqa: E402
+from hessianflow.training.data import make_synthetic  # noqa: E402
+from hessianflow.training.models import get_model  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -66,9 +66,9 @@ sys.path.insert(0, HERE)
 import _peers  # noqa: E402
 
 from hessianflow.curvature import CurvatureOperator, HessianOperator, exact_hessian  # noqa: E402
-from hessianflow.density import spectral_density  # noqa: E402
-from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace, xtrace  # noqa: E402
+from hessianflow.linalg.density import spectral_density  # noqa: E402
+from hessianflow.linalg.eigen import lanczos, power_iteration  # noqa: E402
+from hessianflow.linalg.trace import hutchinson_trace, hutchpp_trace, trace, xtrace  # noqa: E402
 
 SECTIONS = ("hvp", "eigen", "trace", "slq")
 
@@ -234,8 +234,8 @@ def mlp_workload(seed: int = 0, steps: int = 300) -> Workload:
 
 def resnet_workload(batch: int = 64, seed: int = 0) -> Workload:
     """ResNet-20 in eval mode on one batch of the synthetic CIFAR-shaped set, float32."""
-    from hessianflow.data import fixed_batch, get_datasets
-    from hessianflow.models import get_model
+    from hessianflow.training.data import fixed_batch, get_datasets
+    from hessianflow.training.models import get_model
 
     _, plain, _ = get_datasets("synthetic", augment=False, seed=seed, num_train=max(1024, batch), num_test=16)
     with torch.random.fork_rng():
@@ -474,7 +474,7 @@ def pyhessian_start_vector(model, seed: int) -> torch.Tensor:
 
 
 def hf_start_vector(w: Workload, seed: int) -> torch.Tensor:
-    """The start vector of ``hessianflow.eigen.lanczos(seed=seed)`` (its first draw)."""
+    """The start vector of ``hessianflow.linalg.eigen.lanczos(seed=seed)`` (its first draw)."""
     from hessianflow._random import make_generator, randn
 
     return randn((w.n,), make_generator(seed), dtype=flat_params(w.model)[0].dtype)
@@ -652,8 +652,8 @@ def trace_auto_prototype(A, num_matvecs: int = 100, seed=None):
     and XTrace is chosen only when ``4 rho ||A||_F^2 < var(w^T A w)``. Same products, same branches.
     """
     from hessianflow._random import make_generator, rademacher
-    from hessianflow.linop import as_operator
-    from hessianflow.trace import (
+    from hessianflow.linalg.linop import as_operator
+    from hessianflow.linalg.trace import (
         TraceResult,
         _hutchinson_samples,
         _mean_stderr,
@@ -840,8 +840,8 @@ def start_models(quick: bool = False):
 
     float64 so that the errors measured are the solver's, not float32 rounding of the products.
     """
-    from hessianflow.data import fixed_batch, get_datasets
-    from hessianflow.models import get_model
+    from hessianflow.training.data import fixed_batch, get_datasets
+    from hessianflow.training.models import get_model
 
     out = []
     for steps in (0, 300) if quick else (0, 30, 300):

@@ -86,7 +86,7 @@ def bench_results(rank: int, world: int, n: int = 1024, repeats: int = 3) -> dic
     from hessianflow._random import make_generator, randn
     from hessianflow.curvature import HessianOperator
     from hessianflow.distributed import shard
-    from hessianflow.models import get_model
+    from hessianflow.training.models import get_model
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, 3, 32, 32, generator=g)

@@ -30,7 +30,7 @@ from torch import nn
 
 
 def _vision(arch: str, batch: int, seed: int):
-    from hessianflow.models import get_model
+    from hessianflow.training.models import get_model
 
     torch.manual_seed(seed)
     model = get_model(arch, depth=20)
@@ -66,7 +66,7 @@ def _operator(kind: str, model, criterion, extra: dict):
 
 
 def measure(name: str, kind: str, model, criterion, extra: dict, seed: int) -> dict:
-    from hessianflow.eigen import lanczos
+    from hessianflow.linalg.eigen import lanczos
 
     op32 = _operator(kind, model.float(), criterion, extra)
     m64 = copy.deepcopy(model).double()

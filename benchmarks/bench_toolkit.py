@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hessianflow.diagonal import diagonal  # noqa: E402
-from hessianflow.linop import DenseOperator  # noqa: E402
-from hessianflow.solve import solve  # noqa: E402
+from hessianflow.linalg.diagonal import diagonal  # noqa: E402
+from hessianflow.linalg.linop import DenseOperator  # noqa: E402
+from hessianflow.linalg.solve import solve  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -44,10 +44,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from hessianflow.cli import train  # noqa: E402
-from hessianflow.data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
-from hessianflow.models import get_model  # noqa: E402
 from hessianflow.training.adversarial import normalized_bounds, pixel_eps  # noqa: E402
+from hessianflow.training.data import dataset_info, fixed_batch, get_datasets, set_augmentation_epoch  # noqa: E402
 from hessianflow.training.loop import evaluate, train_epoch  # noqa: E402
+from hessianflow.training.models import get_model  # noqa: E402
 from hessianflow.training.tracking import top_eigenvalue  # noqa: E402
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000

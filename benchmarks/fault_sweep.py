@@ -81,7 +81,7 @@ def kills(work: str, count: int, epochs: int, rng: random.Random) -> dict:
 
 
 def damaged(work: str, good: str, flips: int, rng: random.Random) -> dict:
-    from hessianflow.checkpoint import load_checkpoint, save_checkpoint
+    from hessianflow.io.checkpoint import load_checkpoint, save_checkpoint
 
     base = load_checkpoint(good)
     cases = {}

@@ -74,8 +74,8 @@ def measure(fn, repeats: int) -> dict:
 
 
 def resnet_workload(device, batch: int):
-    from hessianflow.data import fixed_batch, get_datasets
-    from hessianflow.models import get_model
+    from hessianflow.training.data import fixed_batch, get_datasets
+    from hessianflow.training.models import get_model
 
     _, plain, _ = get_datasets("synthetic", augment=False, seed=0, num_train=max(1024, batch), num_test=16)
     torch.manual_seed(0)

@@ -143,7 +143,7 @@ def step_numerics() -> None:
     d = abs(float(pw.eigenvalues[0]) - float(ref[0])) / abs(float(ref[0]))
     check("power iteration top-1 on cuda", d < 1e-6, f"rel err {d:.2e}")
     exact = float(Dc.diagonal().sum())
-    for name, fn in (("hutchinson", hf.hutchinson_trace), ("hutch++", hf.hutchpp_trace)):
+    for name, fn in (("hutchinson", hf.linalg.trace.hutchinson_trace), ("hutch++", hf.linalg.trace.hutchpp_trace)):
         tg, tc = fn(Mg, num_matvecs=60, seed=3), fn(Dc, num_matvecs=60, seed=3)
         same = abs(tg.estimate - tc.estimate) <= 1e-9 * abs(tc.estimate)
         within = abs(tg.estimate - exact) <= 3 * tg.stderr + 1e-12
@@ -160,7 +160,7 @@ def step_numerics() -> None:
     check("SLQ nodes cuda == cpu", d < 1e-8, f"rel diff {d:.2e}")
 
     # float32 products: TF32 off by default in the operator (PyTorch turns it on for cuDNN convolutions)
-    from hessianflow.models import get_model
+    from hessianflow.training.models import get_model
 
     torch.manual_seed(0)
     c1 = get_model("c1").eval()
@@ -222,7 +222,7 @@ def cuda_time(fn, repeats: int = 10) -> float:
 
 def step_timings() -> None:
     import hessianflow as hf
-    from hessianflow.models import get_model
+    from hessianflow.training.models import get_model
 
     torch.manual_seed(0)
     model = get_model("ResNet", depth=20).to(DEV).eval()

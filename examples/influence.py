@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hessianflow import HessianOperator  # noqa: E402
-from hessianflow.solve import solve  # noqa: E402
+from hessianflow.linalg.solve import solve  # noqa: E402
 
 DAMPING = 1e-2  # keeps (H + damping I) well conditioned (Koh & Liang use a damping term too)
 

@@ -27,11 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hessianflow.curvature import HessianOperator, exact_hessian  # noqa: E402
 from hessianflow.curvature.analysis import loss_landscape, per_layer  # noqa: E402
-from hessianflow.data import make_synthetic  # noqa: E402
-from hessianflow.density import spectral_density  # noqa: E402
-from hessianflow.eigen import lanczos  # noqa: E402
+from hessianflow.linalg.density import spectral_density  # noqa: E402
+from hessianflow.linalg.eigen import lanczos  # noqa: E402
+from hessianflow.linalg.trace import trace  # noqa: E402
 from hessianflow.plotting import plot_density, plot_landscape_1d, plot_per_layer  # noqa: E402
-from hessianflow.trace import trace  # noqa: E402
+from hessianflow.training.data import make_synthetic  # noqa: E402
 
 
 def main(out_dir: str) -> dict:

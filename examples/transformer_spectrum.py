@@ -13,7 +13,7 @@ Usage::
     python examples/transformer_spectrum.py --text README.md --layers 2 --embd 64 --heads 4
     python examples/transformer_spectrum.py --from-pretrained runs/gpt2-bytes --text data.txt --out figures/
 
-It prints the top-k eigenvalues (Lanczos 1950), the trace (:func:`hessianflow.trace`), a table with the
+It prints the top-k eigenvalues (Lanczos 1950), the trace (:func:`hessianflow.linalg.trace`), a table with the
 top eigenvalue and trace of each transformer block's diagonal Hessian block (:func:`hessianflow.per_layer`),
 and writes the spectral density (stochastic Lanczos quadrature, Ghorbani et al. 2019) to
 ``<out>/transformer_density.png``.

@@ -48,12 +48,12 @@ import sys
 import torch
 
 import hessianflow as hf
-from hessianflow.checkpoint import check_writable_dir, write_json
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as driver
 from hessianflow.cli import train
-from hessianflow.data import DATASETS
-from hessianflow.models import ARCHS
+from hessianflow.io.checkpoint import check_writable_dir, write_json
+from hessianflow.training.data import DATASETS
+from hessianflow.training.models import ARCHS
 
 CONFIGS = {
     # digits: 1,437 training images, 45 mini-batches of 32 an epoch
@@ -358,7 +358,7 @@ def main(args) -> dict:
         "settings": vars(args),
         "table": table,
         "runs": results,
-        "versions": hf.versions(),
+        "versions": hf.io.checkpoint.versions(),
     }
     out["json"] = write_json(os.path.join(args.out_dir, "absa_vs_baseline.json"), out)
     out["png"] = plot(results, args, os.path.join(args.out_dir, "absa_vs_baseline.png"))

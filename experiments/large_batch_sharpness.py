@@ -42,11 +42,11 @@ import torch
 from torch import nn
 
 import hessianflow as hf
-from hessianflow.checkpoint import check_writable_dir, write_json
-from hessianflow.checkpoint_format import make_checkpoint
 from hessianflow.cli import common as _cli
-from hessianflow.data import DATASETS, dataset_info, get_datasets, subset_loader
-from hessianflow.models import ARCHS, get_model
+from hessianflow.io.checkpoint import check_writable_dir, write_json
+from hessianflow.io.checkpoint_format import make_checkpoint
+from hessianflow.training.data import DATASETS, dataset_info, get_datasets, subset_loader
+from hessianflow.training.models import ARCHS, get_model
 
 # Each configuration is a set of flag defaults; a flag given on the command line wins.
 CONFIGS = {
@@ -229,7 +229,7 @@ def train_one(args, regime, seed, plain, test, info, device, track):
     eig = top_eigenvalue(model, criterion, full, args.eig_tol, seed)
     test_res = hf.evaluate(model, subset_loader(test, batch_size=args.eval_batch), criterion, device=device)
     ckpt_path = os.path.join(args.out_dir, f"{regime}_seed{seed}.pkl")
-    hf.save_checkpoint(
+    hf.io.checkpoint.save_checkpoint(
         make_checkpoint(model, dataset=args.name, epoch=len(history), args={**vars(args), "seed": seed}), ckpt_path
     )
     return {
@@ -327,7 +327,7 @@ def main(args) -> dict:
         "num_train": len(plain),
         "summary": summary,
         "runs": runs,
-        "versions": hf.versions(),
+        "versions": hf.io.checkpoint.versions(),
     }
     result["json"] = write_json(os.path.join(args.out_dir, "large_batch_sharpness.json"), result)
     result["png"] = plot(runs, summary, args, os.path.join(args.out_dir, "large_batch_sharpness.png"))

@@ -103,7 +103,7 @@ def hessian_vector_product(gradsH, params, v) -> list[torch.Tensor]:
         >>> hessian_vector_product(gradsH, [w], [torch.tensor([1.0, 0.0])])
         [tensor([2., 1.])]
     """
-    from .hvp import double_backprop_hvp
+    from .curvature.hvp import double_backprop_hvp
 
     gradsH, params, v = list(gradsH), list(params), list(v)
     if not (len(gradsH) == len(params) == len(v)):
@@ -120,8 +120,8 @@ def _check_cuda(cuda: bool) -> None:
 
 
 def _eigen(op, maxIter, tol):
-    from .eigen import power_iteration
-    from .hvp import unflatten
+    from .curvature.hvp import unflatten
+    from .linalg.eigen import power_iteration
 
     # HessianFlow's start: torch.randn per parameter from the global generator (torch.manual_seed
     # reproduces it), on the CPU, then moved to the operator's device

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .linop import NonFiniteError
+from .linalg.linop import NonFiniteError
 
 __all__ = [
     "DistContext",

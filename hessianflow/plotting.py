@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 
-from .checkpoint import atomic_write
+from .io.checkpoint import atomic_write
 
 __all__ = [
     "plot_density",
@@ -67,7 +67,7 @@ def _titles(fig, ax, title, subtitle, default):
 
 
 def _save(fig, path) -> str:
-    """Save ``fig`` as a PNG at ``path`` with :func:`~hessianflow.checkpoint.atomic_write`; return the path.
+    """Save ``fig`` as a PNG at ``path`` with :func:`~hessianflow.io.checkpoint.atomic_write`; return the path.
 
     The directory is created if needed. A failed write raises ``OSError`` (an I/O failure, exit status
     4 in the scripts), and leaves the previous image, if any, in place.
@@ -143,7 +143,7 @@ def plot_density(
     """Plot a Hessian spectral density (stochastic Lanczos quadrature, Ghorbani et al. 2019).
 
     Args:
-        result_or_grid_and_density: a :class:`~hessianflow.density.DensityResult` (smoothed with its
+        result_or_grid_and_density: a :class:`~hessianflow.linalg.density.DensityResult` (smoothed with its
             ``density(grid, sigma)`` on a grid spanning its ``support()`` plus ``margin`` of the width
             on each side), or a pair ``(grid, density)`` of equal-length sequences.
         path: where to write the PNG.
@@ -324,7 +324,7 @@ def plot_eigen_history(
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import plot_eigen_history
+        >>> from hessianflow.plotting import plot_eigen_history
         >>> history = [{"epoch": e, "eigenvalue": 40.0 / e, "lr": 0.1 if e < 3 else 0.02} for e in range(1, 6)]
         >>> path = plot_eigen_history(history, os.path.join(tempfile.mkdtemp(), "eig.png"), lr_decay_epochs=[3])
         >>> open(path, "rb").read(4)
@@ -402,7 +402,7 @@ def plot_topk(eigenvalues, path, title: str | None = None, subtitle: str | None 
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import plot_topk
+        >>> from hessianflow.plotting import plot_topk
         >>> path = plot_topk([52.1, 20.3, 11.8, 7.5], os.path.join(tempfile.mkdtemp(), "topk.png"), title="top-4")
         >>> open(path, "rb").read(4)
         b'\\x89PNG'
@@ -472,7 +472,7 @@ def plot_landscape_1d(
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import plot_landscape_1d
+        >>> from hessianflow.plotting import plot_landscape_1d
         >>> alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
         >>> losses = [0.5 + 2.0 * a * a for a in alphas]  # e.g. hessianflow.curvature.analysis.loss_landscape
         >>> path = plot_landscape_1d(alphas, losses, os.path.join(tempfile.mkdtemp(), "l1d.png"))
@@ -537,7 +537,7 @@ def plot_landscape_2d(
 
     Example:
         >>> import os, tempfile, torch
-        >>> from hessianflow import plot_landscape_2d
+        >>> from hessianflow.plotting import plot_landscape_2d
         >>> a = torch.linspace(-1, 1, 5)
         >>> losses = 0.5 + 2.0 * a[:, None] ** 2 + 0.5 * a[None, :] ** 2  # [alphas, betas]
         >>> path = plot_landscape_2d(a, a, losses, os.path.join(tempfile.mkdtemp(), "l2d.png"))
@@ -622,7 +622,7 @@ def plot_per_layer(
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import plot_per_layer
+        >>> from hessianflow.plotting import plot_per_layer
         >>> names = ["conv1", "conv2", "fc"]
         >>> path = os.path.join(tempfile.mkdtemp(), "layers.png")
         >>> path = plot_per_layer(names, [12.0, 3.5, 0.8], [40.0, 9.0, 1.1], path)

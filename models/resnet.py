@@ -1,5 +1,5 @@
-"""HessianFlow's ``models.resnet`` (``from models.resnet import *``): :mod:`hessianflow.models.resnet`."""
+"""HessianFlow's ``models.resnet`` (``from models.resnet import *``): :mod:`hessianflow.training.models.resnet`."""
 
-from hessianflow.models.resnet import ResNet, resnet  # noqa: F401
+from hessianflow.training.models.resnet import ResNet, resnet  # noqa: F401
 
 __all__ = ["resnet"]

@@ -34,15 +34,15 @@ from hessianflow.curvature import (  # noqa: E402
     products,  # noqa: E402
 )
 from hessianflow.curvature.analysis import loss_landscape  # noqa: E402
-from hessianflow.density import spectral_density  # noqa: E402
 from hessianflow.distributed import (  # noqa: E402
     assert_same_on_all_ranks,
     broadcast_buffers,
     init_distributed,
     shard,
 )
-from hessianflow.eigen import lanczos, power_iteration  # noqa: E402
-from hessianflow.trace import hutchinson_trace, trace  # noqa: E402
+from hessianflow.linalg.density import spectral_density  # noqa: E402
+from hessianflow.linalg.eigen import lanczos, power_iteration  # noqa: E402
+from hessianflow.linalg.trace import hutchinson_trace, trace  # noqa: E402
 
 try:  # a script run from tests/ (torchrun puts its folder on sys.path), or imported by pytest
     from dense_reference import mlp
@@ -230,9 +230,9 @@ def _train(out_dir: str, argv: list[str], rank: int, script: str = "train") -> i
 
 
 def _driver(out_dir: str, argv: list[str], rank: int) -> int:
-    from hessianflow.checkpoint import write_json
     from hessianflow.cli import common as _cli
     from hessianflow.cli import eig as drv
+    from hessianflow.io.checkpoint import write_json
 
     fail_rank = os.environ.get("DIST_WORKER_FAIL_RANK")
     if fail_rank is not None and int(fail_rank) == rank:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hessianflow.linop import LinearOperator
+from hessianflow.linalg.linop import LinearOperator
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dense_reference import mlp
 from torch.utils.data import DataLoader, TensorDataset
 
-from hessianflow.linop import NonFiniteError
+from hessianflow.linalg.linop import NonFiniteError
 from hessianflow.training.absa import ABSAController, Decision
 from hessianflow.training.adversarial import fgsm
 from hessianflow.training.loop import evaluate, set_lr, train_epoch

@@ -11,8 +11,8 @@ from dense_reference import func_hessian, ggn, mlp
 from torch import nn
 
 from hessianflow import GGNOperator, HessianOperator, lanczos, spectral_density, trace
-from hessianflow.algebra import BlockDiagonalOperator, ComposedOperator, LinearCombination, symmetric_operator
-from hessianflow.linop import DenseOperator, as_operator
+from hessianflow.linalg.algebra import BlockDiagonalOperator, ComposedOperator, LinearCombination, symmetric_operator
+from hessianflow.linalg.linop import DenseOperator, as_operator
 
 DT = torch.float64
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from hessianflow.curvature import GGNOperator, HessianOperator, exact_hessian
 from hessianflow.curvature.analysis import LayerResult, layer_blocks, loss_landscape, per_layer
-from hessianflow.eigen import lanczos
+from hessianflow.linalg.eigen import lanczos
 
 DT = torch.float64
 

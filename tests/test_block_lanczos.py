@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hessianflow import eigen
-from hessianflow.eigen import lanczos
+from hessianflow.linalg import eigen
+from hessianflow.linalg.eigen import lanczos
 
 try:
     from spectra import CountingOperator, sym_matrix

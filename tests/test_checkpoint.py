@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hessianflow.checkpoint import (
+from hessianflow.io.checkpoint import (
     CheckpointError,
     check_writable_dir,
     extract_state_dict,
@@ -128,7 +128,7 @@ def test_read_only_directory(tmp_path):
 
 
 def test_permission_denied_is_reported_even_when_running_as_root(tmp_path, monkeypatch):
-    import hessianflow.checkpoint as ck
+    import hessianflow.io.checkpoint as ck
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
@@ -269,7 +269,7 @@ def test_set_rng_state_rejects_garbage():
 
 
 def test_remove_stale_temporaries_only_touches_this_checkpoints_leftovers(tmp_path):
-    from hessianflow.checkpoint import remove_stale_temporaries
+    from hessianflow.io.checkpoint import remove_stale_temporaries
 
     for name in (".c.pkl.abc123.tmp", ".c.pkl.zz.tmp", ".other.pkl.abc.tmp", "c.pkl", ".c.pkl.keep"):
         (tmp_path / name).write_bytes(b"x")

@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from hessianflow import checkpoint_format as cf
-from hessianflow.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.cli import train
 from hessianflow.curvature import HessianOperator
-from hessianflow.data import fixed_batch, get_datasets
-from hessianflow.eigen import lanczos
-from hessianflow.models import get_model
+from hessianflow.io import checkpoint_format as cf
+from hessianflow.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hessianflow.linalg.eigen import lanczos
+from hessianflow.training.data import fixed_batch, get_datasets
+from hessianflow.training.models import get_model
 
 SYN = {"name": "synthetic", "seed": 3, "synthetic_train": 64, "synthetic_test": 32}
 BATCH = 16

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from hessianflow import ABSAController, pgd, set_lr
-from hessianflow import checkpoint_format as cf
-from hessianflow.checkpoint import save_checkpoint
+from hessianflow import ABSAController
+from hessianflow.io import checkpoint_format as cf
+from hessianflow.io.checkpoint import save_checkpoint
+from hessianflow.training.adversarial import pgd
+from hessianflow.training.loop import set_lr
 
 
 def _controller(**kw):

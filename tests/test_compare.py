@@ -9,7 +9,7 @@ from dense_reference import check_png, func_hessian, ggn, mlp
 from torch import nn
 
 from hessianflow.curvature.compare import CurvatureComparison, compare_curvatures, plot_comparison, wasserstein1
-from hessianflow.density import DensityResult
+from hessianflow.linalg.density import DensityResult
 
 DT = torch.float64
 K = 3

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hessianflow.data as utils
-from hessianflow.data import (
+import hessianflow.training.data as utils
+from hessianflow.training.data import (
     DATASETS,
     DataNotFoundError,
     data_range,
@@ -582,7 +582,7 @@ def test_getData_rejects_bad_batch_sizes():
 @pytest.mark.slow
 def test_root_utils_serves_hessianflows_imports_from_a_checkout():
     """``from utils import getData`` (HessianFlow's import, run from a checkout) is the package's data layer:
-    the same batches as :func:`hessianflow.data.getData` (and ``import *`` fails on a stale ``__all__``)."""
+    the same batches as :func:`hessianflow.training.data.getData` (and ``import *`` fails on a stale ``__all__``)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "from utils import *\n"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hessianflow.density import DensityResult, spectral_density
+from hessianflow.linalg.density import DensityResult, spectral_density
 
 try:
     from spectra import CountingOperator, spectrum, sym_matrix

@@ -1,5 +1,5 @@
-"""hf.diagonal and hf.frobenius_norm_sq against dense float64 matrices with chosen spectra: exact cases to
-1e-12, stochastic estimates within a few standard errors over fixed seeds, the standard errors' own
+"""hf.diagonal and hf.linalg.diagonal.frobenius_norm_sq against dense float64 matrices with chosen spectra:
+exact cases to 1e-12, stochastic estimates within a few standard errors over fixed seeds, the standard errors' own
 calibration (a biased standard deviation fails it), and a model's Hessian and GGN."""
 
 import math
@@ -10,8 +10,8 @@ from dense_reference import func_hessian, ggn, mlp
 from torch import nn
 
 from hessianflow import GGNOperator, HessianOperator
-from hessianflow.diagonal import DiagonalResult, diagonal, frobenius_norm_sq
-from hessianflow.linop import DenseOperator
+from hessianflow.linalg.diagonal import DiagonalResult, diagonal, frobenius_norm_sq
+from hessianflow.linalg.linop import DenseOperator
 
 DT = torch.float64
 

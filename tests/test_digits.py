@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from dense_reference import need_sklearn
 from torch import nn
 
-from hessianflow.checkpoint import save_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.cli import train
 from hessianflow.curvature import HessianOperator
-from hessianflow.data import (
+from hessianflow.io.checkpoint import save_checkpoint
+from hessianflow.linalg.eigen import lanczos
+from hessianflow.training.data import (
     DATASETS,
     DataNotFoundError,
     dataset_info,
@@ -28,8 +29,7 @@ from hessianflow.data import (
     load_digits_tensors,
     set_augmentation_epoch,
 )
-from hessianflow.eigen import lanczos
-from hessianflow.models import get_model
+from hessianflow.training.models import get_model
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from hessianflow.distributed import (
     launched_by_torchrun,
     shard,
 )
-from hessianflow.linop import NonFiniteError
+from hessianflow.linalg.linop import NonFiniteError
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -318,10 +318,10 @@ def _read_log(path):
 
 @pytest.mark.slow
 def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
-    from hessianflow.checkpoint import load_checkpoint
     from hessianflow.cli import train
-    from hessianflow.data import get_datasets
-    from hessianflow.models import get_model
+    from hessianflow.io.checkpoint import load_checkpoint
+    from hessianflow.training.data import get_datasets
+    from hessianflow.training.models import get_model
     from hessianflow.training.tracking import top_eigenvalue
 
     two, one = tmp_path / "two", tmp_path / "one"
@@ -377,9 +377,9 @@ def test_absa_on_two_processes_matches_one_process(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_resnet_tracks_the_full_set_eigenvalue_of_one_process(tmp_path):
-    from hessianflow.checkpoint import load_checkpoint
-    from hessianflow.data import get_datasets
-    from hessianflow.models import get_model
+    from hessianflow.io.checkpoint import load_checkpoint
+    from hessianflow.training.data import get_datasets
+    from hessianflow.training.models import get_model
     from hessianflow.training.tracking import top_eigenvalue
 
     # --eig-batches 2 of 24: the first 48 samples, whatever the world size (each rank holds 24 of them)

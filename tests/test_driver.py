@@ -13,14 +13,14 @@ import torch
 from dense_reference import check_png
 from torch import nn
 
-from hessianflow.checkpoint import save_checkpoint
-from hessianflow.checkpoint_format import make_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.curvature import GGNOperator, HessianOperator
-from hessianflow.data import fixed_batch, get_datasets
-from hessianflow.eigen import lanczos, power_iteration
-from hessianflow.models import get_model
+from hessianflow.io.checkpoint import save_checkpoint
+from hessianflow.io.checkpoint_format import make_checkpoint
+from hessianflow.linalg.eigen import lanczos, power_iteration
+from hessianflow.training.data import fixed_batch, get_datasets
+from hessianflow.training.models import get_model
 
 SYN = ["--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "128"]
 BATCH = 16
@@ -47,7 +47,7 @@ def tiny_resnet(num_classes=10, seed=0):
 
 
 def full_checkpoint(model, path, **over):
-    """A checkpoint in the format train.py writes (hessianflow.checkpoint_format), ``over`` replacing fields."""
+    """A checkpoint in the format train.py writes (hessianflow.io.checkpoint_format), ``over`` replacing fields."""
     args = {"name": "synthetic", "seed": DATA_SEED, "synthetic_train": 256, "synthetic_test": 128}
     ckpt = {**make_checkpoint(model, dataset="synthetic", epoch=1, args=args), **over}
     save_checkpoint(ckpt, path)

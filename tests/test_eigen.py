@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from hessianflow.eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
+from hessianflow.linalg.eigen import ConvergenceWarning, EigenResult, lanczos, power_iteration
 
 try:
     from spectra import CountingOperator, eig_order, spectrum, sym_matrix

@@ -12,10 +12,10 @@ import torch
 from dense_reference import check_png, need_sklearn
 from torch import nn
 
-from hessianflow.checkpoint_format import load_model
 from hessianflow.curvature import HessianOperator
-from hessianflow.data import get_datasets, subset_loader
-from hessianflow.eigen import lanczos
+from hessianflow.io.checkpoint_format import load_model
+from hessianflow.linalg.eigen import lanczos
+from hessianflow.training.data import get_datasets, subset_loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,8 +10,8 @@ from dense_reference import ggn as func_ggn
 from torch import nn
 
 from hessianflow.curvature import GGNOperator, HessianOperator, fast_paths
-from hessianflow.hvp import flatten, unflatten
-from hessianflow.linop import NonFiniteError
+from hessianflow.curvature.hvp import flatten, unflatten
+from hessianflow.linalg.linop import NonFiniteError
 
 DT = torch.float64
 RTOL = 1e-10

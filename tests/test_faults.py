@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import hessianflow as hf
-from hessianflow.checkpoint import save_checkpoint
-from hessianflow.checkpoint_format import make_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
-from hessianflow.linop import LinearOperator, NonFiniteError
-from hessianflow.models import get_model
+from hessianflow.io.checkpoint import save_checkpoint
+from hessianflow.io.checkpoint_format import make_checkpoint
+from hessianflow.linalg.linop import LinearOperator, NonFiniteError
+from hessianflow.training.models import get_model
 
 
 class Poisoned(LinearOperator):
@@ -34,9 +34,9 @@ SOLVERS = {
     "lanczos": lambda A: hf.lanczos(A, k=3, seed=0),
     "lanczos_SA": lambda A: hf.lanczos(A, k=2, which="SA", seed=0),
     "spectral_density": lambda A: hf.spectral_density(A, num_runs=2, num_steps=20, seed=0),
-    "hutchinson": lambda A: hf.hutchinson_trace(A, num_matvecs=20, seed=0),
-    "hutchpp": lambda A: hf.hutchpp_trace(A, num_matvecs=24, seed=0),
-    "xtrace": lambda A: hf.xtrace(A, num_matvecs=20, seed=0),
+    "hutchinson": lambda A: hf.linalg.trace.hutchinson_trace(A, num_matvecs=20, seed=0),
+    "hutchpp": lambda A: hf.linalg.trace.hutchpp_trace(A, num_matvecs=24, seed=0),
+    "xtrace": lambda A: hf.linalg.trace.xtrace(A, num_matvecs=20, seed=0),
     "trace_auto": lambda A: hf.trace(A, num_matvecs=20, seed=0),
 }
 
@@ -49,7 +49,7 @@ def test_non_finite_product_raises(name, value):
         SOLVERS[name](A)
 
 
-@pytest.mark.filterwarnings("ignore::hessianflow.eigen.ConvergenceWarning")  # close eigenvalues, few steps
+@pytest.mark.filterwarnings("ignore::hessianflow.linalg.eigen.ConvergenceWarning")  # close eigenvalues, few steps
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_the_same_operator_without_the_fault_gives_finite_results(name):
     # guards the test above: the solvers do run to the end on this operator when nothing is poisoned

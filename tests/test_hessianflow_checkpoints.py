@@ -2,7 +2,7 @@
 
 The networks below are written out from HessianFlow's model definitions (its models/c1.py and
 models/resnet.py: the layer names, their order and the forward computation), independently of
-hessianflow.models. Their state_dicts, saved as HessianFlow saved them (``torch.save(model.state_dict())``,
+hessianflow.training.models. Their state_dicts, saved as HessianFlow saved them (``torch.save(model.state_dict())``,
 with or without DataParallel's ``module.`` prefix), must load into the driver by name and give the same
 logits and the same top Hessian eigenvalue as the original network. This project's own pre-0.2 layout
 (``features.N`` / ``classifier.N`` / ``shortcut``) keeps loading through a tested key map.
@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hessianflow.checkpoint_format import load_model, upgrade_state_dict
 from hessianflow.cli import eig as drv
 from hessianflow.cli.common import run as run_cli
 from hessianflow.curvature import HessianOperator
-from hessianflow.data import fixed_batch, get_datasets
-from hessianflow.eigen import lanczos
-from hessianflow.models import get_model
+from hessianflow.io.checkpoint_format import load_model, upgrade_state_dict
+from hessianflow.linalg.eigen import lanczos
+from hessianflow.training.data import fixed_batch, get_datasets
+from hessianflow.training.models import get_model
 
 SYN = ["--name", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32"]
 BATCH, SEED = 16, 1

@@ -1,4 +1,4 @@
-"""The eigenvalue history's files (hessianflow.history): the format, and what a failed write does.
+"""The eigenvalue history's files (hessianflow.io.history): the format, and what a failed write does.
 
 A tracker's CSV or a figure that cannot be written mid-run is an I/O failure: the library raises
 ``OSError`` and keeps the previous file; the scripts exit with status 4 (not 2, a user mistake).
@@ -11,11 +11,11 @@ import os
 import pytest
 
 import hessianflow
-from hessianflow import history as history_mod
 from hessianflow import plotting as plotting_mod
-from hessianflow.checkpoint import atomic_write as real_atomic_write
 from hessianflow.cli import common as _cli
 from hessianflow.cli import train
+from hessianflow.io import history as history_mod
+from hessianflow.io.checkpoint import atomic_write as real_atomic_write
 from hessianflow.training import tracking
 
 T = ["--name", "synthetic", "--synthetic-train", "128", "--synthetic-test", "64", "--arch", "c1", "--batch-size", "32",
@@ -108,7 +108,7 @@ def test_figure_failing_mid_run_exits_4(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("target, module", [("train_log.jsonl", "train"), ("metrics.json", "checkpoint")])
 def test_other_mid_run_writes_failing_exit_4(tmp_path, monkeypatch, capsys, target, module):
     """The epoch log and metrics.json are written mid-run too: an I/O failure (4), not a user mistake (2)."""
-    from hessianflow import checkpoint as ckpt_mod
+    from hessianflow.io import checkpoint as ckpt_mod
 
     calls = []
     monkeypatch.setattr(train if module == "train" else ckpt_mod, "atomic_write", _failing(target, 1, calls))

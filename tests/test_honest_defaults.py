@@ -11,10 +11,10 @@ import warnings
 import pytest
 import torch
 
-from hessianflow.density import spectral_density
-from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
-from hessianflow.linop import LinearOperator
-from hessianflow.trace import trace
+from hessianflow.linalg.density import spectral_density
+from hessianflow.linalg.eigen import ConvergenceWarning, lanczos, power_iteration
+from hessianflow.linalg.linop import LinearOperator
+from hessianflow.linalg.trace import trace
 
 try:
     from spectra import sym_matrix
@@ -86,7 +86,7 @@ def test_complement_check_waits_eight_steps_at_a_loose_tol(k):
 def test_trace_standard_error_uses_the_unbiased_standard_deviation():
     # A biased standard deviation (dividing by m instead of m - 1) gives a standard error sqrt((m-1)/m) too
     # small: 13% at m = 4. Both the formula on the returned samples and its expectation are checked.
-    from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace
+    from hessianflow.linalg.trace import hutchinson_trace, hutchpp_trace, trace
 
     A = sym_matrix(torch.linspace(-1.0, 3.0, 30, dtype=DT), seed=4)
     for res in (

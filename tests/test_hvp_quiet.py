@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import warnings
 import torch
-from hessianflow.hvp import forward_over_reverse_hvp
+from hessianflow.curvature.hvp import forward_over_reverse_hvp
 
 warnings.simplefilter("always")
 

@@ -19,9 +19,9 @@ import hessianflow as hf
 from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator, resolve_params
 from hessianflow.curvature.analysis import loss_landscape, per_layer
 from hessianflow.curvature.batches import move_batch, split_samples
+from hessianflow.curvature.hvp import flatten, unflatten
 from hessianflow.curvature.losses import causal_lm_loss
-from hessianflow.hvp import flatten, unflatten
-from hessianflow.linop import NonFiniteError
+from hessianflow.linalg.linop import NonFiniteError
 from hessianflow.training.loop import evaluate, train_epoch
 from hessianflow.training.tracking import top_eigenvalue
 

@@ -44,7 +44,7 @@ def test_chunked_hessian_equals_the_whole_batch_hessian(size):
     # a chunk smaller than the batch: nothing held between products; one chunk: the graph is reused
     assert op.reuse_graph == (size >= 10)
     v = torch.randn(op.size, dtype=DT, generator=torch.Generator().manual_seed(2))
-    g = hf.flatten(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+    g = hf.curvature.hvp.flatten(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
     assert rel_err(op.gradient(), g) < 1e-12
     assert rel_err(op.matvec(v), ref @ v) < 1e-12
 

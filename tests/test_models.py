@@ -4,7 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from hessianflow.models import ARCHS, C1, C2, ResNet, canonical_arch, count_parameters, get_model, resnet_num_blocks
+from hessianflow.training.models import (
+    ARCHS,
+    C1,
+    C2,
+    ResNet,
+    canonical_arch,
+    count_parameters,
+    get_model,
+    resnet_num_blocks,
+)
 
 # (in_channels, input_size, num_classes) of each data set the scripts support.
 SHAPES = {

@@ -8,8 +8,8 @@ from dense_reference import ViewNet, func_hessian, ggn, mlp, small_cnn, warm_bat
 from torch import nn
 
 from hessianflow.curvature import GGNOperator, HessianOperator, exact_hessian, resolve_params
-from hessianflow.hvp import flatten, unflatten
-from hessianflow.linop import NonFiniteError
+from hessianflow.curvature.hvp import flatten, unflatten
+from hessianflow.linalg.linop import NonFiniteError
 
 DT = torch.float64
 RTOL = 1e-10

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 import dense_reference  # noqa: E402
 
 from hessianflow import plotting as P  # noqa: E402
-from hessianflow.density import DensityResult  # noqa: E402
+from hessianflow.linalg.density import DensityResult  # noqa: E402
 
 # these plots are mostly page: more than half of the pixels near-white (the shared default allows 0.3)
 check_png = functools.partial(dense_reference.check_png, white=(0.5, 0.995))

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from hessianflow.density import spectral_density
-from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
-from hessianflow.linop import DenseOperator
-from hessianflow.trace import _xtrace_from_sketch, hutchinson_trace, hutchpp_trace, trace, xtrace
+from hessianflow.linalg.density import spectral_density
+from hessianflow.linalg.eigen import ConvergenceWarning, lanczos, power_iteration
+from hessianflow.linalg.linop import DenseOperator
+from hessianflow.linalg.trace import _xtrace_from_sketch, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 try:
     from spectra import eig_order, sym_matrix

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from hessianflow import checkpoint as ckpt_mod
-from hessianflow.checkpoint import load_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import train
+from hessianflow.io import checkpoint as ckpt_mod
+from hessianflow.io.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--name", "synthetic", "--synthetic-train", "192", "--synthetic-test", "64", "--no-progress",

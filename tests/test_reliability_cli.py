@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from hessianflow import checkpoint as ck
-from hessianflow.checkpoint import load_checkpoint, save_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import eig as drv
 from hessianflow.cli import train, train_resnet
+from hessianflow.io import checkpoint as ck
+from hessianflow.io.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = ["--name", "synthetic", "--synthetic-train", "128", "--synthetic-test", "64", "--arch", "c1", "--batch-size", "32",

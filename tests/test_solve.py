@@ -14,8 +14,8 @@ from dense_reference import func_hessian, ggn, mlp
 from torch import nn
 
 from hessianflow import ConvergenceWarning, GGNOperator, HessianOperator
-from hessianflow.linop import DenseOperator, LinearOperator
-from hessianflow.solve import SolveResult, solve
+from hessianflow.linalg.linop import DenseOperator, LinearOperator
+from hessianflow.linalg.solve import SolveResult, solve
 
 DT = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import hessianflow as hf
 from hessianflow._checks import check_int
 from hessianflow.curvature import HessianOperator
-from hessianflow.density import spectral_density
-from hessianflow.eigen import ConvergenceWarning, lanczos, power_iteration
-from hessianflow.linop import LinearOperator
-from hessianflow.trace import hutchinson_trace, hutchpp_trace, trace, xtrace
+from hessianflow.linalg.density import spectral_density
+from hessianflow.linalg.eigen import ConvergenceWarning, lanczos, power_iteration
+from hessianflow.linalg.linop import LinearOperator
+from hessianflow.linalg.trace import hutchinson_trace, hutchpp_trace, trace, xtrace
 from hessianflow.training.tracking import EigenTracker, top_eigenvalue
 
 try:
@@ -79,7 +79,7 @@ def test_complex_input_is_refused_not_silently_made_real():
         lambda: power_iteration(H, k=1),
         lambda: trace(H, num_matvecs=4),
         lambda: spectral_density(H, num_steps=2),
-        lambda: hf.DenseOperator(H),
+        lambda: hf.linalg.linop.DenseOperator(H),
     ):
         with pytest.raises(ValueError, match="complex"):
             call()

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from hessianflow.linop import DenseOperator
-from hessianflow.trace import TraceResult, _xtrace_from_sketch, hutchinson_trace, hutchpp_trace, trace, xtrace
+from hessianflow.linalg.linop import DenseOperator
+from hessianflow.linalg.trace import TraceResult, _xtrace_from_sketch, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 try:
     from spectra import CountingOperator, spectrum, sym_matrix

@@ -10,8 +10,8 @@ from dense_reference import mlp
 from torch import nn
 
 from hessianflow.curvature import exact_hessian
-from hessianflow.eigen import ConvergenceWarning
-from hessianflow.linop import NonFiniteError
+from hessianflow.linalg.eigen import ConvergenceWarning
+from hessianflow.linalg.linop import NonFiniteError
 from hessianflow.training.tracking import EigenTracker, load_history, top_eigenvalue
 
 
@@ -46,7 +46,7 @@ def test_top_eigenvalue_lanczos_matches_dense(problem):
 
 def test_top_eigenvalue_passes_the_start_vector(problem):
     from hessianflow.curvature import HessianOperator
-    from hessianflow.eigen import lanczos
+    from hessianflow.linalg.eigen import lanczos
 
     model, crit, data, _, evals = problem
     res = top_eigenvalue(model, crit, data=data, method="lanczos", tol=1e-10, max_iter=200, v0="gradient", seed=3)

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from hessianflow.checkpoint import load_checkpoint
 from hessianflow.cli import common as _cli
 from hessianflow.cli import train, train_resnet
 from hessianflow.curvature import HessianOperator
-from hessianflow.data import dataset_info, get_datasets
-from hessianflow.eigen import lanczos
-from hessianflow.models import get_model
+from hessianflow.io.checkpoint import load_checkpoint
+from hessianflow.linalg.eigen import lanczos
+from hessianflow.training.data import dataset_info, get_datasets
+from hessianflow.training.models import get_model
 
 TINY = ["--name", "synthetic", "--synthetic-train", "320", "--synthetic-test", "160", "--no-progress"]
 
@@ -215,7 +215,7 @@ def test_an_unconverged_eigenvalue_is_one_line_of_the_epoch_log_not_a_warning(fl
     """The ABSA check (and the tracker) printed a raw ConvergenceWarning (source line, "consider lanczos()")."""
     import warnings
 
-    from hessianflow.eigen import ConvergenceWarning
+    from hessianflow.linalg.eigen import ConvergenceWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -166,7 +166,7 @@ def choice_ci(choices):
 
 
 def add_data_args(parser, name_default="cifar10"):
-    from ..data import DATASETS
+    from ..training.data import DATASETS
 
     g = parser.add_argument_group("data")
     g.add_argument(
@@ -220,7 +220,7 @@ def check_device(parser, device: str) -> None:
 
 def check_resnet_depth(parser, arch: str, depth: int) -> None:
     """Refuse a CIFAR ResNet depth other than 6n+2 (argparse error, exit 2); the other models have none."""
-    from ..models import canonical_arch
+    from ..training.models import canonical_arch
 
     if canonical_arch(arch) == "ResNet" and (depth < 8 or (depth - 2) % 6):
         parser.error(f"argument --depth: the CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -259,11 +259,11 @@ def run(main, parse_args, argv=None, interrupted: str = INTERRUPTED) -> int:
     curvature exits 3; an I/O failure mid-run exits 4; Ctrl-C prints ``interrupted`` and exits 130.
     Anything else is a bug and keeps its traceback.
     """
-    from ..checkpoint import CheckpointError, WriteError
-    from ..linop import NonFiniteError
+    from ..io.checkpoint import CheckpointError, WriteError
+    from ..linalg.linop import NonFiniteError
 
     try:
-        from ..data import DataNotFoundError
+        from ..training.data import DataNotFoundError
     except ImportError:  # pragma: no cover
         DataNotFoundError = FileNotFoundError
 

@@ -47,12 +47,12 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from .. import checkpoint_format as cf
 from .._checks import is_int
-from ..checkpoint import check_writable_dir, versions, write_json
-from ..checkpoint_format import ModelSpec
 from ..distributed import is_distributed
-from ..models import ARCHS
+from ..io import checkpoint_format as cf
+from ..io.checkpoint import check_writable_dir, versions, write_json
+from ..io.checkpoint_format import ModelSpec
+from ..training.models import ARCHS
 from . import common as _cli
 
 # Lanczos's tolerance on each eigenvalue's relative error (its default criterion): float32 products cannot
@@ -345,7 +345,7 @@ def load_model(args, log):
     ``input_size``, ``dataset`` (None for a bare state_dict), ``kind``, ``epoch``, ``train_args`` and
     ``versions``.
     """
-    from ..data import DATASETS, dataset_info
+    from ..training.data import DATASETS, dataset_info
 
     bare_spec = None
     if args.arch is not None:  # used only if the file is a bare state_dict: the data set gives the shapes
@@ -378,8 +378,8 @@ def load_data(args, meta, log, ctx=None):
     contiguous shard of the samples one process would analyse, which the operators and the landscape
     then sum over the ranks.
     """
-    from ..data import dataset_info, fixed_batch, get_datasets, subset_loader
     from ..distributed import shard
+    from ..training.data import dataset_info, fixed_batch, get_datasets, subset_loader
 
     rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
 
@@ -581,7 +581,7 @@ def describe(run: _Run, model, meta, name, data_desc, op) -> dict:
 
 def check_loss(run: _Run, model, criterion, source) -> dict:
     """The loss and accuracy on the analysed data: a check that the weights are the trained ones."""
-    from ..linop import NonFiniteError
+    from ..linalg.linop import NonFiniteError
 
     batches = [source["data"]] if "data" in source else source["dataloader"]
     res = _cli.evaluate_on_ranks(model, batches, criterion, run.ctx.device)
@@ -595,7 +595,7 @@ def check_loss(run: _Run, model, criterion, source) -> dict:
 def _solve_quietly(solve, reasons: list | None = None):
     """Run a solver with its ConvergenceWarnings caught (the driver reports convergence itself); their
     texts are appended to ``reasons`` when it is given."""
-    from ..eigen import ConvergenceWarning
+    from ..linalg.eigen import ConvergenceWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -626,7 +626,7 @@ def _why_not_converged(eig) -> tuple[str, str]:
 
 def eigenvalues(run: _Run, op):
     """The ``--top-k`` eigenpairs (or as many as ``--landscape`` needs); returns ``(result, section)``."""
-    from ..eigen import lanczos, power_iteration
+    from ..linalg.eigen import lanczos, power_iteration
 
     args = run.args
     k = args.top_k
@@ -681,7 +681,7 @@ _WHICH = {"LA": "largest", "SA": "smallest", "LM": "largest-magnitude"}
 
 def trace_estimate(run: _Run, op) -> dict:
     """``--trace``: Hutchinson-type estimate with its standard error."""
-    from ..trace import trace
+    from ..linalg.trace import trace
 
     t0 = time.time()
     tr = trace(op, num_matvecs=run.args.trace_matvecs, seed=run.args.seed + 1)
@@ -695,7 +695,7 @@ def trace_estimate(run: _Run, op) -> dict:
 
 def density(run: _Run, op) -> dict:
     """``--density``: stochastic Lanczos quadrature, and its figure."""
-    from ..density import spectral_density
+    from ..linalg.density import spectral_density
     from ..plotting import plot_density
 
     args = run.args

@@ -1,6 +1,6 @@
 """The rules of ``--resume``: which flags define a run, and how a checkpoint's settings come back.
 
-The scripts' business, not the checkpoint format's: :mod:`hessianflow.checkpoint_format` says what a
+The scripts' business, not the checkpoint format's: :mod:`hessianflow.io.checkpoint_format` says what a
 checkpoint holds; this module says what resuming a training run from one means.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..checkpoint import CheckpointError
-from ..models import canonical_arch
+from ..io.checkpoint import CheckpointError
+from ..training.models import canonical_arch
 
 __all__ = ["RUN_FLAGS", "resume_settings"]
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import (
+from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
+from ..io.checkpoint import (
     CheckpointError,
     WriteError,
     atomic_write,
@@ -41,21 +42,20 @@ from ..checkpoint import (
     set_rng_state,
     write_json,
 )
-from ..checkpoint_format import (
+from ..io.checkpoint_format import (
     load_state_into,
     make_checkpoint,
     read_checkpoint,
     upgrade_state_dict,
     verify_checksum,
 )
-from ..data import DATASETS, dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
-from ..distributed import assert_same_on_all_ranks, broadcast_buffers, init_distributed, is_distributed, shard
-from ..eigen import ConvergenceWarning
-from ..linop import NonFiniteError
-from ..models import ARCHS, canonical_arch, get_model
+from ..linalg.eigen import ConvergenceWarning
+from ..linalg.linop import NonFiniteError
 from ..training.absa import ABSAController
 from ..training.adversarial import normalized_bounds, pixel_eps
+from ..training.data import DATASETS, dataset_info, fixed_batch, get_datasets, set_augmentation_epoch
 from ..training.loop import set_lr, train_epoch
+from ..training.models import ARCHS, canonical_arch, get_model
 from ..training.tracking import EigenTracker, top_eigenvalue
 from . import common as _cli
 from .resume import resume_settings

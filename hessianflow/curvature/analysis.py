@@ -25,11 +25,11 @@ from torch import nn
 from .._modes import model_mode
 from .._random import make_generator
 from ..distributed import reduce_or_raise
-from ..eigen import lanczos
-from ..hvp import unflatten
-from ..linop import NonFiniteError
-from ..trace import trace as _trace
+from ..linalg.eigen import lanczos
+from ..linalg.linop import NonFiniteError
+from ..linalg.trace import trace as _trace
 from .batches import LossModule, LossSpec
+from .hvp import unflatten
 from .objective import Objective
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 from .params import unwrap_model
@@ -203,8 +203,8 @@ def per_layer(
 
     Blocks with at most ``exact_threshold`` parameters are formed densely (``size`` products, in
     chunks of ``dense_chunk`` columns) and diagonalised with ``torch.linalg.eigvalsh`` in float64: exact
-    eigenvalues and trace. Larger blocks use :func:`~hessianflow.eigen.lanczos` (``which="LA"``) and
-    a stochastic trace estimator (:func:`~hessianflow.trace.trace`; ``"auto"`` picks Hutchinson 1989
+    eigenvalues and trace. Larger blocks use :func:`~hessianflow.linalg.eigen.lanczos` (``which="LA"``) and
+    a stochastic trace estimator (:func:`~hessianflow.linalg.trace.trace`; ``"auto"`` picks Hutchinson 1989
     or XTrace, Epperly et al. 2024, from the products themselves) with ``trace_matvecs`` products.
     The default threshold 1500 keeps a dense block at 18 MB in float64; forming it costs ``size``
     products (batched, so cheaper per column than Lanczos's), against roughly 100-200 for Lanczos plus
@@ -228,7 +228,7 @@ def per_layer(
         max_iter: Lanczos's product budget per block (its default when ``None``).
         operator: ``"hessian"``, ``"ggn"`` (the generalised Gauss-Newton blocks) or ``"fisher"`` (the
             empirical Fisher's).
-        trace_method: the ``method`` of :func:`~hessianflow.trace.trace` for estimated traces.
+        trace_method: the ``method`` of :func:`~hessianflow.linalg.trace.trace` for estimated traces.
         blocks: the blocks to analyse (default :func:`layer_blocks`), e.g. a subset of them.
         dense_chunk: columns per batched product when a block is formed densely.
         progress: show a tqdm bar over the blocks.

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..linop import NonFiniteError
+from ..linalg.linop import NonFiniteError
 from .losses import IGNORE_INDEX, CrossEntropyTargets, OutputLoss
 
 __all__ = [

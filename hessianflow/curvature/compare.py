@@ -8,10 +8,10 @@ For each kind of curvature, against the Hessian :math:`H`:
 * the overlap of the top-``k`` eigenspaces: the cosines of the principal angles between them (Björck &
   Golub 1973), i.e. the singular values of :math:`U_H^\\top U_K`, and their mean square
   :math:`\\|U_H^\\top U_K\\|_F^2 / k \\in [0, 1]` (1: the same subspace; about ``k/n`` for random ones);
-* the trace ratio :math:`\\operatorname{tr} K / \\operatorname{tr} H` (:func:`hessianflow.trace.trace`,
+* the trace ratio :math:`\\operatorname{tr} K / \\operatorname{tr} H` (:func:`hessianflow.linalg.trace.trace`,
   the same seed for every kind, so their sampling errors are correlated);
 * the Wasserstein-1 distance between the spectral densities: between the stochastic Lanczos quadrature
-  measures (:func:`hessianflow.density.spectral_density`, each the average of its runs' Gauss rules, the
+  measures (:func:`hessianflow.linalg.density.spectral_density`, each the average of its runs' Gauss rules, the
   same start vectors for every kind), computed exactly from their cumulative distribution functions
   (:math:`W_1 = \\int |F_K(t) - F_H(t)|\\,dt`), without a grid or a smoothing width; also divided by the
   width of the Hessian's spectrum.
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..algebra import BlockDiagonalOperator
-from ..density import DensityResult, spectral_density
-from ..eigen import EigenResult, lanczos
-from ..trace import trace
+from ..linalg.algebra import BlockDiagonalOperator
+from ..linalg.density import DensityResult, spectral_density
+from ..linalg.eigen import EigenResult, lanczos
+from ..linalg.trace import trace
 from .analysis import layer_blocks
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 
@@ -239,10 +239,10 @@ def compare_curvatures(
     :class:`~hessianflow.curvature.EmpiricalFisherOperator`, and for ``"block_diagonal"`` the Hessian with
     every block off the diagonal removed, the blocks being :func:`hessianflow.curvature.analysis.layer_blocks`'
     (one per module with parameters of its own): a
-    :class:`~hessianflow.algebra.BlockDiagonalOperator`); then its top-``k`` eigenpairs by
-    :func:`hessianflow.eigen.lanczos`, its trace by :func:`hessianflow.trace.trace` and its spectral density
-    by :func:`hessianflow.density.spectral_density`, each with the same ``seed`` for every kind. The
-    numbers reported are described in the module docstring and in :class:`KindComparison`.
+    :class:`~hessianflow.linalg.algebra.BlockDiagonalOperator`); then its top-``k`` eigenpairs by
+    :func:`hessianflow.linalg.eigen.lanczos`, its trace by :func:`hessianflow.linalg.trace.trace` and its
+    spectral density by :func:`hessianflow.linalg.density.spectral_density`, each with the same ``seed`` for
+    every kind. The numbers reported are described in the module docstring and in :class:`KindComparison`.
 
     Costs: a block-diagonal product is one Hessian product per block (``B`` per product).
 
@@ -256,11 +256,11 @@ def compare_curvatures(
         kinds: which curvatures; ``"hessian"`` is always computed (the reference) and reported first.
         k: top eigenpairs to compare (default 5).
         seed: one seed for every random vector (Lanczos start, trace, SLQ).
-        tol: Lanczos tolerance, on each eigenvalue's relative error (:func:`~hessianflow.eigen.lanczos`'s
+        tol: Lanczos tolerance, on each eigenvalue's relative error (:func:`~hessianflow.linalg.eigen.lanczos`'s
             default criterion); default ``1e-4``, three digits beyond what the table shows.
-        trace_matvecs: products per trace estimate (default 100, as :func:`~hessianflow.trace.trace`).
+        trace_matvecs: products per trace estimate (default 100, as :func:`~hessianflow.linalg.trace.trace`).
         num_runs, num_steps: SLQ runs and Lanczos steps per run (defaults 5 and 40: fewer than
-            :func:`~hessianflow.density.spectral_density`'s 10 x 90, as the comparison needs the shape of
+            :func:`~hessianflow.linalg.density.spectral_density`'s 10 x 90, as the comparison needs the shape of
             the density and its mass, not its fine detail).
         max_iter: Lanczos products at most per kind (default: Lanczos' own).
         **operator_kwargs: passed to every operator (``params=``, ``reduction=``, ``micro_batch_size=``...).
@@ -310,7 +310,7 @@ def plot_comparison(result: CurvatureComparison, path, title: str | None = None,
     """One figure: the top-``k`` eigenvalues of each kind (left) and their spectral densities (right).
 
     The densities are the SLQ rules smoothed on one grid spanning every kind's support, with the Hessian's
-    default width (:meth:`~hessianflow.density.DensityResult.default_sigma`), on a log axis floored at
+    default width (:meth:`~hessianflow.linalg.density.DensityResult.default_sigma`), on a log axis floored at
     ``1e-8`` (as :func:`hessianflow.plotting.plot_density`). Needs matplotlib (``pip install
     'hessianflow[plot]'``), imported only here.
 

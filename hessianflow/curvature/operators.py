@@ -1,6 +1,6 @@
 """Curvature operators of a model's loss: the Hessian, the generalised Gauss-Newton matrix, the empirical Fisher.
 
-Each is a :class:`~hessianflow.linop.LinearOperator` on the flat vector of the chosen parameters: an
+Each is a :class:`~hessianflow.linalg.linop.LinearOperator` on the flat vector of the chosen parameters: an
 :class:`~hessianflow.curvature.objective.Objective` (what the matrix is the curvature of, and how its data
 splits) times a product (:mod:`~hessianflow.curvature.products`: how one piece's product is computed),
 combined over the pieces by :mod:`~hessianflow.curvature.combine`. The classes here only wire those
@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..distributed import FallbackOnAllRanks
-from ..hvp import flatten, flatten_batched, unflatten
-from ..linop import LinearOperator
+from ..linalg.linop import LinearOperator
 from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
 from .fast_paths import FastPaths
+from .hvp import flatten, flatten_batched, unflatten
 from .objective import OBJECTIVE_OPTIONS, Objective
 from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
 

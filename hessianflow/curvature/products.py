@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..hvp import (
+from ..linalg.linop import NonFiniteError
+from .batches import LossModule, split_samples, tensor_leaves, with_tensor_leaves
+from .hvp import (
     double_backprop_hmm,
     double_backprop_hvp,
     flatten,
@@ -26,8 +28,6 @@ from ..hvp import (
     forward_over_reverse_hvp,
     unflatten,
 )
-from ..linop import NonFiniteError
-from .batches import LossModule, split_samples, tensor_leaves, with_tensor_leaves
 
 __all__ = [
     "Product",
@@ -106,6 +106,27 @@ class DoubleBackprop(Product):
         return _zeros_for_none(state, self.obj.params)  # the reused first-order graph is the gradient itself
 
 
+class _DecomposedMSE(torch.overrides.TorchFunctionMode):
+    """``F.mse_loss`` as its decomposition ``((input - target) ** 2)`` reduced, for forward-over-reverse.
+
+    In torch 2.14 the forward-mode derivative of ``mse_loss``'s backward with ``reduction="mean"`` fails
+    (``ZeroTensors are immutable``, plain ``torch.func`` too: tests/test_objective.py keeps the reduced
+    case, and tells when torch fixes it). The decomposition is the same function with the same
+    derivatives. Calls with the legacy ``size_average``/``reduce`` arguments or a ``weight`` go through
+    unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        plain = all(kwargs.get(k) is None for k in ("size_average", "reduce", "weight"))
+        if func is torch.nn.functional.mse_loss and len(args) == 2 and plain:
+            inputs, targets = torch.broadcast_tensors(*args)
+            d = (inputs - targets) ** 2
+            reduction = kwargs.get("reduction", "mean")
+            return d.mean() if reduction == "mean" else d.sum() if reduction == "sum" else d
+        return func(*args, **kwargs)
+
+
 class ForwardOverReverse(Product):
     """:math:`Hv` as ``torch.func.jvp`` of ``torch.func.grad``; batched over vectors with ``vmap``."""
 
@@ -119,10 +140,11 @@ class ForwardOverReverse(Product):
     def apply(self, batch, pieces, batched, retain):
         loss_fn = self._functional_loss(batch)
         # (in train mode, the objective's mode has BatchNorm's running statistics off: nothing is mutated)
-        if not batched:
-            return forward_over_reverse_hvp(loss_fn, self.obj.params, pieces)
-        hmm = torch.func.vmap(lambda *t: tuple(forward_over_reverse_hvp(loss_fn, self.obj.params, t)))
-        return list(hmm(*pieces))
+        with _DecomposedMSE():
+            if not batched:
+                return forward_over_reverse_hvp(loss_fn, self.obj.params, pieces)
+            hmm = torch.func.vmap(lambda *t: tuple(forward_over_reverse_hvp(loss_fn, self.obj.params, t)))
+            return list(hmm(*pieces))
 
 
 class FiniteDifference(Product):

@@ -14,7 +14,7 @@ maximal batch and, in any case, after half of the epochs.
 Two independent parts:
 
 - :class:`ABSAController` holds the schedule. It knows nothing about models or Hessians: the caller
-  computes the eigenvalue (e.g. with :mod:`hessianflow.eigen`) and passes it to
+  computes the eigenvalue (e.g. with :mod:`hessianflow.linalg.eigen`) and passes it to
   :meth:`ABSAController.end_of_epoch`.
 - :func:`~hessianflow.training.loop.train_epoch` / :func:`~hessianflow.training.loop.evaluate`
   (:mod:`hessianflow.training.loop`) are the training and test loops it drives.
@@ -30,7 +30,7 @@ Typical use::
         eig = None
         if ctl.needs_eigenvalue(epoch):
             H = HessianOperator(model, criterion, data=hessian_batch)   # hessianflow.curvature
-            eig = power_iteration(H, k=1, seed=epoch).eigenvalues[0].item()  # hessianflow.eigen
+            eig = power_iteration(H, k=1, seed=epoch).eigenvalues[0].item()  # hessianflow.linalg.eigen
         decision = ctl.end_of_epoch(epoch, eig)
 """
 
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .._checks import check_int, check_positive
-from ..linop import NonFiniteError
+from ..linalg.linop import NonFiniteError
 
 __all__ = ["ABSAController", "Decision"]
 

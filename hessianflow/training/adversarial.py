@@ -55,7 +55,7 @@ def pixel_eps(eps: float, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
         ``eps`` to :func:`fgsm` / :func:`pgd`.
 
     Example:
-        >>> from hessianflow import pixel_eps
+        >>> from hessianflow.training.adversarial import pixel_eps
         >>> pixel_eps(8 / 255, std=(0.5, 0.25, 0.5)).flatten()  # 8/255 in pixel units, per channel
         tensor([0.0627, 0.1255, 0.0627], dtype=torch.float64)
     """
@@ -81,7 +81,7 @@ def normalized_bounds(
         ``clamp`` to :func:`fgsm` / :func:`pgd`.
 
     Example:
-        >>> from hessianflow import normalized_bounds
+        >>> from hessianflow.training.adversarial import normalized_bounds
         >>> lo, hi = normalized_bounds(mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
         >>> lo.flatten(), hi.flatten()  # [0, 1] pixels, normalised per channel
         (tensor([-1., -2., -1.], dtype=torch.float64), tensor([1., 2., 1.], dtype=torch.float64))
@@ -207,7 +207,7 @@ def fgsm(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from hessianflow import fgsm
+        >>> from hessianflow.training.adversarial import fgsm
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Linear(4, 3)
         >>> x, y = torch.rand(2, 4), torch.tensor([0, 2])
@@ -267,7 +267,7 @@ def pgd(
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from hessianflow import pgd
+        >>> from hessianflow.training.adversarial import pgd
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Linear(4, 3)
         >>> x, y = torch.rand(2, 4), torch.tensor([0, 2])

@@ -23,7 +23,7 @@ from .._checks import check_int, check_positive
 from .._modes import model_mode
 from ..curvature.batches import LossSpec, move_batch, split_inputs_targets
 from ..curvature.params import unwrap_model
-from ..linop import NonFiniteError
+from ..linalg.linop import NonFiniteError
 from .adversarial import fgsm
 
 __all__ = ["train_epoch", "evaluate", "set_lr"]
@@ -34,7 +34,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
     Example:
         >>> import torch
-        >>> from hessianflow import set_lr
+        >>> from hessianflow.training.loop import set_lr
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
         >>> set_lr(opt, 0.05)
         >>> opt.param_groups[0]["lr"]

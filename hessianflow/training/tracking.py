@@ -6,10 +6,10 @@ schedule (ABSA) reacts to it, and the eigenvalue history is the figure that show
 ending in sharper regions. This module keeps that measurement and its log:
 
 - :func:`top_eigenvalue`: the top eigenpair(s) of a model's Hessian over a batch or a data loader, a thin
-  convenience over :class:`~hessianflow.curvature.HessianOperator` and :mod:`hessianflow.eigen`.
+  convenience over :class:`~hessianflow.curvature.HessianOperator` and :mod:`hessianflow.linalg.eigen`.
 - :class:`EigenTracker`: measures (or is told) the eigenvalue once per epoch, together with the training
   metrics of that epoch, and keeps the history: CSV and JSON files written atomically (their format,
-  and :func:`load_history` which reads them, live in :mod:`hessianflow.history`), a figure, and a
+  and :func:`load_history` which reads them, live in :mod:`hessianflow.io.history`), a figure, and a
   ``state_dict`` of plain Python types so that a resumed run keeps its history.
 
 Example::
@@ -33,13 +33,13 @@ from .._checks import check_int, check_positive, is_int
 from ..curvature.batches import LossSpec
 from ..curvature.objective import OBJECTIVE_OPTIONS
 from ..curvature.operators import HessianOperator
-from ..eigen import EigenResult, lanczos, power_iteration
-from ..history import FIELDS as _FIELDS
-from ..history import load_history, write_csv, write_json
-from ..history import plain_value as _plain
-from ..linop import NonFiniteError
-from ..trace import METHODS as _TRACE_METHODS
-from ..trace import trace as _estimate_trace
+from ..io.history import FIELDS as _FIELDS
+from ..io.history import load_history, write_csv, write_json
+from ..io.history import plain_value as _plain
+from ..linalg.eigen import EigenResult, lanczos, power_iteration
+from ..linalg.linop import NonFiniteError
+from ..linalg.trace import METHODS as _TRACE_METHODS
+from ..linalg.trace import trace as _estimate_trace
 
 __all__ = ["top_eigenvalue", "EigenTracker", "load_history"]
 
@@ -87,8 +87,8 @@ def top_eigenvalue(
     """The top ``k`` eigenpairs of the Hessian of ``criterion(model(x), y)`` over a batch or a loader.
 
     Builds a :class:`~hessianflow.curvature.HessianOperator` and runs
-    :func:`~hessianflow.eigen.power_iteration` (``method="power"``: the ``k`` eigenvalues of largest
-    *magnitude*, the method of HessianFlow and PyHessian) or :func:`~hessianflow.eigen.lanczos`
+    :func:`~hessianflow.linalg.eigen.power_iteration` (``method="power"``: the ``k`` eigenvalues of largest
+    *magnitude*, the method of HessianFlow and PyHessian) or :func:`~hessianflow.linalg.eigen.lanczos`
     (``method="lanczos"``, ``which="LA"``: the ``k`` *largest* eigenvalues, usually with an order of
     magnitude fewer products for the same accuracy). Near a minimum the two agree; they differ when a
     negative eigenvalue outweighs the largest positive one.
@@ -110,13 +110,13 @@ def top_eigenvalue(
             makes repeated calls reproducible.
         progress: show a progress bar over the loader's batches.
         v0: the start vector: ``None`` (random, from ``seed``), a flat tensor, or ``"gradient"`` (the
-            loss gradient plus 1% of a random vector; see :func:`~hessianflow.eigen.lanczos`).
+            loss gradient plus 1% of a random vector; see :func:`~hessianflow.linalg.eigen.lanczos`).
         **objective: the objective's further keywords, passed on unchanged
             (:class:`~hessianflow.curvature.objective.Objective`): ``params``, ``loss_fn``, ``reduction``,
             ``batch_weight``, ``train_mode``, ``num_batches``, ``micro_batch_size``, ``distributed``.
 
     Returns:
-        the solver's :class:`~hessianflow.eigen.EigenResult` (``eigenvalues[0]`` is the top one;
+        the solver's :class:`~hessianflow.linalg.eigen.EigenResult` (``eigenvalues[0]`` is the top one;
         ``converged`` says whether its test passed, and a ``ConvergenceWarning`` is emitted if not).
 
     Raises:
@@ -184,7 +184,7 @@ class EigenTracker:
         tol: see :func:`top_eigenvalue` (default ``1e-3``, PyHessian's and HessianFlow's).
         trace: also estimate the trace of the Hessian at each step.
         trace_matvecs: products spent on the trace (default 100: PyHessian's ``maxIter`` for
-            ``trace()``), with ``trace_method`` (see :func:`hessianflow.trace.trace`; default
+            ``trace()``), with ``trace_method`` (see :func:`hessianflow.linalg.trace.trace`; default
             ``"hutchinson"``, Hutchinson 1989, which reports a standard error).
         seed: an int or ``None`` (fresh randomness each step).
         out_dir: if given, ``eigen_history.csv`` and ``eigen_history.json`` are rewritten there
@@ -375,11 +375,11 @@ class EigenTracker:
 
     # -- files ---------------------------------------------------------------------------------
     def to_csv(self, path) -> str:
-        """Write the history as CSV (see :mod:`hessianflow.history`); return the path."""
+        """Write the history as CSV (see :mod:`hessianflow.io.history`); return the path."""
         return write_csv(self.history, path)
 
     def to_json(self, path) -> str:
-        """Write ``{"version", "config", "history"}`` as JSON (see :mod:`hessianflow.history`); return the path."""
+        """Write ``{"version", "config", "history"}`` as JSON (see :mod:`hessianflow.io.history`); return the path."""
         return write_json(self.history, path, config=self._config())
 
     def save(self) -> dict:

@@ -2,7 +2,7 @@
 
 nn.Modules only, no training code. Build one by name with :func:`get_model`::
 
-    from hessianflow.models import get_model
+    from hessianflow.training.models import get_model
     net = get_model("ResNet", depth=20, num_classes=10)             # CIFAR-10
     net = get_model("c1", num_classes=10, in_channels=1, input_size=28)   # MNIST
 

@@ -3,12 +3,12 @@
 * :func:`diagonal`: Hutchinson's diagonal estimator (Bekas, Kokiopoulou & Saad 2007), XDiag (Epperly,
   Tropp & Webber 2024), the exact diagonal when the budget reaches ``n`` products, or ``"auto"``, which
   chooses between the two estimators from the first half of its products (the rule of
-  :func:`hessianflow.trace.trace`).
+  :func:`hessianflow.linalg.trace.trace`).
 * :func:`frobenius_norm_sq`: :math:`\\|A\\|_F^2 = \\operatorname{tr}(A^\\top A)` by Hutchinson on
   :math:`A^\\top A` (:math:`\\|A z\\|^2` per Rademacher vector), with a standard error, beside
-  :func:`hessianflow.trace.trace` (PyHessian issue #14 asks for the sum of squared Hessian entries).
+  :func:`hessianflow.linalg.trace.trace` (PyHessian issue #14 asks for the sum of squared Hessian entries).
 
-Both take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor and use batched
+Both take a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor and use batched
 products; samples are accumulated in float64.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int
-from ._random import make_generator, rademacher
+from .._checks import check_int
+from .._random import make_generator, rademacher
 from .algebra import symmetric_operator
 from .linop import LinearOperator
 from .trace import TraceResult, _uncaptured_fraction
@@ -91,7 +91,7 @@ def _mean_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _hutchinson_samples(op: LinearOperator, count: int, gen: torch.Generator) -> torch.Tensor:
     """``[n, count]`` samples :math:`z \\odot A z` with Rademacher ``z``."""
-    # [count, n] transposed, so the vectors do not depend on the chunking (as in hessianflow.trace)
+    # [count, n] transposed, so the vectors do not depend on the chunking (as in hessianflow.linalg.trace)
     Z = rademacher((count, op.size), gen, dtype=torch.float64, device=op.device).T
     return Z * _products(op, Z)
 
@@ -123,7 +123,7 @@ def _xdiag(op: LinearOperator, Om: torch.Tensor, Y: torch.Tensor) -> tuple[torch
     dmax = float(d.abs().max())
     floor = 1e3 * torch.finfo(torch.float64).eps * dmax if dmax > 0 else 1.0
     Rreg = R.clone()
-    # a rank-deficient sketch (rank A < s): lift R_ii ~ 0 to the rounding floor, as hessianflow.trace does;
+    # a rank-deficient sketch (rank A < s): lift R_ii ~ 0 to the rounding floor, as hessianflow.linalg.trace does;
     # those columns of Q are junk directions where the estimate is exact anyway
     small = d.abs() < floor
     if bool(small.any()):
@@ -165,15 +165,15 @@ def diagonal(A, num_matvecs: int = 100, method: str = "auto", seed=None) -> Diag
     ``"exact"``: ``n`` products with the unit vectors; chosen by every method when ``num_matvecs >= n``.
 
     ``"auto"`` (default) computes the sketch :math:`Y = A\\Omega` with ``m//2`` Rademacher vectors, measures
-    the share :math:`\\rho` of it that deflation leaves (as :func:`hessianflow.trace.trace` does), and
+    the share :math:`\\rho` of it that deflation leaves (as :func:`hessianflow.linalg.trace.trace` does), and
     finishes as XDiag if :math:`\\rho < 1/2` (deflation leaves at most half of Hutchinson's variance),
     otherwise as Hutchinson, keeping the first ``m//2`` samples :math:`\\omega \\odot A\\omega`.
 
     Args:
-        A: a symmetric :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a symmetric :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_matvecs: products to spend (``m``; >= 2 for Hutchinson, >= 4 for ``"xdiag"``/``"auto"``,
             unless ``m >= n``: then the diagonal is exact).
-            Default 100, as :func:`hessianflow.trace.trace`.
+            Default 100, as :func:`hessianflow.linalg.trace.trace`.
         method: ``"auto"``, ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         seed: ``None``, an int or a ``torch.Generator``.
 
@@ -231,17 +231,17 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, seed=None) -> TraceResult:
 
     for Rademacher :math:`z` (Hutchinson 1989; Girard 1989), one product per sample, with the standard
     error :math:`s/\\sqrt m` of the samples. For a Hessian this is :math:`\\sum_i \\lambda_i^2`, the sum of
-    squared eigenvalues (PyHessian #14); with :func:`hessianflow.trace.trace` it gives the spread of the
+    squared eigenvalues (PyHessian #14); with :func:`hessianflow.linalg.trace.trace` it gives the spread of the
     spectrum, :math:`\\|A\\|_F^2/n - (\\operatorname{tr}A/n)^2`. When ``num_matvecs >= n`` it is computed
     exactly from ``n`` products with the unit vectors (``method="exact"``).
 
     Args:
-        A: a symmetric :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
-        num_matvecs: samples (= products); >= 2. Default 100, as :func:`hessianflow.trace.trace`.
+        A: a symmetric :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        num_matvecs: samples (= products); >= 2. Default 100, as :func:`hessianflow.linalg.trace.trace`.
         seed: ``None``, an int or a ``torch.Generator``.
 
     Returns:
-        A :class:`~hessianflow.trace.TraceResult` (``estimate``, ``stderr``, ``num_matvecs``,
+        A :class:`~hessianflow.linalg.trace.TraceResult` (``estimate``, ``stderr``, ``num_matvecs``,
         ``method="hutchinson"`` or ``"exact"``, ``samples`` the :math:`\\|A z_k\\|^2`).
 
     Example:

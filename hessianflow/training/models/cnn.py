@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_int, is_int
+from ..._checks import check_int, is_int
 
 __all__ = ["C1", "C2", "c1_model", "c2_model", "pair"]
 

@@ -12,7 +12,7 @@ written, so a number that reads back is one that was measured.
   are written with ``repr`` (the shortest string that reads back as the same float), lists as JSON.
 - JSON (``eigen_history.json``): ``{"version": 1, "config": {...}, "history": [...]}``, strict JSON.
 
-Both files are written atomically (:func:`hessianflow.checkpoint.atomic_write`): a crash mid-write
+Both files are written atomically (:func:`hessianflow.io.checkpoint.atomic_write`): a crash mid-write
 leaves the previous file. A failed write raises ``OSError``.
 """
 
@@ -25,8 +25,8 @@ import math
 import numbers
 import os
 
+from ..linalg.linop import NonFiniteError
 from .checkpoint import atomic_write
-from .linop import NonFiniteError
 
 __all__ = ["FIELDS", "VERSION", "plain_value", "write_csv", "write_json", "load_history"]
 
@@ -56,7 +56,7 @@ def plain_value(name: str, value):
 
     Example:
         >>> import torch
-        >>> from hessianflow.history import plain_value
+        >>> from hessianflow.io.history import plain_value
         >>> plain_value("loss", torch.tensor(0.25)), plain_value("top_k", (2, 1.5))
         (0.25, [2, 1.5])
     """
@@ -138,7 +138,7 @@ def write_csv(history: list[dict], path) -> str:
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow.history import load_history, write_csv
+        >>> from hessianflow.io.history import load_history, write_csv
         >>> path = os.path.join(tempfile.mkdtemp(), "h.csv")
         >>> _ = write_csv([{"epoch": 1, "eigenvalue": 2.5, "top_k": [2.5], "lr": 0.1}], path)
         >>> open(path).readline().strip()
@@ -160,7 +160,7 @@ def write_json(history: list[dict], path, config: dict | None = None) -> str:
 
     Example:
         >>> import json, os, tempfile
-        >>> from hessianflow.history import write_json
+        >>> from hessianflow.io.history import write_json
         >>> path = os.path.join(tempfile.mkdtemp(), "h.json")
         >>> _ = write_json([{"epoch": 1, "eigenvalue": 2.5}], path, config={"method": "power"})
         >>> json.load(open(path))["config"]
@@ -180,7 +180,8 @@ def load_history(path) -> list[dict]:
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import EigenTracker, load_history
+        >>> from hessianflow import EigenTracker
+        >>> from hessianflow.training.tracking import load_history
         >>> out = tempfile.mkdtemp()
         >>> tracker = EigenTracker(out_dir=out)
         >>> _ = tracker.record(1, 3.0, lr=0.1)

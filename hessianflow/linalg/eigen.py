@@ -1,6 +1,6 @@
 """Extreme eigenpairs of a symmetric operator: power iteration and Lanczos.
 
-Both solvers take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor and know
+Both solvers take a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor and know
 nothing about models. They work on the operator's device, in float64 on the CPU and at least float32 on an
 accelerator whatever the operator's dtype (:func:`_work_dtype`); the small projected matrices are
 diagonalised in float64 on the CPU.
@@ -12,7 +12,7 @@ diagonalised in float64 on the CPU.
   tests, typically an order of magnitude fewer products than power iteration for the same accuracy.
 
 The private :class:`_Krylov` process is the one Lanczos implementation of the package; stochastic
-Lanczos quadrature (:mod:`hessianflow.density`) uses it through :func:`lanczos_quadrature` (internal:
+Lanczos quadrature (:mod:`hessianflow.linalg.density`) uses it through :func:`lanczos_quadrature` (internal:
 not in ``__all__``).
 """
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_positive
-from ._random import make_generator, randn
+from .._checks import check_int, check_positive
+from .._random import make_generator, randn
 from .linop import LinearOperator, as_operator, check_vector
 
 __all__ = ["EigenResult", "ConvergenceWarning", "power_iteration", "lanczos"]
@@ -73,7 +73,7 @@ class EigenResult:
 
     Example:
         >>> import torch
-        >>> from hessianflow.eigen import lanczos
+        >>> from hessianflow.linalg.eigen import lanczos
         >>> res = lanczos(torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)), k=2, seed=0)
         >>> [round(x, 8) for x in res.eigenvalues.tolist()], res.all_converged
         ([3.0, 2.0], True)
@@ -588,7 +588,7 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
     is found as often as it occurs (up to the tolerance).
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         k: number of eigenpairs (``1 <= k <= n``).
         max_iter: iterations (products) allowed *per eigenpair*.
         tol: the relative-change tolerance above.
@@ -815,7 +815,7 @@ def lanczos(
     multiplicity comes back with ``converged=False`` if the budget runs out first.
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         k: number of eigenpairs, ``1 <= k <= n``.
         which: ``"LA"`` (largest algebraic), ``"SA"`` (smallest algebraic) or ``"LM"`` (largest
             magnitude).

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .._checks import check_int
-from .._random import make_generator
+from ..._checks import check_int
+from ..._random import make_generator
 from .digits import _digits_datasets
 from .registry import _canonical_name, _reject_synthetic_kwargs, _synthetic_config
 from .synthetic import _synthetic_datasets

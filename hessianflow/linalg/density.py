@@ -11,7 +11,7 @@ eigenvectors (Golub & Meurant 2010). Averaging the rules over independent runs e
 :math:`\\phi` (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019 used it for neural network
 Hessians; PyHessian's ``density``).
 
-The Lanczos process is the one of :mod:`hessianflow.eigen` (full reorthogonalisation, so no ghost
+The Lanczos process is the one of :mod:`hessianflow.linalg.eigen` (full reorthogonalisation, so no ghost
 nodes).
 """
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_positive
-from ._random import make_generator, rademacher
+from .._checks import check_int, check_positive
+from .._random import make_generator, rademacher
 from .eigen import ConvergenceWarning, lanczos_quadrature
 from .linop import as_operator
 from .trace import _NONDETERMINISTIC
@@ -164,7 +164,7 @@ def spectral_density(A, num_runs: int = 10, num_steps: int = 90, seed=None, prog
     (``iter=100``, ``n_v=1``), with 10 runs so that :meth:`DensityResult.moment_stderr` is meaningful.
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_runs: independent start vectors (>= 1).
         num_steps: Lanczos steps per run (>= 1); capped at ``n``.
         seed: ``None``, an int or a ``torch.Generator``.

@@ -6,7 +6,7 @@
 * ``method="minres"``: MINRES (Paige & Saunders 1975), for any symmetric operator, the indefinite
   Hessian included; on a singular, inconsistent system it returns a least-squares solution and says so.
 
-Both take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor, work in the operator's
+Both take a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor, work in the operator's
 dtype and device (inner products in float64), and never claim a convergence they did not reach: the
 reported ``residual`` is the *true* relative residual :math:`\\|b - (A + \\delta I) x\\| / \\|b\\|`,
 recomputed with one product at the end of each run of the recurrence (the recurrences' own residuals drift
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int, check_positive
+from .._checks import check_int, check_positive
 from .algebra import symmetric_operator
 from .eigen import ConvergenceWarning
 from .linop import LinearOperator, check_vector
@@ -219,14 +219,14 @@ def solve(
     Convergence: ``converged`` is ``True`` only if the *true* relative residual
     :math:`\\|b - (A + \\delta I) x\\| / \\|b\\| \\le` ``tol`` (see the module docstring for the restart
     rule). Otherwise ``converged=False``, ``status``/``reason`` say why, and a
-    :class:`~hessianflow.eigen.ConvergenceWarning` built from those fields is emitted.
+    :class:`~hessianflow.linalg.eigen.ConvergenceWarning` built from those fields is emitted.
 
     Influence functions (Koh & Liang 2017) are the usual use:
     :math:`\\mathcal{I}(z, z_{\\mathrm{test}}) = -\\nabla L(z_{\\mathrm{test}})^\\top (H + \\delta I)^{-1}
     \\nabla L(z)`, one solve per test point (``examples/influence.py``).
 
     Args:
-        A: a symmetric :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a symmetric :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
             A general operator (``A @ B``) is refused.
         b: ``[n]`` right-hand side.
         damping: :math:`\\delta`, added to the diagonal (any finite real; a shift in MINRES).

@@ -7,8 +7,8 @@
   Hutch++, with an error estimate.
 * :func:`trace`: picks one (see its docstring for the rule and the measurements behind it).
 
-All take a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor, use batched
-products (:meth:`~hessianflow.linop.LinearOperator.matmat`), and report a standard error next to the
+All take a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor, use batched
+products (:meth:`~hessianflow.linalg.linop.LinearOperator.matmat`), and report a standard error next to the
 estimate. The samples and products are accumulated in float64 whatever the operator's dtype.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_positive
-from ._random import make_generator, rademacher, randn
+from .._checks import check_int, check_positive
+from .._random import make_generator, rademacher, randn
 from .linop import LinearOperator, as_operator
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
@@ -55,7 +55,7 @@ class TraceResult:
 
     Example:
         >>> import torch
-        >>> from hessianflow import hutchinson_trace
+        >>> from hessianflow.linalg.trace import hutchinson_trace
         >>> r = hutchinson_trace(torch.diag(torch.arange(1.0, 11.0)), num_matvecs=4, seed=0)
         >>> r.estimate, r.stderr, r.num_matvecs, r.method  # Rademacher vectors: exact on a diagonal
         (55.0, 0.0, 4, 'hutchinson')
@@ -168,7 +168,7 @@ def hutchinson_trace(
     A standard error from a handful of samples is itself too noisy to trust.
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_matvecs: the number of samples (= products) at most; >= 2. Default 100, as PyHessian's
             ``maxIter``.
         seed: ``None``, an int or a ``torch.Generator``.
@@ -177,7 +177,7 @@ def hutchinson_trace(
             error of a standard deviation from ``m`` samples is about :math:`1/\\sqrt{2(m-1)}`:
             ~24% at 10). Like any data-dependent stop, ``rtol`` slightly lowers the coverage of
             ``estimate ± 2 stderr``.
-        batch_size: vectors per :meth:`~hessianflow.linop.LinearOperator.matmat` call (also the
+        batch_size: vectors per :meth:`~hessianflow.linalg.linop.LinearOperator.matmat` call (also the
             granularity of the early stop); default ``min(num_matvecs, 10)``, which bounds memory at
             ten ``n``-vectors.
         progress: show a tqdm progress bar.
@@ -242,7 +242,7 @@ def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
     (``method="exact"``).
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_matvecs: total products ``m`` (>= 4: the Hutchinson part needs 2 samples).
         seed: ``None``, an int or a ``torch.Generator``.
 
@@ -487,7 +487,7 @@ def xtrace(A, num_matvecs: int = 100, seed=None):
     (``method="exact"``).
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_matvecs: total products ``m`` (>= 4).
         seed: ``None``, an int or a ``torch.Generator``.
 
@@ -553,7 +553,7 @@ def trace(A, num_matvecs: int = 100, seed=None, method: str = "auto"):
     (0.96 flat, 1.00 decaying, 50 seeds).
 
     Args:
-        A: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
+        A: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
         num_matvecs: total products (>= 4 for ``"auto"``, ``"hutch++"``, ``"xtrace"``; >= 2 for
             ``"hutchinson"``). Default 100, as PyHessian's ``trace(maxIter=100)``.
         seed: ``None``, an int or a ``torch.Generator``.

@@ -110,7 +110,7 @@ class LinearOperator:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
 
-    # -- algebra, scipy, determinism: thin methods over hessianflow.algebra (issue 22) -------------------
+    # -- algebra, scipy, determinism: thin methods over hessianflow.linalg.algebra (issue 22) -------------------
     # A + B, A - B, c * A, A / c, A + c (c I) stay symmetric LinearOperators; A @ B is a general
     # ComposedOperator that the symmetric solvers refuse.
     symmetric: bool = True
@@ -153,13 +153,13 @@ class LinearOperator:
         return ComposedOperator(self, other)
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` with products in PyTorch (:func:`hessianflow.algebra.to_scipy`)."""
+        """A ``scipy.sparse.linalg.LinearOperator`` with products in PyTorch (:func:`.algebra.to_scipy`)."""
         from .algebra import to_scipy
 
         return to_scipy(self)
 
     def check_deterministic(self, seed=None):
-        """Two products of one random vector compared (:func:`hessianflow.algebra.check_deterministic`)."""
+        """Two products of one random vector compared (:func:`hessianflow.linalg.algebra.check_deterministic`)."""
         from .algebra import check_deterministic
 
         return check_deterministic(self, seed=seed)

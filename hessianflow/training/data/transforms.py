@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .._checks import check_int
-from .._random import make_generator
+from ..._checks import check_int
+from ..._random import make_generator
 
 __all__ = ["RandomCropFlip", "TensorImageDataset", "set_augmentation_epoch"]
 
@@ -142,7 +142,7 @@ def set_augmentation_epoch(dataset, epoch: int, rank: Optional[int] = None) -> i
         The number of augmentation transforms updated (0 for an un-augmented set).
 
     Example:
-        >>> from hessianflow.data import get_datasets
+        >>> from hessianflow.training.data import get_datasets
         >>> train, plain, _ = get_datasets("synthetic", num_train=8, num_test=4, image_size=8)
         >>> set_augmentation_epoch(train, 0), set_augmentation_epoch(plain, 0)
         (1, 0)

@@ -1,10 +1,11 @@
-"""Operator algebra, the scipy bridge and the determinism check behind :class:`~hessianflow.linop.LinearOperator`'s
-``+``, ``-``, ``*``, ``/``, ``@``, :meth:`~hessianflow.linop.LinearOperator.to_scipy` and
-:meth:`~hessianflow.linop.LinearOperator.check_deterministic`.
+"""Operator algebra, the scipy bridge and the determinism check behind
+:class:`~hessianflow.linalg.linop.LinearOperator`'s ``+``, ``-``, ``*``, ``/``, ``@``,
+:meth:`~hessianflow.linalg.linop.LinearOperator.to_scipy` and
+:meth:`~hessianflow.linalg.linop.LinearOperator.check_deterministic`.
 
 * :class:`LinearCombination`: :math:`\\sum_i c_i A_i + s I`. Sums, differences, scalar multiples and
   shifts of symmetric operators are symmetric, so the result is a
-  :class:`~hessianflow.linop.LinearOperator` that every solver takes (``H + 1e-3`` is the damped Hessian
+  :class:`~hessianflow.linalg.linop.LinearOperator` that every solver takes (``H + 1e-3`` is the damped Hessian
   :math:`H + 10^{-3} I`).
 * :class:`ComposedOperator`: :math:`A B`. A product of two symmetric matrices is symmetric only when they
   commute, so ``A @ B`` is a *general* operator: deliberately not a ``LinearOperator``, which every
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._random import make_generator, randn
+from .._random import make_generator, randn
 from .linop import LinearOperator, as_operator
 
 __all__ = [
@@ -79,7 +80,7 @@ class LinearCombination(LinearOperator):
 
     Example:
         >>> import torch
-        >>> from hessianflow.linop import DenseOperator
+        >>> from hessianflow.linalg.linop import DenseOperator
         >>> A = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
         >>> B = DenseOperator(torch.eye(2, dtype=torch.float64))
         >>> C = 2 * A - B / 4 + 0.5  # 2A - B/4 + 0.5 I
@@ -131,10 +132,10 @@ class ComposedOperator:
     """The product :math:`A B` of two operators: a general (non-symmetric) linear map.
 
     ``A @ B`` for operators builds one. It has the products (``@``, :meth:`matvec`, :meth:`matmat`,
-    :meth:`to_dense`, :meth:`to_scipy`) but is not a :class:`~hessianflow.linop.LinearOperator`, so the
+    :meth:`to_dense`, :meth:`to_scipy`) but is not a :class:`~hessianflow.linalg.linop.LinearOperator`, so the
     symmetric solvers refuse it (see :func:`symmetric_operator` for the sentence). :math:`A B` is symmetric
     only where :math:`A` and :math:`B` commute (for :math:`\\operatorname{tr} A^2` use
-    :func:`hessianflow.diagonal.frobenius_norm_sq`).
+    :func:`hessianflow.linalg.diagonal.frobenius_norm_sq`).
 
     Attributes:
         factors: the operators, applied right to left.
@@ -142,7 +143,7 @@ class ComposedOperator:
 
     Example:
         >>> import torch
-        >>> from hessianflow.linop import DenseOperator
+        >>> from hessianflow.linalg.linop import DenseOperator
         >>> A = DenseOperator(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64))
         >>> B = DenseOperator(torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)))
         >>> AB = A @ B
@@ -222,12 +223,12 @@ class BlockDiagonalOperator(LinearOperator):
     .. math:: (A_{\\mathrm{bd}}\\, v)_b = \\sum_{i, j \\in b} A_{ij} v_j \\quad \\text{for each block } b,
 
     for a partition of the coordinates into blocks (index sets, not necessarily contiguous). One product
-    is one :meth:`~hessianflow.linop.LinearOperator.matmat` of ``A`` with the ``B`` masked copies
+    is one :meth:`~hessianflow.linalg.linop.LinearOperator.matmat` of ``A`` with the ``B`` masked copies
     :math:`P_b v` (``B`` products, in one batched call where the operator batches), of which block ``b``
     of column ``b`` is kept. Symmetric when ``A`` is, and its eigenvalues are the union of the blocks'.
 
     Args:
-        op: a :class:`~hessianflow.linop.LinearOperator` or a dense symmetric tensor.
+        op: a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor.
         blocks: a list of index sets (1-D integer tensors or lists), disjoint, covering ``0..n-1``.
         names: optional names of the blocks (e.g. the layers').
 
@@ -278,7 +279,7 @@ class BlockDiagonalOperator(LinearOperator):
 
 
 def symmetric_operator(A, who: str) -> LinearOperator:
-    """``A`` as a symmetric :class:`~hessianflow.linop.LinearOperator`, or one sentence saying why not.
+    """``A`` as a symmetric :class:`~hessianflow.linalg.linop.LinearOperator`, or one sentence saying why not.
 
     Example:
         >>> import torch
@@ -317,7 +318,7 @@ def to_scipy(op):
     for :math:`B^\\top A^\\top`, which it builds from ``matvec`` of the reversed factors: given here).
 
     Args:
-        op: a :class:`~hessianflow.linop.LinearOperator`, a dense symmetric tensor or a
+        op: a :class:`~hessianflow.linalg.linop.LinearOperator`, a dense symmetric tensor or a
             :class:`ComposedOperator`.
 
     Raises:
@@ -403,7 +404,7 @@ def check_deterministic(op, seed=None) -> DeterminismCheck:
     certify convergence on the first kind; this check measures which kind an operator is, in numbers.
 
     Args:
-        op: a :class:`~hessianflow.linop.LinearOperator` (or a dense tensor, or a :class:`ComposedOperator`).
+        op: a :class:`~hessianflow.linalg.linop.LinearOperator` (or a dense tensor, or a :class:`ComposedOperator`).
         seed: ``None``, an int or a ``torch.Generator`` for the Gaussian test vector.
 
     Returns:

@@ -112,8 +112,8 @@ def atomic_write(path: str | os.PathLike, write, what: str = "file") -> str:
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import atomic_write
-        >>> from hessianflow.checkpoint import CheckpointError
+        >>> from hessianflow.io.checkpoint import atomic_write
+        >>> from hessianflow.io.checkpoint import CheckpointError
         >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
         >>> _ = atomic_write(path, lambda f: f.write(b"first\\n"), what="notes")
         >>> def broken(f):
@@ -197,7 +197,7 @@ def save_checkpoint(obj, path: str | os.PathLike) -> str:
 
     Example:
         >>> import os, tempfile, torch
-        >>> from hessianflow import load_checkpoint, save_checkpoint
+        >>> from hessianflow.io.checkpoint import load_checkpoint, save_checkpoint
         >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
         >>> _ = save_checkpoint({"epoch": 3, "w": torch.ones(2)}, path)
         >>> load_checkpoint(path)
@@ -225,7 +225,7 @@ def write_json(path: str | os.PathLike, obj) -> str:
 
     Example:
         >>> import json, os, tempfile, torch
-        >>> from hessianflow import write_json
+        >>> from hessianflow.io.checkpoint import write_json
         >>> path = os.path.join(tempfile.mkdtemp(), "metrics.json")
         >>> _ = write_json(path, {"loss": float("nan"), "w": torch.tensor([1.5, 2.0]), "shape": (2, 3)})
         >>> json.load(open(path))  # strict JSON: NaN as null, tensors and tuples as lists
@@ -274,8 +274,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
 
     Example:
         >>> import os, tempfile, torch
-        >>> from hessianflow import load_checkpoint, save_checkpoint
-        >>> from hessianflow.checkpoint import CheckpointError
+        >>> from hessianflow.io.checkpoint import load_checkpoint, save_checkpoint
+        >>> from hessianflow.io.checkpoint import CheckpointError
         >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
         >>> _ = save_checkpoint({"epoch": 3, "w": torch.zeros(2)}, path)
         >>> load_checkpoint(path)["epoch"]
@@ -335,12 +335,12 @@ def versions() -> dict:
 
     Example:
         >>> import torch
-        >>> from hessianflow import versions
+        >>> from hessianflow.io.checkpoint import versions
         >>> v = versions()
         >>> sorted(v), v["torch"] == torch.__version__
         (['cuda', 'hessianflow', 'numpy', 'python', 'torch', 'torchvision'], True)
     """
-    from ._version import __version__
+    from .._version import __version__
 
     try:
         import torchvision
@@ -367,7 +367,7 @@ def rng_state() -> dict:
 
     Example:
         >>> import random, torch
-        >>> from hessianflow import rng_state, set_rng_state
+        >>> from hessianflow.io.checkpoint import rng_state, set_rng_state
         >>> state = rng_state()
         >>> a = (random.random(), torch.rand(2))
         >>> set_rng_state(state)
@@ -402,7 +402,7 @@ def set_rng_state(state: Mapping) -> None:
 
     Example:
         >>> import numpy as np
-        >>> from hessianflow import rng_state, set_rng_state
+        >>> from hessianflow.io.checkpoint import rng_state, set_rng_state
         >>> state = rng_state()
         >>> first = np.random.rand()
         >>> set_rng_state(state)  # e.g. of a checkpoint loaded with weights_only=True
@@ -452,7 +452,7 @@ def extract_state_dict(ckpt) -> OrderedDict:
 
     Example:
         >>> import torch
-        >>> from hessianflow import extract_state_dict
+        >>> from hessianflow.io.checkpoint import extract_state_dict
         >>> saved = {"epoch": 2, "state_dict": {"module.fc.weight": torch.zeros(1), "module.fc.bias": torch.zeros(1)}}
         >>> list(extract_state_dict(saved))  # DataParallel's prefix stripped
         ['fc.weight', 'fc.bias']
@@ -498,7 +498,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "files") -> str:
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import check_writable_dir
+        >>> from hessianflow.io.checkpoint import check_writable_dir
         >>> out = check_writable_dir(os.path.join(tempfile.mkdtemp(), "runs", "c1"), what="checkpoints")
         >>> os.path.isdir(out), os.listdir(out)  # created, and the test file removed
         (True, [])

@@ -34,17 +34,17 @@ Differences from HessianFlow's ``utils.getData`` (all deliberate):
   augmented batches too, with any number of loader workers; :func:`set_augmentation_epoch` ties the
   crops and flips to ``(seed, epoch)`` so that a resumed run repeats them.
 
-One module per topic; every name is importable from ``hessianflow.data`` (and from the checkout's
+One module per topic; every name is importable from ``hessianflow.training.data`` (and from the checkout's
 ``utils``, HessianFlow's name for it):
 
-* :mod:`~hessianflow.data.registry`: :class:`DatasetInfo`, :data:`DATASETS`, :func:`dataset_info`,
+* :mod:`~hessianflow.training.data.registry`: :class:`DatasetInfo`, :data:`DATASETS`, :func:`dataset_info`,
   :func:`data_range`, :class:`DataNotFoundError`.
-* :mod:`~hessianflow.data.transforms`: :class:`RandomCropFlip`, :func:`set_augmentation_epoch`,
+* :mod:`~hessianflow.training.data.transforms`: :class:`RandomCropFlip`, :func:`set_augmentation_epoch`,
   :class:`TensorImageDataset` and the normalisation.
-* :mod:`~hessianflow.data.synthetic`: :func:`make_synthetic`.
-* :mod:`~hessianflow.data.digits`: :func:`load_digits_tensors`.
-* :mod:`~hessianflow.data.torchvision_sets`: CIFAR-10/100, SVHN and MNIST files through torchvision.
-* :mod:`~hessianflow.data.loaders`: :func:`get_datasets`, :func:`getData`, :func:`subset_loader`,
+* :mod:`~hessianflow.training.data.synthetic`: :func:`make_synthetic`.
+* :mod:`~hessianflow.training.data.digits`: :func:`load_digits_tensors`.
+* :mod:`~hessianflow.training.data.torchvision_sets`: CIFAR-10/100, SVHN and MNIST files through torchvision.
+* :mod:`~hessianflow.training.data.loaders`: :func:`get_datasets`, :func:`getData`, :func:`subset_loader`,
   :func:`fixed_batch`.
 """
 

@@ -1,13 +1,13 @@
 """What a hessianflow checkpoint holds, in one place: the format tag, the writer, the reader with its
 validation, the model description and the rules for resuming a run.
 
-:mod:`hessianflow.checkpoint` does the safe file I/O (atomic writes, ``weights_only`` loads) for any
+:mod:`hessianflow.io.checkpoint` does the safe file I/O (atomic writes, ``weights_only`` loads) for any
 object; this module says what the object of a training run is. The training scripts write it with
 :func:`make_checkpoint`, the driver and ``--resume`` read it with :func:`read_checkpoint`, and a notebook
 rebuilds the model of any checkpoint with :func:`load_model`::
 
     >>> import torch, hessianflow as hf
-    >>> from hessianflow.models import get_model
+    >>> from hessianflow.training.models import get_model
     >>> ckpt = make_checkpoint(get_model("c1"), dataset="cifar10", epoch=3)
     >>> (ckpt["format"], ckpt["arch"], ckpt["num_classes"], ckpt["epoch"])
     ('hessianflow.checkpoint/1', 'c1', 10, 3)
@@ -33,10 +33,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from ._checks import is_int
+from .._checks import is_int
+from ..training.models import canonical_arch, get_model
+from ..training.models.cnn import pair
 from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint, versions
-from .models import canonical_arch, get_model
-from .models.cnn import pair
 
 __all__ = [
     "FORMAT",
@@ -66,14 +66,14 @@ _RECORD_INTS = ("batch_size", "large_ratio")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What rebuilds a model: the arguments of :func:`hessianflow.models.get_model` (``model.config``).
+    """What rebuilds a model: the arguments of :func:`hessianflow.training.models.get_model` (``model.config``).
 
     Example:
-        >>> from hessianflow.checkpoint_format import ModelSpec
+        >>> from hessianflow.io.checkpoint_format import ModelSpec
         >>> spec = ModelSpec("ResNet", depth=8, num_classes=10)
         >>> spec.describe()
         'ResNet-8'
-        >>> ModelSpec.of(spec.build()) == spec  # a model of hessianflow.models describes itself
+        >>> ModelSpec.of(spec.build()) == spec  # a model of hessianflow.training.models describes itself
         True
     """
 
@@ -119,7 +119,7 @@ def state_checksum(state: Mapping) -> str:
 
     Example:
         >>> import torch
-        >>> from hessianflow.checkpoint_format import state_checksum
+        >>> from hessianflow.io.checkpoint_format import state_checksum
         >>> a = {"w": torch.tensor([1.0, 2.0])}
         >>> state_checksum(a) == state_checksum({"w": torch.tensor([1.0, 2.0])})
         True
@@ -142,7 +142,7 @@ def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping
     """The checkpoint of ``model`` after ``epoch`` epochs on ``dataset`` (a dict of plain types and tensors).
 
     Args:
-        model: a model of :mod:`hessianflow.models` (or a ``DataParallel``/``DDP`` wrapper of one): its
+        model: a model of :mod:`hessianflow.training.models` (or a ``DataParallel``/``DDP`` wrapper of one): its
             ``config`` and its state_dict (without wrapper prefixes) are stored, with the state_dict's
             :func:`state_checksum` (``state_dict_sha256``), which every reader verifies.
         dataset: the data set's name.
@@ -152,7 +152,7 @@ def make_checkpoint(model: nn.Module, *, dataset: str, epoch: int, args: Mapping
             ``history``, ``updates``, ``best_test_acc``, ``elapsed``.
 
     Example:
-        >>> from hessianflow.checkpoint_format import ModelSpec, make_checkpoint
+        >>> from hessianflow.io.checkpoint_format import ModelSpec, make_checkpoint
         >>> model = ModelSpec("ResNet", depth=8).build()
         >>> ckpt = make_checkpoint(model, dataset="cifar10", epoch=5, args={"lr": 0.1})
         >>> ckpt["arch"], ckpt["depth"], ckpt["epoch"], ckpt["args"]
@@ -246,8 +246,8 @@ def read_checkpoint(path, purpose: str = "analyse"):
 
     Example:
         >>> import os, tempfile
-        >>> from hessianflow import save_checkpoint
-        >>> from hessianflow.checkpoint_format import ModelSpec, make_checkpoint, read_checkpoint
+        >>> from hessianflow.io.checkpoint import save_checkpoint
+        >>> from hessianflow.io.checkpoint_format import ModelSpec, make_checkpoint, read_checkpoint
         >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
         >>> _ = save_checkpoint(make_checkpoint(ModelSpec("c1").build(), dataset="cifar10", epoch=1), path)
         >>> ckpt, spec, state = read_checkpoint(path)
@@ -392,8 +392,8 @@ def load_model(path, spec: ModelSpec | None = None, *, arch=None, depth=None, lo
 
     Example:
         >>> import os, tempfile, torch
-        >>> from hessianflow import save_checkpoint
-        >>> from hessianflow.checkpoint_format import ModelSpec, load_model, make_checkpoint
+        >>> from hessianflow.io.checkpoint import save_checkpoint
+        >>> from hessianflow.io.checkpoint_format import ModelSpec, load_model, make_checkpoint
         >>> _ = torch.manual_seed(0)
         >>> trained = ModelSpec("ResNet", depth=8).build()
         >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._random import make_generator
+from ..._random import make_generator
 from .registry import DATASETS, DataNotFoundError
 from .transforms import TensorImageDataset, _Normalize
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_int, is_int
+from ..._checks import check_int, is_int
 from .cnn import pair
 
 __all__ = ["BasicBlock", "ResNet", "resnet", "resnet_num_blocks"]

@@ -33,7 +33,7 @@ def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
 
     Example:
         >>> import torch
-        >>> from hessianflow.hvp import flatten
+        >>> from hessianflow.curvature.hvp import flatten
         >>> flatten([torch.ones(2, 2), None], like=[None, torch.empty(1)])
         tensor([1., 1., 1., 1., 0.])
     """
@@ -60,7 +60,7 @@ def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
 
     Example:
         >>> import torch
-        >>> from hessianflow.hvp import unflatten
+        >>> from hessianflow.curvature.hvp import unflatten
         >>> unflatten(torch.arange(5.0), [torch.empty(2, 2), torch.empty(1)])
         [tensor([[0., 1.],
                 [2., 3.]]), tensor([4.])]
@@ -105,7 +105,7 @@ def double_backprop_hvp(
 
     Example (:math:`f(w) = \\sum_i w_i^3`, :math:`H = \\operatorname{diag}(6 w)`):
         >>> import torch
-        >>> from hessianflow.hvp import double_backprop_hvp
+        >>> from hessianflow.curvature.hvp import double_backprop_hvp
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> (g,) = torch.autograd.grad((w**3).sum(), w, create_graph=True)
         >>> double_backprop_hvp([g], [w], [torch.ones(2)])
@@ -164,7 +164,7 @@ def forward_over_reverse_hvp(loss_fn, params: Sequence[torch.Tensor], vecs: Sequ
 
     Example (:math:`f(w) = \\sum_i w_i^3`, :math:`H = \\operatorname{diag}(6 w)`):
         >>> import torch
-        >>> from hessianflow.hvp import forward_over_reverse_hvp
+        >>> from hessianflow.curvature.hvp import forward_over_reverse_hvp
         >>> forward_over_reverse_hvp(lambda ps: (ps[0] ** 3).sum(), [torch.tensor([1.0, 2.0])], [torch.ones(2)])
         [tensor([ 6., 12.])]
     """

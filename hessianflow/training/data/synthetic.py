@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int, is_int
-from .._random import make_generator
+from ..._checks import check_int, is_int
+from ..._random import make_generator
 from .registry import dataset_info
 from .transforms import RandomCropFlip, TensorImageDataset, _Compose, _Normalize
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..training.adversarial import normalized_bounds
+from ..adversarial import normalized_bounds
 
 __all__ = ["DATASETS", "DataNotFoundError", "DatasetInfo", "data_range", "dataset_info"]
 
