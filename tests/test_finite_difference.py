@@ -82,3 +82,49 @@ def test_float32_accuracy_and_bad_step():
     assert err < 1e-3, err  # float32 gradients differenced at h ~ 5e-3: measured in the 1e-5 range
     with pytest.raises(ValueError, match="fd_step"):
         hf.HessianOperator(m32, nn.CrossEntropyLoss(), data=(x.float(), y), backend="finite_difference", fd_step=2)
+
+
+class HalfPrecisionInside(nn.Module):
+    """A float64 model whose middle layer computes in float32 (as Llama's RMSNorm does in a float64 model)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a, self.b = nn.Linear(5, 7).double(), nn.Linear(7, 3).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = (h.float() / h.float().square().mean(-1, keepdim=True).add(1e-6).sqrt()).double()  # RMS norm
+        return self.b(h)
+
+
+def test_the_step_follows_the_precision_the_model_computes_in():
+    model = HalfPrecisionInside()
+    x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
+    H = hessian_rows(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
+    v = torch.randn(H.shape[0], dtype=DT, generator=torch.Generator().manual_seed(6))
+
+    def error(op):
+        return float((op @ v - H @ v).norm() / (H @ v).norm())
+
+    textbook = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), backend="finite_difference",
+                                  fd_step=torch.finfo(DT).eps ** (1 / 3))  # fmt: skip
+    measured = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), backend="finite_difference")
+    e_textbook, e_measured = error(textbook), error(measured)
+    assert e_textbook > 1e-3  # float32 rounding over a float64 step: the textbook step fails
+    assert e_measured < e_textbook / 20 and e_measured < 5e-4
+    assert measured.fd_step > 10 * torch.finfo(DT).eps ** (1 / 3)
+    # the reported error estimate is of the size of the real one, for both steps
+    for op, e in ((textbook, e_textbook), (measured, e_measured)):
+        assert e / 10 < op.product_noise < 10 * e, (op.product_noise, e)
+
+
+def test_a_pure_float64_model_keeps_a_small_step_and_reports_a_small_error():
+    model = mlp(5, 7, 3)
+    x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
+    op = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y), backend="finite_difference")
+    assert op.product_noise is None  # measured on the first product
+    op @ torch.ones(op.size, dtype=DT)
+    assert op.fd_step < 1e-3 and op.product_noise < 1e-7
+    exact = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
+    assert exact.product_noise is None

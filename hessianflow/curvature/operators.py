@@ -353,8 +353,15 @@ class HessianOperator(CurvatureOperator):
 
     @property
     def fd_step(self) -> float | None:
-        """The finite-difference step (``backend="finite_difference"``), else ``None``."""
+        """The finite-difference step (``backend="finite_difference"``; measured on the first product
+        unless ``fd_step=`` fixed it), else ``None``."""
         return getattr(self.product, "step", None)
+
+    @property
+    def product_noise(self) -> float | None:
+        """The products' measured relative error (finite differences, after the first product), else
+        ``None`` (exact products: their rounding is measured by the solvers themselves)."""
+        return getattr(self.product, "error", None)
 
 
 class GGNOperator(CurvatureOperator):
