@@ -157,7 +157,7 @@ def test_no_convergence_claimed_below_the_products_noise():
 
 def _c1_float32_and_float64(batch=16, size=16):
     torch.manual_seed(0)
-    m32 = hf.models.get_model("c1", input_size=size)
+    m32 = hf.training.models.get_model("c1", input_size=size)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     m32.train()
