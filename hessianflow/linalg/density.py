@@ -25,10 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_int, check_positive
-from .._random import make_generator, rademacher
+from .._random import make_generator
 from .eigen import ConvergenceWarning, lanczos_quadrature
 from .linop import as_operator
 from .trace import _NONDETERMINISTIC
+from .vectors import space_of
 
 __all__ = ["DensityResult", "spectral_density"]
 
@@ -196,8 +197,9 @@ def spectral_density(A, num_runs: int = 10, num_steps: int = 90, seed=None, prog
     m = min(num_steps, op.size)
     nodes = torch.zeros(num_runs, m, dtype=torch.float64)
     weights = torch.zeros(num_runs, m, dtype=torch.float64)
+    space = space_of(op, op.dtype)
     for r in tqdm(range(num_runs), disable=not progress, desc="SLQ", leave=False):
-        v = rademacher((op.size,), gen, dtype=op.dtype, device=op.device)
+        v = space.rademacher(gen)  # ±1: the same vector in any dtype
         theta, w, _ = lanczos_quadrature(op, v, m)
         j = theta.numel()
         nodes[r, :j] = theta

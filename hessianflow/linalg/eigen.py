@@ -26,8 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_int, check_positive
-from .._random import make_generator, randn
+from .._random import make_generator
 from .linop import LinearOperator, as_operator, check_vector
+from .vectors import safe_norm as _vector_norm
+from .vectors import space_of
 
 __all__ = ["EigenResult", "ConvergenceWarning", "power_iteration", "lanczos"]
 
@@ -147,18 +149,6 @@ def _operator_and_k(A, k) -> tuple[LinearOperator, int]:
     return op, k
 
 
-def _vector_norm(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """``torch.linalg.vector_norm`` without underflow: it squares the entries, so entries below ~1e-154
-    (a Hessian at a tiny scale; found by the property tests at 1e-206) would give norm 0 and pass any
-    residual test. Rescaled by the largest entry only then (a norm below 1e-150, or an overflow)."""
-    n = torch.linalg.vector_norm(x, dim=dim)
-    if x.numel() and bool(((n < 1e-150) | torch.isinf(n)).any()):
-        m = float(x.abs().max())
-        if m > 0.0 and math.isfinite(m):
-            return torch.linalg.vector_norm(x / m, dim=dim) * m
-    return n
-
-
 def _norm(x: torch.Tensor) -> float:
     return float(_vector_norm(x))
 
@@ -186,11 +176,11 @@ def _start_vector(op: LinearOperator, A, v0, generator: torch.Generator) -> torc
                 "v0='gradient' needs a curvature operator (HessianOperator or GGNOperator), which knows the "
                 f"gradient; got {type(A).__name__}"
             )
-        work = _work_dtype(op.dtype, op.device)
-        g = A.gradient().to(dtype=work, device=op.device)
-        gnorm = _norm(g)
-        r = randn((op.size,), generator, dtype=work, device=op.device)
-        r = r / _norm(r)
+        space = space_of(op, _work_dtype(op.dtype, op.device))
+        g = A.gradient().to(dtype=space.dtype, device=space.device)
+        gnorm = space.norm(g)
+        r = space.random(generator)
+        r = r / space.norm(r)
         if not math.isfinite(gnorm) or gnorm == 0.0:
             return r
         return g / gnorm + _GRADIENT_MIX * r
@@ -360,14 +350,15 @@ class _Krylov:
     """
 
     def __init__(self, op: LinearOperator, generator: torch.Generator, locked: torch.Tensor | None = None):
-        n, dtype, device = op.size, _work_dtype(op.dtype, op.device), op.device
-        self.dtype = dtype  # of the basis and the recurrence: at least float32, whatever the operator's dtype
+        # the vectors through the operator's vector space (hessianflow.linalg.vectors): flat by default
+        self.space = space = space_of(op, _work_dtype(op.dtype, op.device))
+        self.dtype = dtype = space.dtype  # of the basis and the recurrence: at least float32, whatever the operator's
         self.op = op
         self.generator = generator
-        self.L = locked if locked is not None else torch.zeros(n, 0, dtype=dtype, device=device)
-        self._B = torch.empty(n, 8, dtype=dtype, device=device)
+        self.L = locked if locked is not None else space.zeros(0)
+        self._B = space.empty(8)
         self.j = 0
-        self.P = torch.zeros(n, 0, dtype=dtype, device=device)
+        self.P = space.zeros(0)
         self.G = torch.zeros(0, 0, dtype=torch.float64)
         self.C = torch.zeros(0, 0, dtype=torch.float64)
         self.K = torch.zeros(self.L.shape[1], 0, dtype=torch.float64)
@@ -424,15 +415,15 @@ class _Krylov:
         """
         blocks = (self.L, self.B, self.P)
         coeffs = [torch.zeros(Q.shape[1], dtype=x.dtype, device=x.device) for Q in blocks]
-        norm = _norm(x)
+        norm = self.space.norm(x)
         ok = False
         for npass in range(5):
             for i, Q in enumerate(blocks):
                 if Q.shape[1]:
-                    c = Q.T @ x
+                    c = self.space.inner(Q, x)  # the reduction (an all-reduce of k numbers when sharded)
                     x = x - Q @ c
                     coeffs[i] += c
-            new = _norm(x)
+            new = self.space.norm(x)
             if npass >= 1 and new > 0.7 * norm:
                 ok = True
                 break
@@ -454,9 +445,9 @@ class _Krylov:
             return False
         for _ in range(1 if z is not None else 3):
             if z is None:
-                z = randn((n,), self.generator, dtype=self.dtype, device=self.op.device)
+                z = self.space.random(self.generator)
             z = z.to(self.dtype)  # a no-op unless the operator computes in lower precision
-            z0 = _norm(z)
+            z0 = self.space.norm(z)
             if z0 > 0:
                 z, nz, _, ok = self._orthogonalize(z)
                 if ok and nz > 1e2 * self.eps * z0:
@@ -482,7 +473,7 @@ class _Krylov:
         self.P = self.P[:, rest]
         self.C = self.C[:, rest]
         w = self.op.matvec(p).to(self.dtype)  # a no-op unless the operator computes in lower precision
-        raw = _norm(w)
+        raw = self.space.norm(w)
         self.anorm = max(self.anorm, raw)
         self._append_B(p)
         if tag is not None:
@@ -616,10 +607,10 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
     max_iter = check_int("max_iter", max_iter, minimum=1)
     tol = check_positive("tol", tol)
     gen = make_generator(seed)
-    n, start = op.size, op.num_matvecs
+    start = op.num_matvecs
     first = _start_vector(op, A, v0, gen)
-    work = _work_dtype(op.dtype, op.device)  # the iteration's own arithmetic: at least float32
-    U = torch.zeros(n, 0, dtype=work, device=op.device)  # [n, found]
+    space = space_of(op, _work_dtype(op.dtype, op.device))  # the iteration's own arithmetic: at least float32
+    U = space.zeros(0)  # [n, found]
     values, residuals, stopped = [], [], []
     iterations = 0
     scale = 0.0
@@ -627,14 +618,14 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
 
     def deflate(x):
         for _ in range(2):
-            x = x - U @ (U.T @ x)
+            x = x - U @ space.inner(U, x)
         return x
 
     with tqdm(total=k * max_iter, disable=not progress, desc="power iteration", leave=False) as bar:
         for i in range(k):
-            v = deflate(first if i == 0 and first is not None else randn((n,), gen, dtype=work, device=op.device))
-            v = v / _norm(v)
-            vec, lam, res, done, steps, pair_asym = _power_pair(op, v, deflate, max_iter, tol, scale, bar)
+            v = deflate(first if i == 0 and first is not None else space.random(gen))
+            v = v / space.norm(v)
+            vec, lam, res, done, steps, pair_asym = _power_pair(op, space, v, deflate, max_iter, tol, scale, bar)
             iterations += steps
             asym = max(asym, pair_asym)
             scale = max(scale, abs(lam))
@@ -693,7 +684,7 @@ def power_iteration(A, k: int = 1, max_iter: int = 100, tol: float = 1e-3, seed=
     return result
 
 
-def _power_pair(op: LinearOperator, v: torch.Tensor, deflate, max_iter: int, tol: float, scale: float, bar):
+def _power_pair(op: LinearOperator, space, v: torch.Tensor, deflate, max_iter: int, tol: float, scale: float, bar):
     """One pair of :func:`power_iteration`: iterate from the unit vector ``v`` (deflated by ``deflate``) until
     the relative-change rule fires, ``A v`` has nothing left outside the pairs found, or ``max_iter``.
 
@@ -707,14 +698,14 @@ def _power_pair(op: LinearOperator, v: torch.Tensor, deflate, max_iter: int, tol
         vec = v  # the vector whose Rayleigh quotient and residual are computed below
         w = op.matvec(v).to(v.dtype)  # a no-op unless the operator computes in lower precision
         if prev is not None:
-            asym = max(asym, abs(float(prev[0] @ w) - float(v @ prev[1])))
+            asym = max(asym, abs(space.dot(prev[0], w) - space.dot(v, prev[1])))
         prev = (v, w)
         steps += 1
         bar.update(1)
-        lam = float(v @ w)
-        res = _norm(w - lam * v)
+        lam = space.dot(v, w)
+        res = space.norm(w - lam * v)
         w = deflate(w)
-        wn = _norm(w)
+        wn = space.norm(w)
         if lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
             done = True
             break

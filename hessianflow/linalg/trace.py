@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .._checks import check_int, check_positive
 from .._random import make_generator, rademacher, randn
 from .linop import LinearOperator, as_operator
+from .vectors import space_of
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
 
@@ -128,13 +129,14 @@ def _verdict(op: LinearOperator, result: TraceResult) -> TraceResult:
 
 
 def _hutchinson_samples(op, count, gen, batch_size, bar) -> torch.Tensor:
+    space = space_of(op, torch.float64)  # the probes through the operator's vector space
     out = []
     done = 0
     while done < count:
         b = min(batch_size, count - done)
-        # Drawn vector by vector ([b, n] transposed), so the samples do not depend on batch_size.
-        Z = rademacher((b, op.size), gen, dtype=torch.float64, device=op.device).T
-        out.append((Z * _products(op, Z)).sum(dim=0).cpu())
+        # Drawn vector by vector, so the samples do not depend on batch_size.
+        Z = space.rademacher(gen, b)
+        out.append(space.column_dots(Z, _products(op, Z)).cpu())
         done += b
         if bar is not None:
             bar.update(b)
