@@ -464,3 +464,26 @@ def test_torch_still_fails_forward_over_reverse_of_mean_mse_loss():
     w = torch.randn(2, 3, dtype=DT)
     with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
         torch.func.jvp(torch.func.grad(lambda w: F.mse_loss(x @ w.T, y)), (w,), (torch.ones_like(w),))
+
+
+def test_a_sharded_model_is_refused_in_one_sentence(tmp_path):
+    """Issue 20: until FSDP2 products exist, DTensor parameters are refused (they gave silent zeros)."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = mlp(3, 5, 4, seed=1)
+        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+        for op in KINDS.values():
+            with pytest.raises(ValueError, match="sharded DTensors.*'0.weight'"):
+                op(model, nn.CrossEntropyLoss(), data=classification_batch())
+    finally:
+        dist.destroy_process_group()

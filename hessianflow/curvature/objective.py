@@ -81,6 +81,23 @@ def _changing_samples(loader, num_batches: int | None) -> str | None:
     return None
 
 
+def _refuse_sharded(params, names) -> None:
+    """One sentence for FSDP2-sharded (DTensor) parameters, which the products do not handle yet: their
+    products came back as zeros (eigenvalues of exactly 0.0, no error) and finite differences crashed on
+    the DTensor/Tensor mix."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    sharded = [n for n, p in zip(names, params) if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"{len(sharded)} parameter(s) are sharded DTensors (e.g. {sharded[0]!r}, from FSDP2's fully_shard): "
+            "curvature of a sharded model is not supported yet; compute it on the unsharded model (or a "
+            "DDP copy), whose products are summed over the ranks"
+        )
+
+
 class Objective:
     """The loss, the data, the parameters and the mode, with what the loss averages over.
 
@@ -149,6 +166,7 @@ class Objective:
         self.criterion = criterion
         self.spec = LossSpec(criterion, loss_fn, reduction, batch_weight, forward_fn, loss_of_output, model=self.model)
         self.params, self.param_names = resolve_params(self.model, params)
+        _refuse_sharded(self.params, self.param_names)
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
