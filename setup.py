@@ -33,6 +33,7 @@ extras = {
     "plot": ["matplotlib>=3.5"],
     "transformers": ["transformers>=4.40"],
     "data": ["scikit-learn>=1.0"],  # the bundled handwritten digits: a real data set with no download
+    "scipy": ["scipy>=1.8"],  # LinearOperator.to_scipy()
 }
 # pytest-xdist: pyproject's addopts run the suite on every core (-n auto)
 extras["test"] = [
@@ -43,6 +44,9 @@ extras["test"] = [
     *extras["plot"],
     *extras["transformers"],
     *extras["data"],
+    *extras["scipy"],
+    # the cross-library oracle (tests/test_curvlinops_oracle.py): never imported by the package
+    "curvlinops-for-pytorch>=3.0",
 ]
 # Peer libraries, for benchmarks/ only: measured side by side, never imported by the package.
 extras["bench"] = ["hessian-eigenthings==1.0.0a5", "curvlinops-for-pytorch", "scipy", "matplotlib>=3.5"]
