@@ -487,3 +487,44 @@ def test_a_sharded_model_is_refused_in_one_sentence(tmp_path):
                 op(model, nn.CrossEntropyLoss(), data=classification_batch())
     finally:
         dist.destroy_process_group()
+
+
+# -- issue 21: the pieces of a vector stay aligned with their parameters when one is unused ---------
+class UnusedFirst(nn.Module):
+    """Three layers of one shape; the first is never used, so its gradient is None (zeros)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.unused, self.a, self.b = (nn.Linear(3, 3, bias=False).double() for _ in range(3))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "fisher"])
+@pytest.mark.parametrize("backend", ["double_backprop", "forward_over_reverse"])
+def test_an_unused_first_layer_keeps_the_pieces_aligned(kind, backend):
+    if kind != "hessian" and backend != "double_backprop":
+        pytest.skip("one backend for the GGN and the Fisher")
+    model = UnusedFirst()
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(10, 3, generator=g, dtype=DT), torch.randn(10, 3, generator=g, dtype=DT)
+    kw = {"backend": backend} if kind == "hessian" else {}
+    M = KINDS[kind](model, nn.MSELoss(), data=(x, y), **kw).to_dense()
+    used = ["a.weight", "b.weight"]
+    if kind == "hessian":
+        ref_used = func_hessian_of(model, lambda call: F.mse_loss(call(x), y), used)
+    else:
+        full = KINDS[kind](model, nn.MSELoss(), data=(x, y), params=used).to_dense()
+        ref_used = full
+    assert M[:9].abs().max() == 0 and M[:, :9].abs().max() == 0  # the unused layer's rows and columns
+    assert rel(M[9:, 9:], ref_used) < 1e-12
+    top = hf_lanczos_top(M)
+    assert abs(top - float(torch.linalg.eigvalsh(ref_used)[-1])) < 1e-9 * abs(top)
+
+
+def hf_lanczos_top(M):
+    from hessianflow import lanczos
+
+    return float(lanczos(M, k=1, tol=1e-10, seed=0).eigenvalues[0])
