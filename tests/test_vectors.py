@@ -54,6 +54,14 @@ class Halves(FlatVectors):
     def column_dots(self, X, Y):
         return self._sum(lambda s: (X[s] * Y[s]).sum(dim=0))
 
+    def column_norms(self, X):
+        return self.column_dots(X, X).sqrt()
+
+    def qr(self, Y):
+        """Cholesky QR: the Gram matrix from local products and one sum, then a local triangular solve."""
+        R = torch.linalg.cholesky(self.inner(Y, Y)).T  # upper, positive diagonal
+        return torch.linalg.solve_triangular(R, Y, upper=True, left=False), R
+
 
 class Weighted(FlatVectors):
     """The inner product x^T W y, W = diag(w) > 0."""
@@ -90,6 +98,8 @@ def test_the_default_space_is_the_flat_one():
     A = spectrum_matrix()
     flat = InSpace(A, FlatVectors(30, DT, "cpu"))
     for run in (lambda op: hf.lanczos(op, k=3, seed=1).eigenvalues,
+                lambda op: hf.trace(op, num_matvecs=21, seed=2, method="hutch++").estimate,
+                lambda op: hf.trace(op, num_matvecs=21, seed=2, method="xtrace").estimate,
                 lambda op: hf.power_iteration(op, k=2, seed=1, max_iter=40).eigenvalues,
                 lambda op: hutchinson_trace(op, num_matvecs=12, seed=2).estimate,
                 lambda op: hf.spectral_density(op, num_runs=2, num_steps=8, seed=3).nodes):  # fmt: skip
@@ -107,6 +117,11 @@ def test_a_two_shard_space_gives_the_flat_results():
     before = space.reductions
     t_flat = hutchinson_trace(A, num_matvecs=12, seed=2).estimate
     assert abs(hutchinson_trace(op, num_matvecs=12, seed=2).estimate - t_flat) < 1e-12 * abs(t_flat)
+    for method in ("hutch++", "xtrace", "auto"):  # the block estimators: QR and inner products too
+        flat = hf.trace(A, num_matvecs=21, seed=4, method=method)
+        got = hf.trace(op, num_matvecs=21, seed=4, method=method)
+        assert abs(got.estimate - flat.estimate) < 1e-10 * abs(flat.estimate), method
+        assert abs(got.stderr - flat.stderr) < 1e-8 * flat.stderr + 1e-14, method
     d_flat = hf.spectral_density(A, num_runs=2, num_steps=8, seed=3).nodes
     assert torch.allclose(hf.spectral_density(op, num_runs=2, num_steps=8, seed=3).nodes, d_flat, rtol=1e-10)
     assert space.reductions > before > 0  # every solver went through the space

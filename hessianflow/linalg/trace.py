@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_int, check_positive
-from .._random import make_generator, rademacher, randn
+from .._random import make_generator
 from .linop import LinearOperator, as_operator
-from .vectors import space_of
+from .vectors import FlatVectors, space_of
 
 __all__ = ["TraceResult", "hutchinson_trace", "hutchpp_trace", "xtrace", "trace"]
 
@@ -272,13 +272,14 @@ def hutchpp_trace(A, num_matvecs: int = 100, seed=None):
     k = m // 3
     if k >= n:
         return _verdict(op, _exact(op, start))
-    S = rademacher((n, k), gen, dtype=torch.float64, device=op.device)
-    Q = torch.linalg.qr(_products(op, S)).Q  # [n, k]
-    low_rank = float((Q * _products(op, Q)).sum())
-    G = rademacher((n, m - 2 * k), gen, dtype=torch.float64, device=op.device)
+    space = space_of(op, torch.float64)
+    S = space.rademacher(gen, k, by_vector=False)
+    Q = space.qr(_products(op, S))[0]  # [n, k]
+    low_rank = float(space.column_dots(Q, _products(op, Q)).sum())
+    G = space.rademacher(gen, m - 2 * k, by_vector=False)
     for _ in range(2):  # projecting twice keeps G exactly outside span(Q) in floating point
-        G = G - Q @ (Q.T @ G)
-    samples = (G * _products(op, G)).sum(dim=0).cpu()
+        G = G - Q @ space.inner(Q, G)
+    samples = space.column_dots(G, _products(op, G)).cpu()
     mean, se = _mean_stderr(samples)
     return _verdict(op, TraceResult(low_rank + mean, se, op.num_matvecs - start, "hutch++", samples.tolist()))
 
@@ -356,16 +357,17 @@ class _Sketch:
 
 def _sketch_coordinates(op, Om, Y, improved: bool) -> _Sketch:
     """QR of the sketch, its ``s`` further products ``Z = AQ``, and everything in ``Q``'s coordinates."""
-    n, s = Om.shape
+    space = space_of(op, torch.float64)
+    n, s = op.size, Om.shape[1]
     f64 = torch.float64
-    Q, R = torch.linalg.qr(Y)
+    Q, R = space.qr(Y)
     Z = _products(op, Q)  # [n, s]
-    # n-length reductions on the device, then everything is s x s on the CPU.
-    om2 = (Om * Om).sum(dim=0).cpu()
-    omy = (Om * Y).sum(dim=0).cpu()
-    W = (Q.T @ Om).cpu()
-    T = (Z.T @ Om).cpu()
-    H = (Q.T @ Z).cpu()
+    # n-length reductions through the vector space, then everything is s x s on the CPU.
+    om2 = space.column_dots(Om, Om).cpu()
+    omy = space.column_dots(Om, Y).cpu()
+    W = space.inner(Q, Om).cpu()
+    T = space.inner(Z, Om).cpu()
+    H = space.inner(Q, Z).cpu()
     H = 0.5 * (H + H.T)
     R = R.cpu()
     d = R.diagonal()
@@ -515,8 +517,9 @@ def xtrace(A, num_matvecs: int = 100, seed=None):
     s = m // 2
     if s >= n:
         return _verdict(op, _exact(op, start))
-    Om = randn((n, s), gen, dtype=torch.float64, device=op.device)
-    Om = Om * (math.sqrt(n) / torch.linalg.vector_norm(Om, dim=0, keepdim=True))
+    space = space_of(op, torch.float64)
+    Om = space.randn(gen, s)
+    Om = Om * (math.sqrt(n) / space.column_norms(Om)[None, :])
     ests, se = _xtrace_from_sketch(op, Om, _products(op, Om), improved=True)
     return _verdict(op, TraceResult(float(ests.mean()), se, op.num_matvecs - start, "xtrace", ests.tolist()))
 
@@ -603,21 +606,22 @@ def _auto_trace(op: LinearOperator, m: int, gen: torch.Generator) -> TraceResult
         result = _exact(op, start)
         result.method = "auto(exact)"
         return _verdict(op, result)
-    # [s, n] transposed: the same vectors hutchinson_trace draws first for this seed.
-    Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T
+    space = space_of(op, torch.float64)
+    # drawn vector by vector: the same vectors hutchinson_trace draws first for this seed
+    Om = space.rademacher(gen, s)
     Y = _products(op, Om)
-    rho = _uncaptured_fraction(Y)
+    rho = _uncaptured_fraction(Y, space)
     if rho < 0.5:
         ests, se = _xtrace_from_sketch(op, Om, Y, improved=False)
         return _verdict(op, TraceResult(float(ests.mean()), se, op.num_matvecs - start, "auto(xtrace)", ests.tolist()))
-    first = (Om * Y).sum(dim=0).cpu()
+    first = space.column_dots(Om, Y).cpu()
     rest = _hutchinson_samples(op, m - s, gen, min(m - s, 10), None)
     samples = torch.cat([first, rest])
     mean, se = _mean_stderr(samples)
     return _verdict(op, TraceResult(mean, se, op.num_matvecs - start, "auto(hutchinson)", samples.tolist()))
 
 
-def _uncaptured_fraction(Y: torch.Tensor) -> float:
+def _uncaptured_fraction(Y: torch.Tensor, space=None) -> float:
     """The share of the sketch ``Y`` that each column's other columns leave uncaptured.
 
     :math:`\\sum_i \\|(I - P_{(i)}) y_i\\|^2 / \\sum_i \\|y_i\\|^2` for the columns ``y_i`` of ``Y``.
@@ -625,10 +629,11 @@ def _uncaptured_fraction(Y: torch.Tensor) -> float:
     With ``Y = QR``, the part of ``y_i`` outside the span of the other columns has norm
     ``1 / ||row i of R^{-1}||``.
     """
-    total = float((Y * Y).sum())
+    space = space if space is not None else FlatVectors(Y.shape[0], Y.dtype, Y.device)
+    total = float(space.column_dots(Y, Y).sum())
     if total == 0.0:
         return 0.0  # A Ω = 0: the sketch says A is (numerically) zero, deflation is exact
-    R = torch.linalg.qr(Y).R
+    R = space.qr(Y)[1]
     d = R.diagonal().abs()
     if float(d.min()) <= 1e3 * torch.finfo(torch.float64).eps * float(d.max()):
         return 0.0  # rank-deficient sketch: A has rank < s and the sketch captures all of it

@@ -7,7 +7,8 @@ zeros, random vectors, dot products, norms, and a block's inner products with a 
 ``a * x + y``) are local arithmetic on the stored pieces. The default, :class:`FlatVectors`, is a flat
 ``[n]`` tensor (a block ``[n, k]``) and reproduces the solvers' arithmetic exactly; a sharded model's
 space (issue "Spectra of models that do not fit on one GPU") keeps this rank's slice and all-reduces the
-scalars of its dot products and inner products, and nothing else changes.
+scalars of its dot products and inner products (its block QR a Cholesky QR of the all-reduced Gram
+matrix), and nothing else changes.
 
 An operator chooses its space with a ``vector_space`` attribute; without one it gets
 :class:`FlatVectors` in the solvers' working dtype.
@@ -62,11 +63,24 @@ class VectorSpace:
         """A standard normal vector drawn from ``generator`` (the same global vector on every rank)."""
         raise NotImplementedError
 
-    def rademacher(self, generator: torch.Generator, k: int | None = None) -> torch.Tensor:  # pragma: no cover
-        """A random sign vector (``k=None``) or a block of ``k`` of them, drawn vector by vector."""
+    def rademacher(self, generator: torch.Generator, k: int | None = None, by_vector: bool = True) -> torch.Tensor:
+        """A random sign vector (``k=None``) or a block of ``k`` of them, drawn vector by vector (the
+        block then does not depend on how many are drawn at once) or as one ``[n, k]`` matrix."""
+        raise NotImplementedError  # pragma: no cover - protocol
+
+    def randn(self, generator: torch.Generator, k: int) -> torch.Tensor:  # pragma: no cover - protocol
+        """A block of ``k`` standard normal vectors, drawn as one ``[n, k]`` matrix."""
         raise NotImplementedError
 
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> float:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def qr(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - protocol
+        """A thin QR of a block: ``Q`` with orthonormal columns (a block) and ``R`` ``[k, k]``."""
+        raise NotImplementedError
+
+    def column_norms(self, X: torch.Tensor) -> torch.Tensor:  # pragma: no cover - protocol
+        """``[k]``: the norms of a block's columns."""
         raise NotImplementedError
 
     def column_dots(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - protocol
@@ -107,14 +121,24 @@ class FlatVectors(VectorSpace):
     def random(self, generator: torch.Generator) -> torch.Tensor:
         return randn((self.size,), generator, dtype=self.dtype, device=self.device)
 
-    def rademacher(self, generator: torch.Generator, k: int | None = None) -> torch.Tensor:
+    def rademacher(self, generator: torch.Generator, k: int | None = None, by_vector: bool = True) -> torch.Tensor:
         if k is None:
             return rademacher((self.size,), generator, dtype=self.dtype, device=self.device)
-        # drawn vector by vector ([k, n] transposed), so the probes do not depend on how they are batched
+        if not by_vector:
+            return rademacher((self.size, k), generator, dtype=self.dtype, device=self.device)
         return rademacher((k, self.size), generator, dtype=self.dtype, device=self.device).T
+
+    def randn(self, generator: torch.Generator, k: int) -> torch.Tensor:
+        return randn((self.size, k), generator, dtype=self.dtype, device=self.device)
 
     def dot(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(x @ y)
+
+    def qr(self, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.linalg.qr(Y)
+
+    def column_norms(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(X, dim=0)
 
     def column_dots(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         return (X * Y).sum(dim=0)
