@@ -220,7 +220,10 @@ class Objective:
     def describe(self) -> dict:
         """What the objective is, for results and JSON: the loss, its reduction and its units."""
         fn = self.criterion if self.spec.kind == "criterion" else self.spec.loss_fn
-        loss = type(self.model).__name__ + ".loss" if fn is None else getattr(fn, "name", type(fn).__name__)
+        if fn is None:
+            loss = type(self.model).__name__ + ".loss"
+        else:  # a helper's name, a function's own name, or a criterion's class
+            loss = getattr(fn, "name", None) or getattr(fn, "__name__", None) or type(fn).__name__
         return {"loss": loss, "reduction": self.reduction, "units": self.spec.units_name, "size": self.size}
 
     def randomness(self, reuse_graph: bool) -> tuple[str | None, bool]:

@@ -341,13 +341,13 @@ class HessianOperator(CurvatureOperator):
     ):
         if backend not in HESSIAN_BACKENDS:
             raise ValueError(f"backend must be one of {tuple(HESSIAN_BACKENDS)}, got {backend!r}")
+        if fd_step is not None and backend != "finite_difference":
+            raise ValueError("fd_step= is the finite-difference step: it needs backend='finite_difference'")
         of_objective, of_products = self._split(type(self).__name__, options)
         keywords = dict(data=data, dataloader=dataloader, params=params, loss_fn=loss_fn, reduction=reduction,
                         batch_weight=batch_weight)  # fmt: skip
         obj = build_objective(type(self).__name__, model, criterion, objective, keywords, of_objective)
         product = HESSIAN_BACKENDS[backend](obj, **({"step": fd_step} if backend == "finite_difference" else {}))
-        if fd_step is not None and backend != "finite_difference":
-            raise ValueError("fd_step= is the finite-difference step: it needs backend='finite_difference'")
         self.backend = backend
         self._setup(obj, product, of_products)
 
