@@ -61,18 +61,16 @@ def _changing_samples(loader, num_batches: int | None) -> str | None:
     batch, stops after ``num_batches``, or samples with replacement or by weight sees other samples on
     every pass (two products of one vector differed by 21% with ``drop_last=True``).
     """
-    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
 
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    inner = getattr(batch_sampler, "sampler", None)
-    samplers = [s for s in (sampler, inner) if s is not None]
+    samplers = _samplers(loader)
     if any(isinstance(s, WeightedRandomSampler) for s in samplers):
         return "the loader samples by weight, a new draw on every pass"
     if any(isinstance(s, RandomSampler) and (s.replacement or s._num_samples is not None) for s in samplers):
         return "the loader samples with replacement (or a subset), a new draw on every pass"
-    if not any(isinstance(s, (RandomSampler, SubsetRandomSampler)) for s in samplers):
+    if not _shuffled(loader):
         return None
+    batch_sampler = getattr(loader, "batch_sampler", None)
     if num_batches is not None and hasattr(loader, "__len__") and num_batches < len(loader):
         return f"the loader is shuffled and only its first {num_batches} batches are used: other samples every pass"
     size = getattr(batch_sampler, "batch_size", None)
@@ -315,9 +313,14 @@ class Objective:
         return pieces
 
 
+def _samplers(loader) -> list:
+    """A ``DataLoader``'s sampler and its batch sampler's sampler (those it has)."""
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    return [s for s in (getattr(loader, "sampler", None), inner) if s is not None]
+
+
 def _shuffled(loader) -> bool:
     """Whether a ``DataLoader`` draws its samples in a new random order on every pass."""
     from torch.utils.data import RandomSampler, SubsetRandomSampler
 
-    samplers = (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
-    return any(isinstance(smp, (RandomSampler, SubsetRandomSampler)) for smp in samplers)
+    return any(isinstance(smp, (RandomSampler, SubsetRandomSampler)) for smp in _samplers(loader))

@@ -46,25 +46,6 @@ def _tf32_off(device: torch.device, allow_tf32: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def build_objective(owner: str, model, criterion, objective, keywords: dict, options: dict) -> Objective:
-    """``objective``, or the :class:`Objective` that ``keywords`` and the objective's ``options`` build.
-
-    The one place where the objective's keywords are turned into an objective, for every function that
-    takes them (the operators, ``per_layer``, ``top_eigenvalue``, ``loss_landscape``, the tracker).
-    """
-    unknown = sorted(set(options) - set(OBJECTIVE_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"{owner} got unexpected keyword argument(s) {unknown}; the objective takes {list(OBJECTIVE_OPTIONS)}"
-        )
-    if objective is None:
-        return Objective(model, criterion, **keywords, **options)
-    given = [k for k, v in {"model": model, "criterion": criterion, **keywords, **options}.items() if v is not None]
-    if given or not isinstance(objective, Objective):
-        raise ValueError(f"{owner}: pass objective= (an Objective) or the keywords that build one {given}, not both")
-    return objective
-
-
 class CurvatureOperator(LinearOperator):
     """Common machinery of :class:`HessianOperator`, :class:`GGNOperator` and :class:`EmpiricalFisherOperator`.
 
@@ -136,19 +117,29 @@ class CurvatureOperator(LinearOperator):
             )
         self.num_samples = None if objective.data is None else objective.units(objective.data)
 
-    @staticmethod
-    def _split(owner: str, options: dict) -> tuple[dict, dict]:
-        """``options`` as (the objective's, the products') keywords; an unknown name is a ``TypeError``."""
+    def _objective(self, model, criterion, objective, keywords: dict, options: dict) -> tuple[Objective, dict]:
+        """``(objective, the products' options)``: ``objective`` as given, or the :class:`Objective` that
+        the keywords and the objective's options build (one, not both); an unknown option is a
+        ``TypeError`` naming the valid ones."""
+        owner = type(self).__name__
         unknown = sorted(set(options) - set(OBJECTIVE_OPTIONS) - set(PRODUCT_OPTIONS))
         if unknown:
             raise TypeError(
                 f"{owner} got unexpected keyword argument(s) {unknown}; besides the objective's keywords "
                 f"{list(OBJECTIVE_OPTIONS)} it takes {list(PRODUCT_OPTIONS)}"
             )
-        return (
-            {k: v for k, v in options.items() if k in OBJECTIVE_OPTIONS},
-            {k: v for k, v in options.items() if k in PRODUCT_OPTIONS},
-        )
+        of_objective = {k: v for k, v in options.items() if k in OBJECTIVE_OPTIONS}
+        of_products = {k: v for k, v in options.items() if k in PRODUCT_OPTIONS}
+        if objective is None:
+            return Objective(model, criterion, **keywords, **of_objective), of_products
+        given = [
+            k for k, v in {"model": model, "criterion": criterion, **keywords, **of_objective}.items() if v is not None
+        ]
+        if given or not isinstance(objective, Objective):
+            raise ValueError(
+                f"{owner}: pass objective= (an Objective) or the keywords that build one {given}, not both"
+            )
+        return objective, of_products
 
     # -- the objective's parts, by their usual names --------------------------------------------
     model = property(lambda self: self.objective.model)
@@ -343,10 +334,9 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"backend must be one of {tuple(HESSIAN_BACKENDS)}, got {backend!r}")
         if fd_step is not None and backend != "finite_difference":
             raise ValueError("fd_step= is the finite-difference step: it needs backend='finite_difference'")
-        of_objective, of_products = self._split(type(self).__name__, options)
         keywords = dict(data=data, dataloader=dataloader, params=params, loss_fn=loss_fn, reduction=reduction,
                         batch_weight=batch_weight)  # fmt: skip
-        obj = build_objective(type(self).__name__, model, criterion, objective, keywords, of_objective)
+        obj, of_products = self._objective(model, criterion, objective, keywords, options)
         product = HESSIAN_BACKENDS[backend](obj, **({"step": fd_step} if backend == "finite_difference" else {}))
         self.backend = backend
         self._setup(obj, product, of_products)
@@ -426,10 +416,9 @@ class GGNOperator(CurvatureOperator):
         objective: Objective | None = None,
         **options,
     ):
-        of_objective, of_products = self._split(type(self).__name__, options)
         keywords = dict(data=data, dataloader=dataloader, params=params, loss_fn=loss_fn, reduction=reduction,
                         batch_weight=batch_weight)  # fmt: skip
-        obj = build_objective(type(self).__name__, model, criterion, objective, keywords, of_objective)
+        obj, of_products = self._objective(model, criterion, objective, keywords, options)
         self._setup(obj, GaussNewton(obj, analytic_cross_entropy=analytic_cross_entropy), of_products)
 
     @property
@@ -493,10 +482,9 @@ class EmpiricalFisherOperator(CurvatureOperator):
         objective: Objective | None = None,
         **options,
     ):
-        of_objective, of_products = self._split(type(self).__name__, options)
         keywords = dict(data=data, dataloader=dataloader, params=params, loss_fn=loss_fn, reduction=reduction,
                         batch_weight=batch_weight)  # fmt: skip
-        obj = build_objective(type(self).__name__, model, criterion, objective, keywords, of_objective)
+        obj, of_products = self._objective(model, criterion, objective, keywords, options)
         self._setup(obj, EmpiricalFisher(obj, per_sample=per_sample), of_products)
 
     @property

@@ -375,14 +375,12 @@ class EmpiricalFisher(Product):
         idx = [i for i, t in enumerate(leaves) if t.dim() > 0 and t.shape[0] == n]
         if not idx:
             raise ValueError("no batched tensor for vmap")
-        wrapper = LossModule(self.obj.model, self.obj.spec)
-        names = ["model." + name for name in self.obj.param_names]
 
         def loss(ps, *sliced):
             current = list(leaves)
             for i, t in zip(idx, sliced):
                 current[i] = t.unsqueeze(0)
-            return torch.func.functional_call(wrapper, dict(zip(names, ps)), (with_tensor_leaves(batch, current),))
+            return self._functional_loss(with_tensor_leaves(batch, current))(ps)
 
         detached = tuple(p.detach() for p in self.obj.params)
         per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, *[0] * len(idx)))
