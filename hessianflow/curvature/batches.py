@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..linalg.linop import NonFiniteError
-from .losses import IGNORE_INDEX, CrossEntropyTargets, OutputLoss
+from .losses import CrossEntropyTargets, OutputLoss, count_labels
 
 __all__ = [
     "INPUT_KEYS",
@@ -307,7 +307,7 @@ def _counted_labels(shift: int):
         labels = batch["labels"] if isinstance(batch, Mapping) else None
         if labels is None:
             raise ValueError("a HuggingFace model's token-level .loss needs a dict batch with 'labels'")
-        return int((labels[..., shift:] != IGNORE_INDEX).sum())
+        return count_labels(labels, shift)
 
     return count
 

@@ -150,14 +150,20 @@ def _causal_loss_of_logits(logits, batch):
     return F.cross_entropy(shifted, labels[..., 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def count_labels(labels: torch.Tensor, shift: int = 0) -> int:
+    """The positions a token-level mean loss averages over: the labels other than ``-100``, from position
+    ``shift`` on (1 for a causal LM, whose first label predicts nothing)."""
+    return int((labels[..., shift:] != IGNORE_INDEX).sum())
+
+
 def _causal_units(batch) -> int:
     """The positions :func:`causal_lm_loss` averages over: the counted shifted labels."""
-    return int((_lm_labels(batch)[..., 1:] != IGNORE_INDEX).sum())
+    return count_labels(_lm_labels(batch), 1)
 
 
 def _counted_labels(batch) -> int:
     """The positions a token-level loss without a shift averages over: labels other than ``-100``."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+    return count_labels(batch["labels"])
 
 
 def _causal_ce(logits, batch):
