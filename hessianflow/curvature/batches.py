@@ -239,8 +239,8 @@ def _as_weight(value, what: str):
     return float(value)
 
 
-def check_loss(loss, what: str = "the loss") -> torch.Tensor:
-    """``loss`` if it is a finite scalar tensor; ``ValueError`` / :class:`NonFiniteError` otherwise."""
+def check_loss(loss, what: str = "the loss", finite: bool = True) -> torch.Tensor:
+    """``loss`` if it is a (``finite``) scalar tensor; ``ValueError`` / :class:`NonFiniteError` otherwise."""
     if not isinstance(loss, torch.Tensor):
         raise ValueError(f"{what} must be a scalar tensor, got {type(loss).__name__}")
     if loss.dim() != 0:
@@ -248,7 +248,7 @@ def check_loss(loss, what: str = "the loss") -> torch.Tensor:
             f"{what} must be a scalar, got shape {tuple(loss.shape)} (a reduction='none' loss? reduce it "
             "to a mean or a sum)"
         )
-    if not torch.isfinite(loss):
+    if finite and not torch.isfinite(loss):
         raise NonFiniteError(f"the loss is not finite ({loss.item()}); cannot compute curvature")
     return loss
 
@@ -473,22 +473,22 @@ class LossSpec:
             "sequence_classification_loss), forward_fn= with loss_of_output=, or a criterion"
         )
 
-    def loss_of_output(self, output, batch) -> torch.Tensor:
-        """The checked scalar loss of the model's ``output`` on ``batch``."""
+    def loss_of_output(self, output, batch, finite: bool = True) -> torch.Tensor:
+        """The checked scalar (``finite``) loss of the model's ``output`` on ``batch``."""
         if self.kind == "criterion":
             _, targets = split_inputs_targets(batch)
             loss = self.criterion(output, targets)
         else:
             loss = self.loss_fn.loss_of_output(output, batch)
-        return check_loss(loss, "the criterion's value" if self.kind == "criterion" else "the loss")
+        return check_loss(loss, "the criterion's value" if self.kind == "criterion" else "the loss", finite)
 
-    def loss(self, model, batch, run: Callable | None = None) -> torch.Tensor:
-        """The checked scalar loss of ``model`` on ``batch``."""
+    def loss(self, model, batch, run: Callable | None = None, finite: bool = True) -> torch.Tensor:
+        """The checked scalar loss of ``model`` on ``batch`` (not checked to be finite if not ``finite``)."""
         if self.kind == "criterion" or isinstance(self.loss_fn, OutputLoss):
-            return self.loss_of_output(self.output(model, batch, run), batch)
+            return self.loss_of_output(self.output(model, batch, run), batch, finite)
         if self.kind == "loss_fn":
-            return check_loss(self.loss_fn(model, batch), "loss_fn(model, batch)")
-        return check_loss(model_output_loss(call_model(model, batch)), "the model's .loss")
+            return check_loss(self.loss_fn(model, batch), "loss_fn(model, batch)", finite)
+        return check_loss(model_output_loss(call_model(model, batch)), "the model's .loss", finite)
 
     def raw_loss(self, model, batch):
         """The loss without checks (traceable by ``torch.func.vmap``: no data-dependent branches)."""

@@ -26,8 +26,10 @@ from torch import nn
 from .._checks import check_int
 from .._modes import model_mode
 from ..distributed import use_distributed
+from ..linalg.linop import NonFiniteError
 from .batches import LossSpec, move_batch, split_batch
 from .params import padding_rows, resolve_params, unwrap_model
+from .sharded import agree, sharded_parameters
 
 __all__ = ["Objective", "OBJECTIVE_OPTIONS"]
 
@@ -77,23 +79,6 @@ def _changing_samples(loader, num_batches: int | None) -> str | None:
     if getattr(batch_sampler, "drop_last", False) and size and len(samplers[-1]) % size:
         return "the loader is shuffled and drops its last partial batch: other samples are left out every pass"
     return None
-
-
-def _refuse_sharded(params, names) -> None:
-    """One sentence for FSDP2-sharded (DTensor) parameters, which the products do not handle yet: their
-    products came back as zeros (eigenvalues of exactly 0.0, no error) and finite differences crashed on
-    the DTensor/Tensor mix."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return
-    sharded = [n for n, p in zip(names, params) if isinstance(p, DTensor)]
-    if sharded:
-        raise ValueError(
-            f"{len(sharded)} parameter(s) are sharded DTensors (e.g. {sharded[0]!r}, from FSDP2's fully_shard): "
-            "curvature of a sharded model is not supported yet; compute it on the unsharded model (or a "
-            "DDP copy), whose products are summed over the ranks"
-        )
 
 
 class Objective:
@@ -164,7 +149,11 @@ class Objective:
         self.criterion = criterion
         self.spec = LossSpec(criterion, loss_fn, reduction, batch_weight, forward_fn, loss_of_output, model=self.model)
         self.params, self.param_names = resolve_params(self.model, params)
-        _refuse_sharded(self.params, self.param_names)
+        #: FSDP2-sharded parameters (:mod:`~hessianflow.curvature.sharded`): the objective is then a function
+        #: of this rank's shards, and every rank holds its part of the global batch
+        self.sharding = sharded_parameters(self.model, self.params, self.param_names)
+        if self.sharding is not None:
+            self.params = self.sharding.locals
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -181,6 +170,10 @@ class Objective:
         self.dataloader = dataloader
         self.train_mode = bool(train_mode)
         self.distributed = use_distributed(distributed, default=dataloader is not None or single_loader)
+        if self.sharding is not None:
+            if distributed is False:
+                raise ValueError("a sharded model's data is split over its ranks: distributed=False cannot apply")
+            self.distributed = True
         if self.splits or single_loader:  # a loader is a loader, even of one batch
             self.spec.require_reduction("over a data loader" if single_loader else self._split_name())
         if self.micro_batch_size is not None and self.train_mode and _batch_norms(self.model):
@@ -191,12 +184,16 @@ class Objective:
         # one unsplit batch: the reduction does not change the objective (the batch's own loss)
         self.reduction = self.spec.reduction or "mean"
         #: embedding padding rows among the parameters, held constant (see params.padding_rows)
-        self.held_constant = padding_rows(self.model, self.params)
+        self.held_constant = (
+            padding_rows(self.model, self.params) if self.sharding is None else self.sharding.padding_rows()
+        )
 
     # -- what the objective is ------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """The number of parameters it is a function of."""
+        """The number of parameters it is a function of (all ranks' entries of sharded ones)."""
+        if self.sharding is not None:
+            return self.sharding.size
         return sum(p.numel() for p in self.params)
 
     @property
@@ -283,8 +280,20 @@ class Objective:
 
     # -- the loss ---------------------------------------------------------------------------------
     def loss(self, batch, run: Callable | None = None) -> torch.Tensor:
-        """The checked scalar loss of a batch (``run(inputs)`` replaces ``model(inputs)``)."""
-        return self.spec.loss(self.model, batch, run=run)
+        """The checked scalar loss of a batch (``run(inputs)`` replaces ``model(inputs)``); for a sharded
+        model, times the weight of the piece being differentiated (:attr:`ShardedParameters.scale`)."""
+        if self.sharding is None:
+            return self.spec.loss(self.model, batch, run=run)
+        scale, error = self.sharding.scale, None
+        try:
+            # a piece of no units (all padding) or a rank's stand-in is weighted 0, its 0/0 loss taken as 0; the
+            # same operations on every rank either way (their graphs must be identical, see sharded.py)
+            loss = self.spec.loss(self.model, batch, run=run, finite=scale != 0)
+            loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)) * scale
+        except NonFiniteError as exc:  # the forward is complete on every rank: tell them before any backward
+            error = exc
+        agree(self.sharding, error, "compute a finite loss")
+        return loss
 
     def output(self, batch, run: Callable | None = None) -> torch.Tensor:
         """The model's output on a batch (for the GGN: the criterion's input, or ``forward_fn``'s value)."""

@@ -23,6 +23,7 @@ from .fast_paths import FastPaths
 from .hvp import flatten, flatten_batched, unflatten
 from .objective import OBJECTIVE_OPTIONS, Objective
 from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
+from .sharded import aligned_pieces
 
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "exact_hessian"]
 
@@ -116,6 +117,18 @@ class CurvatureOperator(LinearOperator):
                 stacklevel=3,
             )
         self.num_samples = None if objective.data is None else objective.units(objective.data)
+        if objective.sharding is not None:
+            if not product.sharded:
+                raise ValueError(
+                    f"{type(self).__name__}: {type(product).__name__} products of an FSDP2-sharded model are not "
+                    "supported; use HessianOperator with backend='double_backprop' or 'finite_difference'"
+                )
+            work = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+            #: this rank's slices of the operator's vectors (see hessianflow.linalg.sharded_vectors)
+            self.vector_space = objective.sharding.vector_space(work, self.device)
+            self._batched_ok = False  # one product at a time: the collectives inside pair up per vector
+            # every rank must run the same passes: the first-order graph is reused only if it is on all of them
+            self.reuse_graph = objective.sharding.total(int(self.reuse_graph)) == objective.sharding.world_size
 
     def _objective(self, model, criterion, objective, keywords: dict, options: dict) -> tuple[Objective, dict]:
         """``(objective, the products' options)``: ``objective`` as given, or the :class:`Objective` that
@@ -169,7 +182,9 @@ class CurvatureOperator(LinearOperator):
     def _prepared(self):
         """The objective's mode, TF32 off unless allowed, the speed paths (when on) and attention kernels
         with the derivatives products need (MHA's fast path off); all put back afterwards."""
+        sharding = self.objective.sharding
         with (
+            sharding.active() if sharding is not None else contextlib.nullcontext(),
             self.objective.mode(),
             _tf32_off(self.device, self.allow_tf32),
             self._fast.patched(
@@ -228,7 +243,9 @@ class CurvatureOperator(LinearOperator):
         def zeros():
             return [torch.zeros_like(t).detach() for t in (pieces if pieces is not None else self.params)]
 
-        if not self.distributed:
+        if self.objective.sharding is not None:
+            out, units = self._sharded(pieces, batched)
+        elif not self.distributed:
             acc, units, single = self._local(pieces, batched)
             out = single if single is not None else acc.result(zeros)
         else:
@@ -241,6 +258,19 @@ class CurvatureOperator(LinearOperator):
             )
         self.num_samples = units
         return hold(out, batched and pieces is not None)
+
+    def _sharded(self, pieces, batched: bool):
+        """A sharded model's products: every piece's loss weighted before it is differentiated (the ranks'
+        pieces are summed inside the backward's reduce-scatters), then divided by the all-reduced units."""
+        sharding, obj = self.objective.sharding, self.objective
+        out, units = None, 0
+        for batch, single, weight in aligned_pieces(obj, self.progress):
+            units += weight
+            sharding.scale = (float(weight) if self.reduction == "mean" else float(weight > 0)) if weight else 0.0
+            prod = [t.detach() for t in self._piece(batch, single, pieces, batched)]
+            out = prod if out is None else [a.add_(b) for a, b in zip(out, prod)]
+        total = sharding.total(units)
+        return WeightedSum(self.reduction).finish(out, total, lambda: []), total
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the loss over the operator's data, ``[n]`` (not counted as a product).

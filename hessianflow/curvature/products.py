@@ -62,6 +62,8 @@ class Product:
     second_order = True
     #: whether prepare()'s state can be kept across products on one batch
     reusable = True
+    #: whether it computes products of an FSDP2-sharded model (:mod:`~hessianflow.curvature.sharded`)
+    sharded = False
 
     def __init__(self, objective, run=None):
         self.obj = objective
@@ -91,6 +93,8 @@ class Product:
 class DoubleBackprop(Product):
     """:math:`Hv = \\nabla_\\theta (g^\\top v)` with :math:`g` built with ``create_graph=True``
     (Pearlmutter 1994); the first-order graph is the state, reused across products on one batch."""
+
+    sharded = True
 
     def prepare(self, batch):
         return torch.autograd.grad(self.loss(batch), self.obj.params, create_graph=True, allow_unused=True)
@@ -170,6 +174,7 @@ class FiniteDifference(Product):
     kernels = "finite_difference"
     second_order = False
     reusable = False
+    sharded = True
     #: the ladder: how many rungs, and the ratio between them
     RUNGS, RATIO = 7, 4.0
 
@@ -201,18 +206,38 @@ class FiniteDifference(Product):
         else:
             steps = [h for h in (self.step * self.RATIO**k for k in range(self.RUNGS + 1)) if h < 0.5]
         D = [torch.cat([t.reshape(-1).double() for t in self._one(batch, probe, h)]) for h in steps]
-        changes = [float((D[i] - D[i + 1]).norm() / D[i].norm().clamp_min(1e-300)) for i in range(len(D) - 1)]
+        changes = [self._norm(D[i] - D[i + 1]) / max(self._norm(D[i]), 1e-300) for i in range(len(D) - 1)]
         best = min(range(len(changes)), key=changes.__getitem__)
         self.step, self.error = steps[best], changes[best]
 
+    def _norm(self, pieces) -> float:
+        """The norm of a vector given as pieces (this rank's, summed over the ranks when sharded)."""
+        pieces = [pieces] if isinstance(pieces, torch.Tensor) else pieces
+        sq = sum(torch.sum(t.detach().double() ** 2) for t in pieces)
+        sharding = self.obj.sharding
+        return (sharding.sum(sq) if sharding is not None else float(sq)) ** 0.5
+
+    def _loss_at(self, batch):
+        """``loss(params)`` at other parameter values: a functional call, or a sharded model's gathers
+        reading the shifted shards."""
+        sharding = self.obj.sharding
+        if sharding is None:
+            return self._functional_loss(batch)
+
+        def loss_of(ps):
+            with sharding.shifted(ps):
+                return self.obj.loss(batch, self.run)
+
+        return loss_of
+
     def _one(self, batch, pieces, step):
         params = self.obj.params
-        vnorm = torch.sqrt(sum(torch.sum(v.double() ** 2) for v in pieces)).item()
+        vnorm = self._norm(pieces)
         if vnorm == 0:
             return [torch.zeros_like(p) for p in params]
-        scale = max(1.0, torch.sqrt(sum(torch.sum(p.detach().double() ** 2) for p in params)).item())
+        scale = max(1.0, self._norm(params))
         h = step * scale / vnorm
-        loss_of = self._functional_loss(batch)
+        loss_of = self._loss_at(batch)
 
         def grad_at(sign):
             ps = [(p.detach() + (sign * h) * v).requires_grad_(True) for p, v in zip(params, pieces)]

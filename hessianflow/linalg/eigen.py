@@ -185,7 +185,7 @@ def _start_vector(op: LinearOperator, A, v0, generator: torch.Generator) -> torc
             return r
         return g / gnorm + _GRADIENT_MIX * r
     try:
-        v0 = check_vector(v0, op.size, _work_dtype(op.dtype, op.device), op.device).detach()
+        v0 = check_vector(v0, op.local_size, _work_dtype(op.dtype, op.device), op.device).detach()
     except ValueError as exc:
         raise ValueError(f"v0: {exc}") from None
     norm = _norm(v0)

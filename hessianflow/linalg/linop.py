@@ -66,6 +66,13 @@ class LinearOperator:
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
+    @property
+    def local_size(self) -> int:
+        """The length of the vectors this process passes: :attr:`size`, or this rank's slice when the
+        operator's ``vector_space`` is sharded (:mod:`~hessianflow.linalg.sharded_vectors`)."""
+        space = getattr(self, "vector_space", None)
+        return self.size if space is None else space.local_size
+
     # -- to be implemented by subclasses -------------------------------------------------------
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -77,7 +84,7 @@ class LinearOperator:
     # -- public, validated ---------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return :math:`A v` for a flat vector ``v`` of length :attr:`size`."""
-        v = check_vector(v, self.size, self.dtype, self.device)
+        v = check_vector(v, self.local_size, self.dtype, self.device)
         out = self._matvec(v)
         self.num_matvecs += 1
         _check_finite(out, "matrix-vector product")
@@ -85,9 +92,9 @@ class LinearOperator:
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Return :math:`A V` for ``V`` of shape ``[n, k]``."""
-        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.size:
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.local_size:
             shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
-            raise ValueError(f"matmat expects a tensor of shape [{self.size}, k], got {shape}")
+            raise ValueError(f"matmat expects a tensor of shape [{self.local_size}, k], got {shape}")
         V = V.to(device=self.device, dtype=self.dtype)
         if V.shape[1] == 0:
             return V.clone()

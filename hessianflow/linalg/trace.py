@@ -105,8 +105,9 @@ def _products(op: LinearOperator, V: torch.Tensor) -> torch.Tensor:
 
 def _exact(op: LinearOperator, start: int) -> TraceResult:
     """The trace from ``n`` products with the identity, when the budget allows it."""
-    eye = torch.eye(op.size, dtype=op.dtype, device=op.device)
-    value = float(op.matmat(eye).diagonal().double().sum())
+    space = space_of(op, op.dtype)
+    eye = space.eye()  # the unit vectors (this rank's rows of them, when sharded)
+    value = float(space.column_dots(eye, op.matmat(eye)).double().sum())
     return TraceResult(value, 0.0, op.num_matvecs - start, "exact", None, status="exact")
 
 

@@ -94,6 +94,10 @@ class VectorSpace:
         """:math:`Q^\\top x`, ``[k]``: the block's inner products with a vector."""
         raise NotImplementedError
 
+    def eye(self) -> torch.Tensor:  # pragma: no cover - protocol
+        """The ``n`` unit vectors as a block (for exact answers on small operators only)."""
+        raise NotImplementedError
+
 
 class FlatVectors(VectorSpace):
     """Vectors as flat ``[n]`` tensors on one device, blocks as ``[n, k]`` matrices (the default).
@@ -148,6 +152,9 @@ class FlatVectors(VectorSpace):
 
     def inner(self, Q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return Q.T @ x
+
+    def eye(self) -> torch.Tensor:
+        return torch.eye(self.size, dtype=self.dtype, device=self.device)
 
 
 def space_of(op, dtype: torch.dtype) -> VectorSpace:

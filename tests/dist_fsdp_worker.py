@@ -1,0 +1,178 @@
+"""The torchrun worker of tests/test_fsdp.py: curvature of FSDP2-sharded models, this rank's part.
+
+    python -m torch.distributed.run --nproc_per_node N tests/dist_fsdp_worker.py OUT_DIR
+
+For each case a model is built from a seed, the global batch drawn, and the model sharded with
+``fully_shard`` (per layer or block, then the root); every rank passes its unequal share of the global
+batch. Saved to ``OUT_DIR/rank{r}.pt``: this rank's segments of the flat vector, its slices of ``H V``
+for fixed global vectors ``V``, the eigen, trace and density results, and the eigenvectors' slices, for the
+test to compare with the unsharded model on the whole batch (:func:`references`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import hessianflow as hf  # noqa: E402
+from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
+from hessianflow.distributed import init_distributed  # noqa: E402
+
+N = 9  # global batch
+
+
+def mlp(out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, out)).double()
+
+
+def cases():
+    """name -> (make model, its blocks to shard, global batch, operator keywords, dtype)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,), generator=g)
+    y_pad = y.clone()
+    y_pad[[1, 2, 6]] = -100  # ignored targets: the mean is over the 6 counted ones
+    out = {
+        "mlp_ce": (mlp, (x, y), {"criterion": nn.CrossEntropyLoss()}),
+        "mlp_ignored": (mlp, (x, y_pad), {"criterion": nn.CrossEntropyLoss()}),
+        "mlp_sum_micro": (mlp, (x, y), {"criterion": nn.CrossEntropyLoss(reduction="sum"), "micro_batch_size": 2}),
+        # one output row: with 2 or 3 ranks some ranks hold an empty shard of the last layer
+        "mlp_mse_empty_shard": (lambda: mlp(1), (x, torch.randn(N, 1, generator=g, dtype=torch.float64)),
+                                {"criterion": nn.MSELoss()}),
+    }  # fmt: skip
+    if os.environ.get("FSDP_TEST_GPT2") == "1":
+        out["gpt2"] = (gpt2, gpt2_batch(), {"loss_fn": causal_lm_loss})
+    return out
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=23, n_positions=8, n_embd=8, n_layer=2, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(cfg).double().eval()
+
+
+def gpt2_batch():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 23, (N, 6), generator=g)
+    mask = torch.ones(N, 6, dtype=torch.long)
+    for i, n in enumerate([6, 4, 2, 6, 5, 3, 6, 1, 4]):  # right padding
+        mask[i, n:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def blocks(model):
+    if hasattr(model, "transformer"):
+        return list(model.transformer.h)
+    return [m for m in model if any(True for _ in m.parameters(recurse=False))]
+
+
+CUTS = {1: [0, 9], 2: [0, 5, 9], 3: [0, 4, 7, 9], 4: [0, 3, 5, 7, 9]}  # unequal shares of the global batch
+
+
+def share(batch, rank, world):
+    """This rank's share: consecutive samples, unequal between ranks (:data:`CUTS`)."""
+    sl = slice(CUTS[world][rank], CUTS[world][rank + 1])
+    if isinstance(batch, dict):
+        return {k: v[sl] for k, v in batch.items()}
+    return tuple(t[sl] for t in batch)
+
+
+def vectors(size, k=3):
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(size, k, generator=g, dtype=torch.float64)
+
+
+def operator(model, batch, kw, **more):
+    kw = dict(kw)
+    crit = kw.pop("criterion", None)
+    return hf.HessianOperator(model, crit, data=batch, **kw, **more)
+
+
+def references() -> dict:
+    """The unsharded model on the whole batch: H V, top-3, trace and density with the workers' seeds."""
+    out = {}
+    for name, (make, batch, kw) in cases().items():
+        H = operator(make(), batch, kw)
+        V = vectors(H.size)
+        out[name] = {
+            "HV": H.matmat(V),
+            "dense": H.to_dense() if H.size <= 200 else None,
+            "top3": hf.lanczos(H, k=3, seed=0).eigenvalues,
+            "trace": hf.trace(H, num_matvecs=30, seed=0, method="hutchinson").estimate,
+            "density": hf.spectral_density(H, num_runs=2, num_steps=12, seed=0),
+        }
+    return out
+
+
+def main(out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ctx = init_distributed("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    try:
+        for name, (make, batch, kw) in cases().items():
+            model = make()
+            for b in blocks(model):
+                fully_shard(b, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            local = share(batch, rank, world)
+            H = operator(model, local, kw)
+            space = H.vector_space
+            V = vectors(H.size)
+            rows = torch.cat([torch.arange(a, a + n) for a, n in space.segments]) if space.segments else torch.zeros(0, dtype=torch.long)
+            HV = H.matmat(V[rows].contiguous())
+            eig = hf.lanczos(H, k=3, seed=0)
+            tr = hf.trace(H, num_matvecs=30, seed=0, method="hutchinson")
+            dens = hf.spectral_density(H, num_runs=2, num_steps=12, seed=0)
+            res = {
+                "rows": rows,
+                "local_size": H.local_size,
+                "size": H.size,
+                "HV": HV,
+                "top3": eig.eigenvalues,
+                "converged": eig.converged,
+                "vecs": eig.eigenvectors,
+                "residuals": eig.residuals,
+                "trace": tr.estimate,
+                "nodes": dens.nodes,
+                "weights": dens.weights,
+                "params_are_dtensors": all(type(p).__name__ == "DTensor" for p in model.parameters()),
+            }
+            if name == "mlp_ce":  # finite differences of a float32 copy, with their error bar
+                m32 = make().float()
+                for b in blocks(m32):
+                    fully_shard(b, mesh=mesh)
+                fully_shard(m32, mesh=mesh)
+                l32 = tuple(t.float() if t.is_floating_point() else t for t in local)
+                F = operator(m32, l32, kw, backend="finite_difference")
+                res["fd_HV"] = F.matmat(V[rows].float().contiguous()).double()
+                res["fd_error"] = F.product.error
+                res["fd_step"] = F.product.step
+            results[name] = res
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        ctx.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
