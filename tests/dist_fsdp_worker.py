@@ -95,10 +95,21 @@ def vectors(size, k=3):
     return torch.randn(size, k, generator=g, dtype=torch.float64)
 
 
-def operator(model, batch, kw, **more):
+def operator(model, batch, kw, kind=None, **more):
     kw = dict(kw)
     crit = kw.pop("criterion", None)
-    return hf.HessianOperator(model, crit, data=batch, **kw, **more)
+    return (kind or hf.HessianOperator)(model, crit, data=batch, **kw, **more)
+
+
+GGN_CASES = ("mlp_ce", "mlp_ignored", "mlp_mse_empty_shard", "gpt2")  # the GGN too (analytic CE, MSE, causal LM)
+LAYER_CASES = ("mlp_ce", "mlp_sum_micro")  # per_layer: dense blocks and Lanczos blocks
+
+
+def per_layer(model, batch, kw):
+    kw = dict(kw)
+    crit = kw.pop("criterion", None)
+    res = hf.per_layer(model, crit, data=batch, top_k=2, exact_threshold=30, trace_matvecs=20, seed=0, **kw)
+    return [(r.name, r.eigenvalues, r.trace) for r in res]
 
 
 def references() -> dict:
@@ -114,10 +125,34 @@ def references() -> dict:
             "trace": hf.trace(H, num_matvecs=30, seed=0, method="hutchinson").estimate,
             "density": hf.spectral_density(H, num_runs=2, num_steps=12, seed=0),
         }
+        if name in GGN_CASES:
+            out[name]["GV"] = operator(make(), batch, kw, hf.GGNOperator).matmat(V)
+        if name in LAYER_CASES:
+            out[name]["layers"] = per_layer(make(), batch, kw)
     return out
 
 
-def main(out_dir: str) -> None:
+def failures(model_for, local, rank) -> dict:
+    """What each rank raises: a non-finite loss on rank 1 only, then rank 1 without any data."""
+    make, batch, kw = cases()["mlp_ce"]
+    out = {}
+    bad = tuple(t.clone() for t in local)
+    if rank == 1:
+        bad[0][0, 0] = float("nan")
+    for what, data in (("nonfinite", bad), ("no_data", local if rank != 1 else None)):
+        try:
+            if data is None:  # an empty loader on this rank
+                H = hf.HessianOperator(model_for(), kw["criterion"], dataloader=[], reduction="mean")
+            else:
+                H = hf.HessianOperator(model_for(), kw["criterion"], dataloader=[data], reduction="mean")
+            H @ torch.ones(H.local_size, dtype=torch.float64)
+            out[what] = "no error"
+        except Exception as exc:  # noqa: BLE001 - the error is the result
+            out[what] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def main(out_dir: str, mode: str = "cases") -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -128,6 +163,18 @@ def main(out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     results = {}
     try:
+        if mode == "failures":
+            make, batch, kw = cases()["mlp_ce"]
+
+            def model_for():
+                model = make()
+                for b in blocks(model):
+                    fully_shard(b, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                return model
+
+            torch.save(failures(model_for, share(batch, rank, world), rank), os.path.join(out_dir, f"rank{rank}.pt"))
+            return
         for name, (make, batch, kw) in cases().items():
             model = make()
             for b in blocks(model):
@@ -137,7 +184,8 @@ def main(out_dir: str) -> None:
             H = operator(model, local, kw)
             space = H.vector_space
             V = vectors(H.size)
-            rows = torch.cat([torch.arange(a, a + n) for a, n in space.segments]) if space.segments else torch.zeros(0, dtype=torch.long)
+            segments = space.segments or [(0, 0)]
+            rows = torch.cat([torch.arange(a, a + n) for a, n in segments])
             HV = H.matmat(V[rows].contiguous())
             eig = hf.lanczos(H, k=3, seed=0)
             tr = hf.trace(H, num_matvecs=30, seed=0, method="hutchinson")
@@ -156,6 +204,10 @@ def main(out_dir: str) -> None:
                 "weights": dens.weights,
                 "params_are_dtensors": all(type(p).__name__ == "DTensor" for p in model.parameters()),
             }
+            if name in GGN_CASES:
+                res["GV"] = operator(model, local, kw, hf.GGNOperator).matmat(V[rows].contiguous())
+            if name in LAYER_CASES:
+                res["layers"] = per_layer(model, local, kw)
             if name == "mlp_ce":  # finite differences of a float32 copy, with their error bar
                 m32 = make().float()
                 for b in blocks(m32):
@@ -175,4 +227,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

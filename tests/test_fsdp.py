@@ -64,6 +64,16 @@ def _check(results, refs, names):
         for m in mine:
             HV[m["rows"]] = m["HV"]
         assert rel(HV, ref["HV"]) < 1e-12, (name, rel(HV, ref["HV"]))
+        if "GV" in ref:  # the generalised Gauss-Newton matrix
+            GV = torch.zeros_like(ref["GV"])
+            for m in mine:
+                GV[m["rows"]] = m["GV"]
+            assert rel(GV, ref["GV"]) < 1e-12, (name, rel(GV, ref["GV"]))
+        if "layers" in ref:  # per_layer: each block's top-2 and trace, dense blocks and Lanczos blocks alike
+            for m in mine:
+                for (n1, e1, t1), (n2, e2, t2) in zip(m["layers"], ref["layers"], strict=True):
+                    assert n1 == n2 and torch.allclose(e1, e2, rtol=1e-9, atol=1e-12), (name, n1, e1, e2)
+                    assert math.isclose(t1, t2, rel_tol=1e-9, abs_tol=1e-12), (name, n1, t1, t2)
         for m in mine:  # the same numbers on every rank, and those of the unsharded operator
             assert torch.equal(m["top3"], mine[0]["top3"]) and m["trace"] == mine[0]["trace"], name
             assert torch.allclose(m["top3"], ref["top3"], rtol=1e-10, atol=1e-12), (name, m["top3"], ref["top3"])
@@ -111,6 +121,18 @@ def test_sharded_gpt2(tmp_path, monkeypatch):
     _check(results, refs, ["gpt2"])
 
 
+@pytest.mark.slow
+def test_a_failure_on_one_rank_ends_every_rank(tmp_path):
+    """A NaN loss on rank 1, then rank 1 without data: every rank raises, none waits for ever."""
+    proc, _ = torchrun(tmp_path, "failures", nproc=2, timeout=300, script=os.path.join(HERE, "dist_fsdp_worker.py"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r1["nonfinite"].startswith("NonFiniteError: the loss is not finite"), r1
+    assert r0["nonfinite"].startswith("NonFiniteError: 1 other rank(s) failed to compute a finite loss"), r0
+    for r in (r0, r1):
+        assert r["no_data"].startswith("ValueError: 1 rank(s) of a sharded model hold no data"), r
+
+
 def test_one_rank_group_is_the_plain_operator(tmp_path):
     """In a one-rank process group a fully_shard model's operator is the plain one (a fast, in-process check)."""
     import torch.distributed as dist
@@ -138,8 +160,10 @@ def test_one_rank_group_is_the_plain_operator(tmp_path):
         assert all(type(p).__name__ == "DTensor" for p in model.parameters())
         out = model(batch[0])
         assert torch.allclose(out, make()(batch[0]))
-        with pytest.raises(ValueError, match="GaussNewton products of an FSDP2-sharded model are not supported"):
-            hf.GGNOperator(model, nn.CrossEntropyLoss(), data=batch)
+        G, G_plain = (hf.GGNOperator(m, kw["criterion"], data=batch) for m in (model, make()))
+        assert rel(G.matmat(V), G_plain.matmat(V)) < 1e-13
+        with pytest.raises(ValueError, match="EmpiricalFisher products of an FSDP2-sharded model are not supported"):
+            hf.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), data=batch)
     finally:
         if started:
             dist.destroy_process_group()

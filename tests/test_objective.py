@@ -466,8 +466,9 @@ def test_torch_still_fails_forward_over_reverse_of_mean_mse_loss():
         torch.func.jvp(torch.func.grad(lambda w: F.mse_loss(x @ w.T, y)), (w,), (torch.ones_like(w),))
 
 
-def test_a_sharded_model_is_refused_in_one_sentence(tmp_path):
-    """Issue 20: until FSDP2 products exist, DTensor parameters are refused (they gave silent zeros)."""
+def test_a_partly_sharded_model_is_refused_in_one_sentence(tmp_path):
+    """Issue 20: DTensor parameters mixed with plain ones (a module sharded by hand, not by fully_shard) are
+    refused in one sentence; before sharded products existed they gave silent zeros."""
     import datetime
 
     import torch.distributed as dist
@@ -483,7 +484,7 @@ def test_a_sharded_model_is_refused_in_one_sentence(tmp_path):
         model = mlp(3, 5, 4, seed=1)
         model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
         for op in KINDS.values():
-            with pytest.raises(ValueError, match="sharded DTensors.*'0.weight'"):
+            with pytest.raises(ValueError, match="mix FSDP2-sharded DTensors and plain tensors .e.g. '0.bias'"):
                 op(model, nn.CrossEntropyLoss(), data=classification_batch())
     finally:
         dist.destroy_process_group()

@@ -28,6 +28,7 @@ from ..distributed import reduce_or_raise
 from ..linalg.eigen import lanczos
 from ..linalg.linop import NonFiniteError
 from ..linalg.trace import trace as _trace
+from ..linalg.vectors import space_of
 from .batches import LossModule, LossSpec
 from .hvp import unflatten
 from .objective import Objective
@@ -160,12 +161,13 @@ def _dense(op, chunk: int) -> torch.Tensor:
     """The operator as a dense float64 matrix, ``chunk`` columns at a time (a batched product holds
     ``chunk`` copies of the backward graph's activations)."""
     n = op.size
+    space = space_of(op, op.dtype)
+    eye = space.eye()  # [n, n] (a sharded operator: this rank's rows of it)
     cols = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        E = torch.zeros(n, stop - start, dtype=op.dtype, device=op.device)
-        E[torch.arange(start, stop, device=op.device), torch.arange(stop - start, device=op.device)] = 1
-        cols.append(op.matmat(E).to(device="cpu", dtype=torch.float64))
+        # E^T (A E): the block's columns, whole on every rank even when the operator's vectors are sharded
+        cols.append(space.inner(eye, op.matmat(eye[:, start:stop].contiguous())).to(device="cpu", dtype=torch.float64))
     M = torch.cat(cols, dim=1)
     return (M + M.T) / 2
 

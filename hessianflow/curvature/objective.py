@@ -284,11 +284,19 @@ class Objective:
         model, times the weight of the piece being differentiated (:attr:`ShardedParameters.scale`)."""
         if self.sharding is None:
             return self.spec.loss(self.model, batch, run=run)
-        scale, error = self.sharding.scale, None
+        return self.weighted(lambda finite: self.spec.loss(self.model, batch, run=run, finite=finite))
+
+    def weighted(self, compute: Callable[[bool], torch.Tensor]) -> torch.Tensor:
+        """A sharded model's loss of a piece, ``compute(finite)``, times the piece's weight
+        (:attr:`ShardedParameters.scale`), once every rank knows that every rank's loss is finite.
+
+        A piece of no units (all padding) or a rank's stand-in has weight 0 and its ``0/0`` loss is taken
+        as 0; the operations are the same on every rank either way (the ranks' graphs must be identical:
+        see :mod:`~hessianflow.curvature.sharded`).
+        """
+        scale, error, loss = self.sharding.scale, None, None
         try:
-            # a piece of no units (all padding) or a rank's stand-in is weighted 0, its 0/0 loss taken as 0; the
-            # same operations on every rank either way (their graphs must be identical, see sharded.py)
-            loss = self.spec.loss(self.model, batch, run=run, finite=scale != 0)
+            loss = compute(scale != 0)
             loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss)) * scale
         except NonFiniteError as exc:  # the forward is complete on every rank: tell them before any backward
             error = exc

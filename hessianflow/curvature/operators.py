@@ -121,7 +121,7 @@ class CurvatureOperator(LinearOperator):
             if not product.sharded:
                 raise ValueError(
                     f"{type(self).__name__}: {type(product).__name__} products of an FSDP2-sharded model are not "
-                    "supported; use HessianOperator with backend='double_backprop' or 'finite_difference'"
+                    "supported; HessianOperator (backend='double_backprop' or 'finite_difference') and GGNOperator are"
                 )
             work = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
             #: this rank's slices of the operator's vectors (see hessianflow.linalg.sharded_vectors)

@@ -297,6 +297,8 @@ class GaussNewton(Product):
     """:math:`J^\\top H_{\\mathrm{out}} J v` (Schraudolph 2002): :math:`Jv` by the double-vjp trick, the
     output Hessian analytically for a softmax cross-entropy or by a double backward otherwise."""
 
+    sharded = True
+
     def __init__(self, objective, run=None, analytic_cross_entropy: bool | None = None):
         super().__init__(objective, run)
         if not objective.spec.has_output:
@@ -310,12 +312,22 @@ class GaussNewton(Product):
         if ce is None and self.analytic_cross_entropy:
             raise ValueError("analytic_cross_entropy=True, but the loss is not a plain softmax cross-entropy")
         g_out = hout = None
+        sharding = obj.sharding
         if ce is not None:
-            with torch.no_grad():
-                obj.spec.loss_of_output(out.detach(), batch)  # the checks (a scalar, finite) only
+            with torch.no_grad():  # the checks (a scalar, finite) only
+                if sharding is None:
+                    obj.spec.loss_of_output(out.detach(), batch)
+                else:
+                    obj.weighted(lambda finite: obj.spec.loss_of_output(out.detach(), batch, finite))
             hout = _softmax_ce_curvature(out, ce)
+            if sharding is not None:  # weighted like the loss (a mean's 1/count becomes the piece's weight)
+                p, coef, dim = hout
+                hout = p, torch.nan_to_num(coef * sharding.scale), dim
         else:
-            loss = obj.spec.loss_of_output(out, batch)
+            if sharding is None:
+                loss = obj.spec.loss_of_output(out, batch)
+            else:
+                loss = obj.weighted(lambda finite: obj.spec.loss_of_output(out, batch, finite))
             (g_out,) = torch.autograd.grad(_require_graph(loss), out, create_graph=True)
         # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
         # u is a zero scalar expanded to the output's shape: no logits-sized tensor is held for it.
