@@ -71,7 +71,8 @@ def build(vocab: int, args, dtype):
 
     torch.manual_seed(args.seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=args.seq, n_embd=args.embd, n_layer=args.layers,
-                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                     n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                     eos_token_id=0)  # fmt: skip
     return GPT2LMHeadModel(cfg).to(dtype)
 
 

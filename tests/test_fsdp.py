@@ -167,3 +167,24 @@ def test_one_rank_group_is_the_plain_operator(tmp_path):
     finally:
         if started:
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_example_two_ranks_match_one(tmp_path):
+    """examples/fsdp_spectrum.py under torchrun: 2 ranks give 1 rank's spectrum, each holding half the entries."""
+    example = os.path.join(os.path.dirname(HERE), "examples", "fsdp_spectrum.py")
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"spectrum{n}.json"
+        args = ["--train-steps", "3", "--layers", "1", "--embd", "16", "--seq", "16", "--batch", "6",
+                "--trace-matvecs", "6", "--density-steps", "8", "--dtype", "float64", "--json", out]  # fmt: skip
+        proc, _ = torchrun(*args, nproc=n, timeout=300, script=example)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        import json
+
+        runs[n] = json.loads(out.read_text())
+    one, two = runs[1], runs[2]
+    assert one["parameters"] == two["parameters"] and two["entries_on_this_rank"] < two["parameters"]
+    assert two["eigenvector_shard"] == [two["entries_on_this_rank"], 3]
+    assert torch.allclose(torch.tensor(two["top_eigenvalues"]), torch.tensor(one["top_eigenvalues"]), rtol=1e-9)
+    assert math.isclose(two["trace"], one["trace"], rel_tol=1e-9)
