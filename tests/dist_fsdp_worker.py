@@ -49,8 +49,11 @@ def cases():
         "mlp_mse_empty_shard": (lambda: mlp(1), (x, torch.randn(N, 1, generator=g, dtype=torch.float64)),
                                 {"criterion": nn.MSELoss()}),
     }  # fmt: skip
+    # a loader on every rank: batches of 2, so the ranks hold 2 or 3 batches of unequal sizes
+    out["mlp_loader"] = (mlp, (x, y_pad), {"criterion": nn.CrossEntropyLoss(), "loader": 2})
     if os.environ.get("FSDP_TEST_GPT2") == "1":
         out["gpt2"] = (gpt2, gpt2_batch(), {"loss_fn": causal_lm_loss})
+        out["gpt2_own_loss"] = (gpt2, gpt2_batch(), {})  # the model's .loss (HuggingFace's own, float32 logits)
     return out
 
 
@@ -98,6 +101,11 @@ def vectors(size, k=3):
 def operator(model, batch, kw, kind=None, **more):
     kw = dict(kw)
     crit = kw.pop("criterion", None)
+    size = kw.pop("loader", None)
+    if size is not None:  # this rank's share as a loader of batches of `size`
+        n = len(batch[0])
+        loader = [tuple(t[i : i + size] for t in batch) for i in range(0, n, size)]
+        return (kind or hf.HessianOperator)(model, crit, dataloader=loader, **kw, **more)
     return (kind or hf.HessianOperator)(model, crit, data=batch, **kw, **more)
 
 
@@ -107,6 +115,7 @@ LAYER_CASES = ("mlp_ce", "mlp_sum_micro")  # per_layer: dense blocks and Lanczos
 
 def per_layer(model, batch, kw):
     kw = dict(kw)
+    kw.pop("loader", None)
     crit = kw.pop("criterion", None)
     res = hf.per_layer(model, crit, data=batch, top_k=2, exact_threshold=30, trace_matvecs=20, seed=0, **kw)
     return [(r.name, r.eigenvalues, r.trace) for r in res]

@@ -128,3 +128,13 @@ def test_a_pure_float64_model_keeps_a_small_step_and_reports_a_small_error():
     assert op.fd_step < 1e-3 and op.product_noise < 1e-7
     exact = hf.HessianOperator(model, nn.CrossEntropyLoss(), data=(x, y))
     assert exact.product_noise is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_finite_differences_are_refused_in_one_sentence(dtype):
+    """Issue 20: in bf16 the step ladder starts at eps^(1/3) = 0.2 of the parameters' scale and has no second
+    rung below 0.5, so no error could be measured (it crashed with an empty min() before)."""
+    model = nn.Linear(3, 2).to(dtype)
+    batch = (torch.randn(4, 3).to(dtype), torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(ValueError, match=f"finite-difference products of a {str(dtype)[6:]} model are refused"):
+        hf.HessianOperator(model, nn.CrossEntropyLoss(), data=batch, backend="finite_difference")

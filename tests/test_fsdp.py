@@ -63,7 +63,8 @@ def _check(results, refs, names):
         HV = torch.zeros_like(ref["HV"])
         for m in mine:
             HV[m["rows"]] = m["HV"]
-        assert rel(HV, ref["HV"]) < 1e-12, (name, rel(HV, ref["HV"]))
+        # HuggingFace's own .loss takes its cross-entropy of float32 logits: float32 agreement there
+        assert rel(HV, ref["HV"]) < (1e-5 if name.endswith("own_loss") else 1e-12), (name, rel(HV, ref["HV"]))
         if "GV" in ref:  # the generalised Gauss-Newton matrix
             GV = torch.zeros_like(ref["GV"])
             for m in mine:
@@ -76,11 +77,12 @@ def _check(results, refs, names):
                     assert math.isclose(t1, t2, rel_tol=1e-9, abs_tol=1e-12), (name, n1, t1, t2)
         for m in mine:  # the same numbers on every rank, and those of the unsharded operator
             assert torch.equal(m["top3"], mine[0]["top3"]) and m["trace"] == mine[0]["trace"], name
-            assert torch.allclose(m["top3"], ref["top3"], rtol=1e-10, atol=1e-12), (name, m["top3"], ref["top3"])
+            tol = 1e-4 if name.endswith("own_loss") else 1e-8
+            assert torch.allclose(m["top3"], ref["top3"], rtol=tol / 100, atol=1e-12), (name, m["top3"], ref["top3"])
             assert m["converged"].all(), name
-            assert math.isclose(m["trace"], ref["trace"], rel_tol=1e-10), (name, m["trace"], ref["trace"])
-            assert torch.allclose(m["nodes"], ref["density"].nodes, rtol=1e-8, atol=1e-10), name
-            assert torch.allclose(m["weights"], ref["density"].weights, rtol=1e-8, atol=1e-10), name
+            assert math.isclose(m["trace"], ref["trace"], rel_tol=tol / 100), (name, m["trace"], ref["trace"])
+            assert torch.allclose(m["nodes"], ref["density"].nodes, rtol=tol, atol=1e-10), name
+            assert torch.allclose(m["weights"], ref["density"].weights, rtol=tol, atol=1e-10), name
         if ref["dense"] is not None:
             vecs = torch.zeros(size, 3, dtype=torch.float64)
             for m in mine:
@@ -116,9 +118,10 @@ def test_sharded_gpt2(tmp_path, monkeypatch):
     """A HuggingFace GPT-2 (default attention, tied embeddings, right-padded batches) sharded per block."""
     pytest.importorskip("transformers") if not os.environ.get("CI") else None
     monkeypatch.setenv("FSDP_TEST_GPT2", "1")
-    refs = {"gpt2": worker.references()["gpt2"]}
+    names = ["gpt2", "gpt2_own_loss"]
+    refs = {k: v for k, v in worker.references().items() if k in names}
     results = _run(2, tmp_path, gpt2=True)
-    _check(results, refs, ["gpt2"])
+    _check(results, refs, names)
 
 
 @pytest.mark.slow

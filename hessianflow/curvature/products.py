@@ -180,6 +180,13 @@ class FiniteDifference(Product):
 
     def __init__(self, objective, run=None, step: float | None = None):
         super().__init__(objective, run)
+        if objective.dtype in (torch.bfloat16, torch.float16):
+            name = str(objective.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"finite-difference products of a {name} model are refused: its rounding unit "
+                f"{torch.finfo(objective.dtype).eps:g} puts the best step near 0.2 of the parameters' scale, where no "
+                "error can be measured; compute the products of a float32 copy, or use backend='double_backprop'"
+            )
         if step is not None and not (isinstance(step, (int, float)) and 0 < step < 1):
             raise ValueError(f"fd_step must be a number in (0, 1), got {step!r}")
         self.fixed = step is not None
