@@ -27,9 +27,9 @@ same objective as one device with the global batch (:mod:`~hessianflow.curvature
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -200,7 +200,11 @@ class ShardedParameters:
             own = [(n, p) for n, p in m.named_parameters(recurse=False) if isinstance(p, DTensor)]
             if own:
                 self._owners.append((m, own))
-        self._live = {}  # storage pointer -> (weak reference to a gathered buffer, parameter index)
+        # gathered buffers that saved tensors may be views of: storage pointer -> (buffer, index, shard). The
+        # buffers are held (so that no other tensor can reuse their memory while they are listed) only
+        # while their module's forward runs, or, gathered again in a backward, for the next few saves.
+        self._live = {}
+        self._recent = collections.deque()
 
     # -- gathering --------------------------------------------------------------------------------
     def _gather(self, local: torch.Tensor, shape, c: int) -> torch.Tensor:
@@ -220,9 +224,17 @@ class ShardedParameters:
             return buf, buf[: shape[0]]
         return self._gathered_from(i, self.sources[i])
 
-    def _gathered_from(self, i: int, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    #: how many buffers gathered again in a backward stay listed (the saves of the node that asked for one)
+    RECENT = 4
+
+    def _gathered_from(self, i: int, source: torch.Tensor, recent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         buf = self._finish(self._gather(source, self.shapes[i], self.rows[i]))
-        self._live[buf.untyped_storage().data_ptr()] = (weakref.ref(buf), i, source)
+        key = buf.untyped_storage().data_ptr()
+        self._live[key] = (buf, i, source)
+        if recent:
+            self._recent.append(key)
+            while len(self._recent) > self.RECENT:
+                self._live.pop(self._recent.popleft(), None)
         return buf, buf[: self.shapes[i][0]]
 
     @staticmethod
@@ -239,16 +251,13 @@ class ShardedParameters:
             return t
         if entry is None:
             return t
-        buf = entry[0]()
-        if buf is None:  # freed: another tensor may now use that memory
-            return t
         return _Recipe(self, entry[1], entry[2], t)
 
     @staticmethod
     def _unpack(x):
         if not isinstance(x, _Recipe):
             return x
-        buf, _ = x.owner._gathered_from(x.index, x.source)
+        buf, _ = x.owner._gathered_from(x.index, x.source, recent=True)
         return buf.as_strided(x.size, x.stride, x.offset)
 
     # -- the computation --------------------------------------------------------------------------
@@ -265,6 +274,9 @@ class ShardedParameters:
 
         def post(module, args, output, own=None):
             for name, p in own:
+                full = module._parameters[name]
+                if full is not p and full is not None:  # no longer listed: its memory may be freed and reused
+                    self._live.pop(full.untyped_storage().data_ptr(), None)
                 module._parameters[name] = p
 
         with _fsdp_hooks_off(self._fsdp):
@@ -280,7 +292,8 @@ class ShardedParameters:
                 for m, own in self._owners:  # a forward that raised midway left gathered tensors in place
                     for name, p in own:
                         m._parameters[name] = p
-                self._live = {k: v for k, v in self._live.items() if v[0]() is not None}
+                self._live.clear()
+                self._recent.clear()
 
     @contextlib.contextmanager
     def shifted(self, sources: list[torch.Tensor]):
