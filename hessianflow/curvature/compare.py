@@ -34,7 +34,14 @@ from ..linalg.trace import trace
 from .analysis import layer_blocks
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 
-__all__ = ["KindComparison", "CurvatureComparison", "compare_curvatures", "plot_comparison", "wasserstein1"]
+__all__ = [
+    "KindComparison",
+    "CurvatureComparison",
+    "compare_curvatures",
+    "plot_comparison",
+    "wasserstein1",
+    "parameter_blocks",
+]
 
 KINDS = ("hessian", "ggn", "empirical_fisher", "block_diagonal")
 
@@ -177,6 +184,34 @@ def _block_indices(model: nn.Module, H: HessianOperator):
             names.append(name)
             blocks.append(torch.cat(idx))
     return blocks, names
+
+
+def parameter_blocks(op, by: str = "param"):
+    """``(blocks, names)``: index sets into a curvature operator's flat vector, one per parameter tensor
+    (``by="param"``: Zhang et al. 2024's blocks, e.g. a layer's weight and its bias apart) or per module
+    (``by="layer"``: :func:`~hessianflow.curvature.analysis.layer_blocks`), for
+    :func:`~hessianflow.linalg.density.block_densities` and
+    :class:`~hessianflow.linalg.algebra.BlockDiagonalOperator`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import HessianOperator
+        >>> model = nn.Linear(2, 1).double()
+        >>> H = HessianOperator(model, nn.MSELoss(), data=(torch.zeros(3, 2), torch.zeros(3, 1)))
+        >>> blocks, names = parameter_blocks(H)
+        >>> names, [b.tolist() for b in blocks]
+        (['weight', 'bias'], [[0, 1], [2]])
+    """
+    if by == "layer":
+        return _block_indices(op.model, op)
+    if by != "param":
+        raise ValueError(f"by must be 'param' or 'layer', got {by!r}")
+    blocks, start = [], 0
+    for p in op.params:
+        blocks.append(torch.arange(start, start + p.numel()))
+        start += p.numel()
+    return blocks, list(op.param_names)
 
 
 def _operator(kind: str, model, criterion, data, dataloader, H, operator_kwargs):

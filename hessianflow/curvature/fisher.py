@@ -122,9 +122,7 @@ class SampledFisher(GaussNewton):
         u = self._uniforms((*last.shape[:-1], M)).to(p.device)  # [*positions, M]
         cdf = torch.cumsum(last.double(), dim=-1)
         idx = torch.searchsorted(cdf, u).clamp_(max=last.shape[-1] - 1)  # rounding: cdf[-1] may be < u
-        counts = torch.zeros(last.shape, dtype=torch.float64, device=p.device).scatter_add_(
-            -1, idx, torch.ones_like(u)
-        )
+        counts = torch.zeros(last.shape, dtype=torch.float64, device=p.device).scatter_add_(-1, idx, torch.ones_like(u))
         q = (counts / M).to(p.dtype).movedim(-1, dim)  # the draws' class frequencies, shaped like p
         return "categorical", p, q, coef, dim
 
