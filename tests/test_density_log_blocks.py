@@ -66,12 +66,17 @@ def test_log_density_of_a_spectrum_spanning_decades():
 
 def test_negative_and_zero_nodes():
     """An indefinite spectrum with a null space: side= splits the mass by sign, the zeros pile up at ln eps."""
-    lam = torch.cat([-torch.logspace(-1, 1, 20, dtype=DT), torch.zeros(10, dtype=DT), torch.logspace(-2, 2, 30, dtype=DT)])
+    lam = torch.cat(
+        [-torch.logspace(-1, 1, 20, dtype=DT), torch.zeros(10, dtype=DT), torch.logspace(-2, 2, 30, dtype=DT)]
+    )
     exact = DensityResult.from_eigenvalues(lam)
     eps = 1e-6
     x = torch.logspace(-10, 3, 4000, dtype=DT)
     t = torch.log(x + eps)
-    mass = {side: _trapz(exact.log_density(x, sigma=0.2, eps=eps, side=side), t) for side in ("both", "positive", "negative")}
+    mass = {
+        side: _trapz(exact.log_density(x, sigma=0.2, eps=eps, side=side), t)
+        for side in ("both", "positive", "negative")
+    }
     # the null space's sixth of the mass sits at ln eps: half of its bump inside any grid of x > 0
     assert abs(mass["both"] - (1 - 5 / 60)) < 1e-4  # the grid starts at x = 1e-10, not 0
     assert abs(mass["positive"] - 30 / 60) < 1e-6 and abs(mass["negative"] - 20 / 60) < 1e-6
@@ -109,7 +114,9 @@ def _reference(spectra, scale="linear", sigma=None):
     """The heterogeneity of the exact block spectra (eigvalsh of each block), same grid rules."""
     from hessianflow.linalg.density import BlockDensityResult
 
-    exact = BlockDensityResult(names=None, densities=[DensityResult.from_eigenvalues(s) for s in spectra], num_matvecs=0)
+    exact = BlockDensityResult(
+        names=None, densities=[DensityResult.from_eigenvalues(s) for s in spectra], num_matvecs=0
+    )
     return exact.heterogeneity(scale=scale, sigma=sigma)
 
 
