@@ -40,10 +40,18 @@ def parse_args(argv=None):
     p.add_argument(
         "--models",
         nargs="+",
-        default=["resnet20", "gpt2"],
-        choices=["resnet20", "gpt2"],
-        help="which models (default: both)",
+        default=["resnet20", "resnet20_digits", "gpt2"],
+        choices=["resnet20", "resnet20_digits", "gpt2"],
+        help="which models (default: all three; resnet20_digits is ResNet-20 on scikit-learn's bundled digits)",
     )
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["ggn", "empirical_fisher", "sampled_fisher", "block_diagonal"],
+        choices=["ggn", "empirical_fisher", "sampled_fisher", "block_diagonal"],
+        help="the kinds compared with the Hessian (default: all four)",
+    )
+    p.add_argument("--mc-samples", type=int, default=1, help="sampled Fisher: targets drawn per position (default 1)")
     p.add_argument("--k", type=int, default=3, help="top eigenpairs compared (default 3)")
     p.add_argument("--batch-size", type=int, default=8, help="ResNet-20: images in the batch (default 8)")
     p.add_argument(
@@ -81,6 +89,29 @@ def resnet_problem(args):
     return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
 
 
+def digits_problem(args):
+    """ResNet-20 (one input channel) on scikit-learn's bundled digits (16x16, hessianflow.training.data's
+    fixed split), normalised with the split's statistics, trained like resnet_problem."""
+    from hessianflow.training.data import DATASETS, load_digits_tensors
+
+    d = load_digits_tensors()
+    info = DATASETS["digits"]
+    x = (d["train_images"] - info.mean[0]) / info.std[0]
+    y = d["train_targets"]
+    torch.manual_seed(args.seed)
+    model = get_model("resnet", depth=20, num_classes=10, in_channels=1, input_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(args.train_steps):
+        idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    batch = (x[: args.batch_size], y[: args.batch_size])
+    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, f"ResNet-20, digits 16x16, batch {args.batch_size}, float32"
+
+
 def gpt2_problem(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -103,11 +134,13 @@ def main(args) -> dict:
     torch.set_num_threads(args.threads)
     out = {}
     for name in args.models:
-        model, kw, label = (resnet_problem if name == "resnet20" else gpt2_problem)(args)
+        problem = {"resnet20": resnet_problem, "resnet20_digits": digits_problem, "gpt2": gpt2_problem}[name]
+        model, kw, label = problem(args)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         t0 = time.perf_counter()
         res = compare_curvatures(model, k=args.k, seed=args.seed, tol=args.tol, trace_matvecs=args.trace_matvecs,
-                                 num_runs=args.num_runs, num_steps=args.num_steps, **kw)  # fmt: skip
+                                 num_runs=args.num_runs, num_steps=args.num_steps, kinds=tuple(args.kinds),
+                                 mc_samples=args.mc_samples, **kw)  # fmt: skip
         secs = time.perf_counter() - t0
         print(f"\n### {label} ({n} parameters; {secs:.0f} s)\n")
         print(res.table())
