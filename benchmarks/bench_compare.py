@@ -109,7 +109,8 @@ def digits_problem(args):
         opt.step()
     model.eval()
     batch = (x[: args.batch_size], y[: args.batch_size])
-    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, f"ResNet-20, digits 16x16, batch {args.batch_size}, float32"
+    label = f"ResNet-20, digits 16x16, batch {args.batch_size}, float32"
+    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
 
 
 def gpt2_problem(args):

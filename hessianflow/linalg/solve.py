@@ -237,7 +237,7 @@ def solve(
     Vectors: every dot product and norm goes through the operator's vector space
     (:func:`~hessianflow.linalg.vectors.space_of`; float64 reductions on the flat default), so a sharded
     operator's solve keeps this rank's slice of ``b`` and ``x`` and all-reduces only scalars, and under a
-    weighted inner product :math:`\langle x, y \rangle_W` an operator self-adjoint in it is solved (the
+    weighted inner product :math:`\\langle x, y \\rangle_W` an operator self-adjoint in it is solved (the
     residual is then measured in its norm).
 
     Influence functions (Koh & Liang 2017) are the usual use:
