@@ -256,3 +256,17 @@ def test_curvlinops_mc_fisher_is_the_same_estimator(family):
     ) @ torch.eye(P, dtype=DT)
     assert float(((ours - theirs) ** 2).sum()) < 5 * 2 * V / big  # two independent errors of V/big each
     assert math.isfinite(float(theirs.sum()))
+
+
+def test_one_dimensional_outputs():
+    """A model with outputs ``[n]`` (no event dimension): each element its own position; MSE's sampled
+    Fisher converges to 2 X^T X / n, and splits draw the same targets."""
+    X, _, _, _ = _data("gaussian")
+    y = torch.randn(N, dtype=DT)
+    model = nn.Sequential(nn.Linear(D, 1, bias=False), nn.Flatten(0)).double()
+    exact = 2 * X.T @ X / N
+    mc = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=40000, seed=0).to_dense()
+    assert float((mc - exact).norm() / exact.norm()) < 0.03
+    few = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=3, seed=2).to_dense()
+    micro = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=3, seed=2, micro_batch_size=4).to_dense()
+    assert torch.allclose(few, micro, rtol=1e-12, atol=1e-15)

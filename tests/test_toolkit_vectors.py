@@ -1,4 +1,5 @@
-"""hf.solve, hf.diagonal and frobenius_norm_sq through the vector protocol (issue 22, item 5): the spaces of tests/test_vectors.py.
+"""hf.solve, hf.diagonal and frobenius_norm_sq through the vector protocol (issue 22, item 5), with the spaces
+of tests/test_vectors.py.
 
 * A two-shard space (local dot products summed) gives the flat solution to rounding, and is used.
 * Under a weighted inner product :math:`\\langle x, y \\rangle_W = x^\\top W y`, :math:`A = W^{-1} S` is

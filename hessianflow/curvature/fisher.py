@@ -146,8 +146,12 @@ class SampledFisher(GaussNewton):
             z = torch.sqrt(-2 * torch.log1p(-u[..., 0])) * torch.cos(2 * math.pi * u[..., 1])
             g = math.sqrt(2.0) * z  # 2 (f - y~) for y~ ~ N(f, I/2), up to the sign
         coef = 1.0 / out.numel() if self.obj.criterion.reduction == "mean" else 1.0
-        G = (g * math.sqrt(coef / M)).movedim(-1, 0).to(work)  # [M, *out]
-        return "outer", G, out.dim() >= 2
+        G = g * math.sqrt(coef / M)  # [*out, M]
+        if out.dim() < 2:  # no event dimension: each element its own position, a diagonal output Hessian
+            return "diagonal", (G * G).sum(dim=-1).to(work)
+        if out.shape[-1] <= M:  # the draws' second moment per position, C x C: products cost nothing in M
+            return "moment", torch.einsum("...im,...jm->...ij", G, G).to(work)  # [*positions, C, C]
+        return "outer", G.movedim(-1, 0).to(work)  # [M, *out]: fewer numbers than the C x C moments
 
     def _output_product(self, draws, jv):
         if draws[0] == "categorical":
@@ -158,10 +162,13 @@ class SampledFisher(GaussNewton):
             h = p * (s - (q * u).sum(dim=dim, keepdim=True))
             h.sub_(q * (s - u)).mul_(coef)
             return h.to(jv.dtype)
-        _, G, has_event = draws
-        u = jv.to(G.dtype)
+        kind, D = draws
+        u = jv.to(D.dtype)
+        if kind == "diagonal":
+            return (D * u).to(jv.dtype)
+        if kind == "moment":
+            return (D @ u.unsqueeze(-1)).squeeze(-1).to(jv.dtype)
         h = torch.zeros_like(u)
-        for g in G:  # one draw at a time: a few output-sized tensors whatever M is
-            d = (g * u).sum(dim=-1, keepdim=True) if has_event else g * u
-            h.addcmul_(g, d)
+        for g in D:  # one draw at a time: a few output-sized tensors whatever M is
+            h.addcmul_(g, (g * u).sum(dim=-1, keepdim=True))
         return h.to(jv.dtype)
