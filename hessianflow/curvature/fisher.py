@@ -77,6 +77,22 @@ class SampledFisher(GaussNewton):
         objective: the :class:`~hessianflow.curvature.objective.Objective`.
         mc_samples: :math:`M`, the targets drawn per position.
         seed: the draws' seed (an int); mixed with the rank in a distributed run.
+
+    Example (logistic regression at :math:`w = 0`, :math:`p = 1/2`: the GGN is :math:`X^\\top X / 4n`; each
+    draw's score is :math:`\\pm 1/2`, so the sampled Fisher is exactly the GGN whatever the draws):
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import GGNOperator
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
+        >>> model = nn.Linear(2, 1, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.zero_()
+        >>> F = GGNOperator(model, nn.BCEWithLogitsLoss(), data=(X, y), mc_samples=1, seed=0)
+        >>> type(F.product).__name__, F.product.family
+        ('SampledFisher', 'bernoulli')
+        >>> torch.allclose(F.to_dense(), X.T @ X / 12)
+        True
     """
 
     def __init__(self, objective, mc_samples: int, seed: int = 0, run=None):
