@@ -270,3 +270,23 @@ def test_one_dimensional_outputs():
     few = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=3, seed=2).to_dense()
     micro = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=3, seed=2, micro_batch_size=4).to_dense()
     assert torch.allclose(few, micro, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_one_rank_process_group_draws_as_one_process(tmp_path):
+    """distributed=True in a real one-rank gloo group: the rank-mixed seed of rank 0 is the seed, and the
+    products summed over the (one) rank are the same matrix as without a group."""
+    import torch.distributed as dist
+
+    X, y, crit, C = _data("categorical")
+    model = _model(C)
+    loader = [(X[:4], y[:4]), (X[4:], y[4:])]
+    plain = GGNOperator(model, crit, dataloader=loader, mc_samples=5, seed=4).to_dense()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        op = GGNOperator(model, crit, dataloader=loader, mc_samples=5, seed=4, distributed=True)
+        assert op.distributed
+        ranked = op.to_dense()
+    finally:
+        dist.destroy_process_group()
+    assert torch.allclose(ranked, plain, rtol=1e-12, atol=1e-15)
