@@ -40,10 +40,23 @@ def parse_args(argv=None):
     p.add_argument(
         "--models",
         nargs="+",
-        default=["resnet20", "gpt2"],
-        choices=["resnet20", "gpt2"],
-        help="which models (default: both)",
+        default=["resnet20", "resnet20_digits", "gpt2"],
+        choices=["resnet20", "resnet20_digits", "gpt2"],
+        help="which models (default: all three; resnet20_digits is ResNet-20 on scikit-learn's bundled digits)",
     )
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["ggn", "empirical_fisher", "sampled_fisher", "block_diagonal"],
+        choices=["ggn", "empirical_fisher", "sampled_fisher", "block_diagonal"],
+        help="the kinds compared with the Hessian (default: all four)",
+    )
+    p.add_argument("--mc-samples", type=int, default=1, help="sampled Fisher: targets drawn per position (default 1)")
+    p.add_argument(
+        "--heterogeneity", action="store_true",
+        help="instead of the comparison: SLQ per parameter tensor of the Hessian and the blocks' mean pairwise "
+        "Jensen-Shannon divergence (Zhang et al. 2024), with --num-runs and --num-steps",
+    )  # fmt: skip
     p.add_argument("--k", type=int, default=3, help="top eigenpairs compared (default 3)")
     p.add_argument("--batch-size", type=int, default=8, help="ResNet-20: images in the batch (default 8)")
     p.add_argument(
@@ -81,6 +94,30 @@ def resnet_problem(args):
     return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
 
 
+def digits_problem(args):
+    """ResNet-20 (one input channel) on scikit-learn's bundled digits (16x16, hessianflow.training.data's
+    fixed split), normalised with the split's statistics, trained like resnet_problem."""
+    from hessianflow.training.data import DATASETS, load_digits_tensors
+
+    d = load_digits_tensors()
+    info = DATASETS["digits"]
+    x = (d["train_images"] - info.mean[0]) / info.std[0]
+    y = d["train_targets"]
+    torch.manual_seed(args.seed)
+    model = get_model("resnet", depth=20, num_classes=10, in_channels=1, input_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for step in range(args.train_steps):
+        idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    batch = (x[: args.batch_size], y[: args.batch_size])
+    label = f"ResNet-20, digits 16x16, batch {args.batch_size}, float32"
+    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
+
+
 def gpt2_problem(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -99,15 +136,47 @@ def gpt2_problem(args):
     return model, {"loss_fn": causal_lm_loss, "data": batch}, "GPT-2 (2 layers, 32 wide, vocab 64), 4 x 16 tokens"
 
 
+def heterogeneity(model, kw, label, n, args) -> dict:
+    """Zhang et al. (2024)'s block heterogeneity of the Hessian: SLQ on each parameter tensor's diagonal block,
+    the mean pairwise JS divergence of the blocks' densities (linear and log scale)."""
+    from hessianflow import HessianOperator
+    from hessianflow.curvature.compare import parameter_blocks
+    from hessianflow.linalg.density import block_densities
+
+    H = HessianOperator(model, **kw)
+    blocks, names = parameter_blocks(H)
+    t0 = time.perf_counter()
+    res = block_densities(H, blocks, names=names, num_runs=args.num_runs, num_steps=args.num_steps, seed=args.seed)
+    secs = time.perf_counter() - t0
+    _, mean = res.heterogeneity()
+    js_log, mean_log = res.heterogeneity(scale="log")
+    print(
+        f"\n### {label} ({n} parameters, {len(blocks)} parameter tensors; {secs:.0f} s, {res.num_matvecs} products)\n"
+    )
+    print(
+        f"mean pairwise JS divergence of the blocks' Hessian densities: {mean:.3f} (linear), {mean_log:.3f} (log scale)"
+    )
+    pairs = [(float(js_log[i, j]), names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    top = sorted(pairs, reverse=True)[:3]
+    print("most different pairs (log scale): " + "; ".join(f"{a} / {b}: {v:.3f}" for v, a, b in top))
+    return {"heterogeneity": mean, "heterogeneity_log": mean_log, "blocks": len(blocks), "seconds": secs,
+            "num_matvecs": res.num_matvecs}  # fmt: skip
+
+
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
     out = {}
     for name in args.models:
-        model, kw, label = (resnet_problem if name == "resnet20" else gpt2_problem)(args)
+        problem = {"resnet20": resnet_problem, "resnet20_digits": digits_problem, "gpt2": gpt2_problem}[name]
+        model, kw, label = problem(args)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.heterogeneity:
+            out[name] = heterogeneity(model, kw, label, n, args)
+            continue
         t0 = time.perf_counter()
         res = compare_curvatures(model, k=args.k, seed=args.seed, tol=args.tol, trace_matvecs=args.trace_matvecs,
-                                 num_runs=args.num_runs, num_steps=args.num_steps, **kw)  # fmt: skip
+                                 num_runs=args.num_runs, num_steps=args.num_steps, kinds=tuple(args.kinds),
+                                 mc_samples=args.mc_samples, **kw)  # fmt: skip
         secs = time.perf_counter() - t0
         print(f"\n### {label} ({n} parameters; {secs:.0f} s)\n")
         print(res.table())

@@ -7,6 +7,7 @@ HessianFlow's hessian_eig_driver.py, with its flags. Usage::
     python hessian_eig_driver.py --resume runs/model_param.pkl --top-k 5 --trace --density --json eig.json
     python hessian_eig_driver.py --resume runs/model_param.pkl --per-layer --landscape 2 --out-dir figures
     python hessian_eig_driver.py --resume runs/model_param.pkl --which SA --operator ggn --data test
+    python hessian_eig_driver.py --resume runs/model_param.pkl --compare --compare-k 3 --json eig.json
     python hessian_eig_driver.py --resume legacy.pkl --arch ResNet --depth 20 --name cifar100   # bare state_dict
     python hessian_eig_driver.py --resume ckpt.pkl --name synthetic --synthetic-train 512 --eigen-type full
     torchrun --nproc_per_node 4 hessian_eig_driver.py --resume runs/model_param.pkl --eigen-type full --trace
@@ -68,6 +69,12 @@ DEFAULTS = {
     "density_steps": 90,
     "landscape_radius": 1.0,
     "landscape_points": 21,
+    # the approximation audit: compare_curvatures' own defaults
+    "compare_k": 5,
+    "compare_kinds": ("ggn", "empirical_fisher", "block_diagonal"),
+    "mc_samples": 1,
+    "compare_runs": 5,
+    "compare_steps": 40,
 }
 
 
@@ -248,6 +255,42 @@ def _add_more_analyses_flags(p, d) -> None:
     )
 
 
+def _add_compare_flags(p, d) -> None:
+    """The approximation audit's flags."""
+    from ..curvature.compare import ALL_KINDS
+
+    g = p.add_argument_group("approximation audit")
+    g.add_argument(
+        "--compare",
+        action="store_true",
+        default=False,
+        help="compare the GGN, the empirical Fisher and the block-diagonal Hessian with the Hessian "
+        "(hessianflow.curvature.compare): top-k eigenvalues and their errors, subspace overlap, trace ratio, "
+        "W1 between the spectral densities; a table, the JSON's 'compare' section and a figure (PNG)",
+    )
+    g.add_argument(
+        "--compare-k", type=_cli.positive_int, default=d["compare_k"],
+        help=f"--compare: top eigenpairs compared (default: {d['compare_k']})",
+    )  # fmt: skip
+    g.add_argument(
+        "--compare-kinds", type=str, nargs="+", default=list(d["compare_kinds"]),
+        choices=[k for k in ALL_KINDS if k != "hessian"],
+        help=f"--compare: the kinds compared with the Hessian (default: {' '.join(d['compare_kinds'])})",
+    )  # fmt: skip
+    g.add_argument(
+        "--mc-samples", type=_cli.positive_int, default=d["mc_samples"],
+        help=f"--compare: the sampled Fisher's targets drawn per sample (default: {d['mc_samples']})",
+    )  # fmt: skip
+    g.add_argument(
+        "--compare-runs", type=_cli.positive_int, default=d["compare_runs"],
+        help=f"--compare: SLQ runs per kind (default: {d['compare_runs']})",
+    )  # fmt: skip
+    g.add_argument(
+        "--compare-steps", type=_cli.positive_int, default=d["compare_steps"],
+        help=f"--compare: Lanczos steps per SLQ run (default: {d['compare_steps']})",
+    )  # fmt: skip
+
+
 def _add_output_and_run_flags(p, d) -> None:
     """The 'output and run' flags."""
     g = p.add_argument_group("output and run")
@@ -287,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_what_to_compute_on_flags(p, d)
     _add_eigenvalues_flags(p, d)
     _add_more_analyses_flags(p, d)
+    _add_compare_flags(p, d)
     _add_output_and_run_flags(p, d)
     return p
 
@@ -298,6 +342,11 @@ def validate(parser: argparse.ArgumentParser, args) -> argparse.Namespace:
     if args.max_iter is not None and args.method == "lanczos" and args.max_iter < args.top_k:
         parser.error(f"argument --max-iter: lanczos needs at least --top-k = {args.top_k} products")
     if args.trace_matvecs < 4 and (args.trace or args.per_layer):
+        parser.error(f"argument --trace-matvecs: at least 4 products are needed, got {args.trace_matvecs}")
+    compare_flags = ("compare_k", "compare_kinds", "mc_samples", "compare_runs", "compare_steps")
+    if not args.compare and any(getattr(args, f) != parser.get_default(f) for f in compare_flags):
+        parser.error("--compare-k/--compare-kinds/--mc-samples/--compare-runs/--compare-steps apply to --compare only")
+    if args.compare and args.trace_matvecs < 4:
         parser.error(f"argument --trace-matvecs: at least 4 products are needed, got {args.trace_matvecs}")
     if (args.layers is not None or args.exact_threshold != 1500) and not args.per_layer:
         parser.error("--layers/--exact-threshold apply to --per-layer only")
@@ -519,7 +568,7 @@ def check_outputs(run: _Run) -> None:
     written, and a note says how to get the figures.
     """
     args = run.args
-    if args.density or args.per_layer or args.landscape:
+    if args.density or args.per_layer or args.landscape or args.compare:
         run.out_dir = check_writable_dir(run.out_dir, what="figures")
         try:
             import matplotlib  # noqa: F401
@@ -801,6 +850,35 @@ def landscape(run: _Run, model, criterion, source, eig) -> dict:
     }  # fmt: skip
 
 
+def compare(run: _Run, model, criterion, source) -> dict:
+    """``--compare``: :func:`~hessianflow.curvature.compare.compare_curvatures` on the analysed data, its
+    table, and its figure."""
+    from ..curvature.compare import compare_curvatures, plot_comparison
+
+    args = run.args
+    tol = LANCZOS_TOL if args.tol is None or args.method != "lanczos" else args.tol
+    t0 = time.time()
+    res = _solve_quietly(lambda: compare_curvatures(
+        model, criterion, **source, kinds=tuple(args.compare_kinds), k=args.compare_k, seed=args.seed + 4,
+        tol=tol, trace_matvecs=args.trace_matvecs, num_runs=args.compare_runs, num_steps=args.compare_steps,
+        mc_samples=args.mc_samples, micro_batch_size=args.micro_batch_size, progress=run.progress,
+    ))  # fmt: skip
+    seconds = time.time() - t0
+    run.log()
+    run.log(f"compare     {', '.join(res.kinds)} against the Hessian, top {args.compare_k} ({seconds:.1f} s)")
+    for line in res.table().splitlines():
+        run.log("  " + line)
+    bad = [kind for kind, kc in res.kinds.items() if not kc.converged]
+    if bad:
+        run.warn(f"compare: lanczos did not converge for {', '.join(bad)}")
+    path = run.figure("compare", plot_comparison, res, title=run.title)
+    return {
+        "kinds": res.to_dict(), "table": res.table(), "k": args.compare_k, "mc_samples": args.mc_samples,
+        "num_matvecs": {kd: kc.num_matvecs for kd, kc in res.kinds.items()}, "figure": path, "seconds": seconds,
+        "all_converged": not bad,
+    }  # fmt: skip
+
+
 def finish(run: _Run, result: dict, t_start: float) -> dict:
     """Convergence, timings, the JSON file (after every rank agreed on the numbers)."""
     result["figures"] = run.figures
@@ -876,6 +954,8 @@ def _main(args, ctx) -> dict:
         result["per_layer"] = per_layer_analysis(run, model, criterion, source, blocks)
     if args.landscape:
         result["landscape"] = landscape(run, model, criterion, source, eig)
+    if args.compare:
+        result["compare"] = compare(run, model, criterion, source)
     return finish(run, result, t_start)
 
 

@@ -34,9 +34,18 @@ from ..linalg.trace import trace
 from .analysis import layer_blocks
 from .operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 
-__all__ = ["KindComparison", "CurvatureComparison", "compare_curvatures", "plot_comparison", "wasserstein1"]
+__all__ = [
+    "KindComparison",
+    "CurvatureComparison",
+    "compare_curvatures",
+    "plot_comparison",
+    "wasserstein1",
+    "parameter_blocks",
+]
 
 KINDS = ("hessian", "ggn", "empirical_fisher", "block_diagonal")
+#: every kind compare_curvatures knows: the defaults and the sampled Fisher (GGNOperator(mc_samples=))
+ALL_KINDS = (*KINDS, "sampled_fisher")
 
 
 @dataclass
@@ -179,9 +188,40 @@ def _block_indices(model: nn.Module, H: HessianOperator):
     return blocks, names
 
 
-def _operator(kind: str, model, criterion, data, dataloader, H, operator_kwargs):
+def parameter_blocks(op, by: str = "param"):
+    """``(blocks, names)``: index sets into a curvature operator's flat vector, one per parameter tensor
+    (``by="param"``: Zhang et al. 2024's blocks, e.g. a layer's weight and its bias apart) or per module
+    (``by="layer"``: :func:`~hessianflow.curvature.analysis.layer_blocks`), for
+    :func:`~hessianflow.linalg.density.block_densities` and
+    :class:`~hessianflow.linalg.algebra.BlockDiagonalOperator`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import HessianOperator
+        >>> model = nn.Linear(2, 1).double()
+        >>> H = HessianOperator(model, nn.MSELoss(), data=(torch.zeros(3, 2), torch.zeros(3, 1)))
+        >>> blocks, names = parameter_blocks(H)
+        >>> names, [b.tolist() for b in blocks]
+        (['weight', 'bias'], [[0, 1], [2]])
+    """
+    if by == "layer":
+        return _block_indices(op.model, op)
+    if by != "param":
+        raise ValueError(f"by must be 'param' or 'layer', got {by!r}")
+    blocks, start = [], 0
+    for p in op.params:
+        blocks.append(torch.arange(start, start + p.numel()))
+        start += p.numel()
+    return blocks, list(op.param_names)
+
+
+def _operator(kind: str, model, criterion, data, dataloader, H, operator_kwargs, mc_samples=1, mc_seed=0):
     if kind == "hessian":
         return H
+    if kind == "sampled_fisher":
+        return GGNOperator(model, criterion, data=data, dataloader=dataloader, mc_samples=mc_samples, seed=mc_seed,
+                           **operator_kwargs)  # fmt: skip
     if kind == "ggn":
         return GGNOperator(model, criterion, data=data, dataloader=dataloader, **operator_kwargs)
     if kind == "empirical_fisher":
@@ -189,7 +229,7 @@ def _operator(kind: str, model, criterion, data, dataloader, H, operator_kwargs)
     if kind == "block_diagonal":
         blocks, names = _block_indices(model, H)
         return BlockDiagonalOperator(H, blocks, names)
-    raise ValueError(f"unknown kind {kind!r}: expected one of {KINDS}")
+    raise ValueError(f"unknown kind {kind!r}: expected one of {ALL_KINDS}")
 
 
 def _compare(kind, ref: EigenResult, res: EigenResult, tr, tr_h, dens, dens_h, k, used) -> KindComparison:
@@ -230,6 +270,7 @@ def compare_curvatures(
     num_runs: int = 5,
     num_steps: int = 40,
     max_iter: int | None = None,
+    mc_samples: int = 1,
     **operator_kwargs,
 ) -> CurvatureComparison:
     """Compare the GGN, the empirical Fisher and the block-diagonal Hessian with the Hessian.
@@ -253,7 +294,9 @@ def compare_curvatures(
             :func:`hessianflow.curvature.losses.causal_lm_loss`).
         data: one batch; or ``dataloader=`` (then ``reduction=`` as for the operators).
         loss_fn: see ``criterion``.
-        kinds: which curvatures; ``"hessian"`` is always computed (the reference) and reported first.
+        kinds: which curvatures (of :data:`ALL_KINDS`; ``"sampled_fisher"``, the GGN's Monte Carlo estimate
+            with ``mc_samples`` targets drawn per position, is not among the defaults); ``"hessian"`` is
+            always computed (the reference) and reported first.
         k: top eigenpairs to compare (default 5).
         seed: one seed for every random vector (Lanczos start, trace, SLQ).
         tol: Lanczos tolerance, on each eigenvalue's relative error (:func:`~hessianflow.linalg.eigen.lanczos`'s
@@ -263,6 +306,8 @@ def compare_curvatures(
             :func:`~hessianflow.linalg.density.spectral_density`'s 10 x 90, as the comparison needs the shape of
             the density and its mass, not its fine detail).
         max_iter: Lanczos products at most per kind (default: Lanczos' own).
+        mc_samples: the sampled Fisher's draws per position (default 1, as curvlinops'); its draws' seed
+            is ``seed`` (0 when ``seed`` is not an int).
         **operator_kwargs: passed to every operator (``params=``, ``reduction=``, ``micro_batch_size=``...).
 
     Returns:
@@ -283,8 +328,8 @@ def compare_curvatures(
     """
     kinds = ["hessian"] + [kd for kd in kinds if kd != "hessian"]
     for kd in kinds:
-        if kd not in KINDS:
-            raise ValueError(f"unknown kind {kd!r}: expected one of {KINDS}")
+        if kd not in ALL_KINDS:
+            raise ValueError(f"unknown kind {kd!r}: expected one of {ALL_KINDS}")
     if loss_fn is not None:
         operator_kwargs["loss_fn"] = loss_fn
     H = HessianOperator(model, criterion, data=data, dataloader=dataloader, **operator_kwargs)
@@ -294,7 +339,8 @@ def compare_curvatures(
     out, densities, eigen = {}, {}, {}
     ref = tr_h = dens_h = None
     for kind in kinds:
-        op = _operator(kind, model, criterion, data, dataloader, H, operator_kwargs)
+        mc_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        op = _operator(kind, model, criterion, data, dataloader, H, operator_kwargs, mc_samples, mc_seed)
         start = op.num_matvecs
         res = lanczos(op, **lanczos_kw)
         tr = trace(op, num_matvecs=trace_matvecs, seed=seed)

@@ -20,8 +20,9 @@ from ..linalg.linop import LinearOperator
 from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
 from .fast_paths import FastPaths
+from .fisher import SampledFisher
 from .hvp import flatten, flatten_batched, unflatten
-from .objective import OBJECTIVE_OPTIONS, Objective
+from .objective import OBJECTIVE_OPTIONS, Objective, _shuffled
 from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
 from .sharded import aligned_pieces
 
@@ -411,11 +412,21 @@ class GGNOperator(CurvatureOperator):
     elsewhere, instead of a double backward through ``log_softmax`` (which keeps several logits-sized
     tensors per product: what makes the GGN costly at a language model's vocabulary size).
 
+    **Sampled Fisher** (``mc_samples=M``): the output Hessian replaced by the average of :math:`M`
+    outer products of the loss's output gradients for targets drawn from the model's predictive
+    distribution (categorical for the cross-entropy, Gaussian of variance 1/2 for ``MSELoss``, Bernoulli
+    for ``BCEWithLogitsLoss``), an unbiased estimate of this matrix converging like :math:`1/\\sqrt M`,
+    weighted over positions and splits exactly as the exact GGN; ``seed=`` fixes the draws, so the
+    operator is one fixed matrix (:mod:`~hessianflow.curvature.fisher`).
+
     Args:
         model, criterion, data, dataloader, params, loss_fn, reduction, batch_weight, objective, **options:
             see :class:`CurvatureOperator`.
         analytic_cross_entropy: ``None`` (analytic where it applies), ``False`` (the autograd path),
             ``True`` (require the analytic one).
+        mc_samples: ``None`` (the exact GGN) or the number of targets drawn per position (the sampled
+            Fisher; curvlinops' ``FisherMCLinearOperator`` defaults to 1).
+        seed: the sampled Fisher's draws (an int; ignored by the exact GGN).
 
     Example (a linear model: :math:`J = X`, and the GGN of the squared error is :math:`2 X^\\top X / n`):
         >>> import torch
@@ -426,6 +437,12 @@ class GGNOperator(CurvatureOperator):
         >>> from hessianflow import GGNOperator
         >>> G = GGNOperator(model, nn.MSELoss(), data=(X, y))
         >>> torch.allclose(G.to_dense(), 2 * X.T @ X / 3)
+        True
+
+    The sampled Fisher of the same loss: :math:`\\frac{2}{3} X^\\top \\operatorname{diag}(z_i^2) X`
+    for standard normal :math:`z_i`, whose mean is the GGN:
+        >>> F = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=20000, seed=0)
+        >>> torch.allclose(F.to_dense(), 2 * X.T @ X / 3, rtol=0.05)
         True
     """
 
@@ -443,17 +460,44 @@ class GGNOperator(CurvatureOperator):
         reduction: str | None = None,
         batch_weight: Callable | None = None,
         analytic_cross_entropy: bool | None = None,
+        mc_samples: int | None = None,
+        seed: int = 0,
         objective: Objective | None = None,
         **options,
     ):
         keywords = dict(data=data, dataloader=dataloader, params=params, loss_fn=loss_fn, reduction=reduction,
                         batch_weight=batch_weight)  # fmt: skip
         obj, of_products = self._objective(model, criterion, objective, keywords, options)
-        self._setup(obj, GaussNewton(obj, analytic_cross_entropy=analytic_cross_entropy), of_products)
+        if mc_samples is None:
+            product = GaussNewton(obj, analytic_cross_entropy=analytic_cross_entropy)
+        elif analytic_cross_entropy is not None:
+            raise ValueError("analytic_cross_entropy= is the exact GGN's option; the sampled Fisher has none")
+        else:
+            product = SampledFisher(obj, mc_samples, seed)
+        self._setup(obj, product, of_products)
+        if mc_samples is not None and self.deterministic and obj.dataloader is not None and _shuffled(obj.dataloader):
+            self.deterministic = False  # the targets are drawn in the data's order
+            warnings.warn(
+                "GGNOperator: mc_samples= draws targets in the data's order and the loader is shuffled: not a "
+                "fixed matrix, so no eigensolver will report convergence",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     @property
     def analytic_cross_entropy(self) -> bool | None:
-        return self.product.analytic_cross_entropy
+        return getattr(self.product, "analytic_cross_entropy", None)
+
+    @property
+    def mc_samples(self) -> int | None:
+        """The targets drawn per position (the sampled Fisher), or ``None`` (the exact GGN)."""
+        return getattr(self.product, "mc_samples", None)
+
+    def _products(self, pieces, batched: bool):
+        restart = getattr(self.product, "restart", None)
+        if restart is not None:  # the sampled Fisher: the same draws on every pass
+            restart()
+        return super()._products(pieces, batched)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):

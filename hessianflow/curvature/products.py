@@ -336,11 +336,19 @@ class GaussNewton(Product):
             else:
                 loss = obj.weighted(lambda finite: obj.spec.loss_of_output(out, batch, finite))
             (g_out,) = torch.autograd.grad(_require_graph(loss), out, create_graph=True)
-        # J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the double-vjp trick).
-        # u is a zero scalar expanded to the output's shape: no logits-sized tensor is held for it.
+        return (out, g_out, hout, *self._linearisation(out))
+
+    def _linearisation(self, out):
+        """``(u, J^T u)``: J^T u is linear in the dummy u; differentiating it w.r.t. u gives J v (the
+        double-vjp trick). u is a zero scalar expanded to the output's shape: no logits-sized tensor is
+        held for it."""
         u = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
-        jtu = torch.autograd.grad(out, obj.params, grad_outputs=u, create_graph=True, allow_unused=True)
-        return out, g_out, hout, u, jtu
+        return u, torch.autograd.grad(out, self.obj.params, grad_outputs=u, create_graph=True, allow_unused=True)
+
+    @staticmethod
+    def _output_product(hout, jv):
+        """The analytic output Hessian times ``J v`` (the sampled Fisher overrides it)."""
+        return _softmax_ce_product(*hout, jv)
 
     def apply(self, state, pieces, batched, retain):
         out, g_out, hout, u, jtu = state
@@ -351,7 +359,7 @@ class GaussNewton(Product):
             return [torch.zeros_like(t) for t in pieces]
         (jv,) = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[pieces[i] for i in live], **kw)
         if hout is not None:
-            hjv = _softmax_ce_product(*hout, jv)
+            hjv = self._output_product(hout, jv)
             del jv
         elif g_out.requires_grad:
             (hjv,) = torch.autograd.grad(g_out, out, grad_outputs=jv, allow_unused=True, **kw)

@@ -10,6 +10,15 @@
 
 Both take a :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric tensor and use batched
 products; samples are accumulated in float64.
+
+Vectors: the random draws, XDiag's QR and the Frobenius norms' column norms go through the operator's vector
+space (:func:`~hessianflow.linalg.vectors.space_of`), so a sharded operator's estimates are this rank's slice
+of the diagonal with only scalars and ``s x s`` Gram matrices all-reduced. The estimators' elementwise
+products (:math:`z \\odot A z`, a row's sum over the sketch's columns) need no new method: they are local
+to each coordinate, like the solvers' linear combinations. Two things stay flat: the exact diagonal, whose
+unit vectors are indexed globally (refused for a sharded space), and the meaning of the diagonal itself,
+which is in the standard coordinates: XDiag's formula uses :math:`Q^\\top A = (AQ)^\\top`, the symmetry of
+every curvature operator, not self-adjointness in a space's own weighted inner product.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_int
-from .._random import make_generator, rademacher
+from .._random import make_generator
 from .algebra import symmetric_operator
 from .linop import LinearOperator
 from .trace import TraceResult, _uncaptured_fraction
+from .vectors import VectorSpace, space_of
 
 __all__ = ["DiagonalResult", "diagonal", "frobenius_norm_sq"]
 
@@ -83,20 +93,30 @@ def _exact(op: LinearOperator, start: int) -> DiagonalResult:
     return DiagonalResult(d, torch.zeros_like(d), op.num_matvecs - start, "exact")
 
 
+def _require_flat(space: VectorSpace, what: str) -> None:
+    if space.local_size != space.size:
+        raise ValueError(
+            f"{what} multiplies by the unit vectors, indexed over the whole vector; with a sharded vector space "
+            "pass num_matvecs < n for an estimate"
+        )
+
+
 def _mean_stderr(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row means of ``[n, m]`` samples and their standard errors, with the unbiased (``m - 1``) variance."""
     m = samples.shape[1]
     return samples.mean(dim=1), samples.std(dim=1, unbiased=True) / math.sqrt(m)
 
 
-def _hutchinson_samples(op: LinearOperator, count: int, gen: torch.Generator) -> torch.Tensor:
+def _hutchinson_samples(op: LinearOperator, count: int, gen: torch.Generator, space: VectorSpace) -> torch.Tensor:
     """``[n, count]`` samples :math:`z \\odot A z` with Rademacher ``z``."""
     # [count, n] transposed, so the vectors do not depend on the chunking (as in hessianflow.linalg.trace)
-    Z = rademacher((count, op.size), gen, dtype=torch.float64, device=op.device).T
+    Z = space.rademacher(gen, count)  # [n, count], drawn vector by vector
     return Z * _products(op, Z)
 
 
-def _xdiag(op: LinearOperator, Om: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _xdiag(
+    op: LinearOperator, Om: torch.Tensor, Y: torch.Tensor, space: VectorSpace
+) -> tuple[torch.Tensor, torch.Tensor]:
     """XDiag from test vectors ``Om`` ``[n, s]`` and ``Y = A Om``; ``s`` further products ``A Q``.
 
     Leave-one-out estimate ``i`` (Epperly, Tropp & Webber 2024, Sec. 2.3), with :math:`Q_{(i)}` an
@@ -117,7 +137,7 @@ def _xdiag(op: LinearOperator, Om: torch.Tensor, Y: torch.Tensor) -> tuple[torch
     :math:`\\operatorname{std}(d_1, \\dots, d_s)/\\sqrt s` per entry (see :func:`diagonal` on its coverage).
     """
     s = Om.shape[1]
-    Q, R = torch.linalg.qr(Y)
+    Q, R = space.qr(Y)
     Z = _products(op, Q)  # [n, s]
     d = R.diagonal()
     dmax = float(d.abs().max())
@@ -202,22 +222,24 @@ def diagonal(A, num_matvecs: int = 100, method: str = "auto", seed=None) -> Diag
     op = symmetric_operator(A, "diagonal")
     start, n = op.num_matvecs, op.size
     m = check_int("num_matvecs", num_matvecs, minimum=1)
+    space = space_of(op, torch.float64)
     if method == "exact" or m >= n:
+        _require_flat(space, "the exact diagonal")
         result = _exact(op, start)
         result.method = "auto(exact)" if method == "auto" else "exact"
         return result
     m = check_int("num_matvecs", num_matvecs, minimum=2 if method == "hutchinson" else 4)
     gen = make_generator(seed)
     if method == "hutchinson":
-        est, se = _mean_stderr(_hutchinson_samples(op, m, gen))
+        est, se = _mean_stderr(_hutchinson_samples(op, m, gen, space))
         return DiagonalResult(est, se, op.num_matvecs - start, "hutchinson")
     s = m // 2
-    Om = rademacher((s, n), gen, dtype=torch.float64, device=op.device).T  # [n, s]
+    Om = space.rademacher(gen, s)  # [n, s]
     Y = _products(op, Om)
-    if method == "xdiag" or _uncaptured_fraction(Y) < 0.5:
-        est, se = _xdiag(op, Om, Y)
+    if method == "xdiag" or _uncaptured_fraction(Y, space) < 0.5:
+        est, se = _xdiag(op, Om, Y, space)
         return DiagonalResult(est, se, op.num_matvecs - start, "xdiag" if method == "xdiag" else "auto(xdiag)")
-    samples = torch.cat([Om * Y, _hutchinson_samples(op, m - s, gen)], dim=1)
+    samples = torch.cat([Om * Y, _hutchinson_samples(op, m - s, gen, space)], dim=1)
     est, se = _mean_stderr(samples)
     return DiagonalResult(est, se, op.num_matvecs - start, "auto(hutchinson)")
 
@@ -260,7 +282,9 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, seed=None) -> TraceResult:
     m = check_int("num_matvecs", num_matvecs, minimum=2)
     gen = make_generator(seed)
     start, n = op.num_matvecs, op.size
+    space = space_of(op, torch.float64)
     if m >= n:
+        _require_flat(space, "the exact squared Frobenius norm")
         total = 0.0
         for i in range(0, n, _CHUNK):
             E = torch.zeros(n, min(_CHUNK, n - i), dtype=op.dtype, device=op.device)
@@ -268,7 +292,8 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, seed=None) -> TraceResult:
             E[i + idx, idx] = 1
             total += float((op.matmat(E).double() ** 2).sum())
         return TraceResult(total, 0.0, op.num_matvecs - start, "exact", None)
-    Z = rademacher((m, n), gen, dtype=torch.float64, device=op.device).T
-    samples = (_products(op, Z) ** 2).sum(dim=0).cpu()
+    Z = space.rademacher(gen, m)
+    AZ = _products(op, Z)
+    samples = space.column_dots(AZ, AZ).cpu()
     mean, se = float(samples.mean()), float(samples.std(unbiased=True) / math.sqrt(m))
     return TraceResult(mean, se, op.num_matvecs - start, "hutchinson", samples.tolist())

@@ -27,6 +27,7 @@ from .._checks import check_int, check_positive
 from .algebra import symmetric_operator
 from .eigen import ConvergenceWarning
 from .linop import LinearOperator, check_vector
+from .vectors import FlatVectors, VectorSpace, space_of
 
 __all__ = ["SolveResult", "solve"]
 
@@ -93,12 +94,22 @@ class SolveResult:
         return out
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.dot(a.double(), b.double()))
+class _Float64Inner(FlatVectors):
+    """The flat default with its dot products and norms in float64, whatever the vectors' dtype (the
+    solvers' vectors stay in the operator's dtype; their reductions do not lose float32's digits)."""
+
+    def dot(self, x, y):
+        return float(torch.dot(x.double(), y.double()))
+
+    def norm(self, x):
+        return float(torch.linalg.vector_norm(x.double()))
 
 
-def _norm(a: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(a.double()))
+def _space(op: LinearOperator) -> VectorSpace:
+    """The operator's vector space (:func:`~hessianflow.linalg.vectors.space_of`): a sharded or weighted
+    one as it is, the flat default with float64 reductions."""
+    space = space_of(op, op.dtype)
+    return _Float64Inner(op.size, op.dtype, op.device) if type(space) is FlatVectors else space
 
 
 @dataclass
@@ -111,19 +122,19 @@ class _Run:
     detail: float = 0.0  # the curvature met (indefinite) or the least-squares test value
 
 
-def _cg(apply, x: torch.Tensor, r: torch.Tensor, target: float, budget: int) -> _Run:
+def _cg(apply, space: VectorSpace, x: torch.Tensor, r: torch.Tensor, target: float, budget: int) -> _Run:
     """Hestenes & Stiefel (1952), from ``x`` with residual ``r``, until ``||r|| <= target``."""
     p = r.clone()
-    rs = _dot(r, r)
+    rs = space.dot(r, r)
     for it in range(1, budget + 1):
         Ap = apply(p)
-        pAp = _dot(p, Ap)
+        pAp = space.dot(p, Ap)
         if pAp <= 0.0:
-            return _Run(x, it, "indefinite", pAp / max(_dot(p, p), torch.finfo(torch.float64).tiny))
+            return _Run(x, it, "indefinite", pAp / max(space.dot(p, p), torch.finfo(torch.float64).tiny))
         alpha = rs / pAp
         x = x + alpha * p
         r = r - alpha * Ap
-        rs_new = _dot(r, r)
+        rs_new = space.dot(r, r)
         if math.sqrt(rs_new) <= target:
             return _Run(x, it, "target")
         p = r + (rs_new / rs) * p
@@ -131,12 +142,14 @@ def _cg(apply, x: torch.Tensor, r: torch.Tensor, target: float, budget: int) -> 
     return _Run(x, budget, "max_iter")
 
 
-def _minres(apply, x: torch.Tensor, r: torch.Tensor, target: float, budget: int, tol: float) -> _Run:
+def _minres(
+    apply, space: VectorSpace, x: torch.Tensor, r: torch.Tensor, target: float, budget: int, tol: float
+) -> _Run:
     """Paige & Saunders (1975), unpreconditioned, from ``x`` with residual ``r`` (the recurrence of
     scipy's ``minres``), until the residual estimate ``phibar <= target`` or, for a singular system,
     :math:`\\|A r\\| / (\\|A\\| \\|r\\|) \\le` ``tol`` (a least-squares solution)."""
     eps = torch.finfo(torch.float64).eps
-    beta1 = _norm(r)
+    beta1 = space.norm(r)
     y, r1, r2 = r, r, r
     oldb, beta, dbar, epsln, phibar = 0.0, beta1, 0.0, 0.0, beta1
     tnorm2, cs, sn = 0.0, -1.0, 0.0
@@ -147,10 +160,10 @@ def _minres(apply, x: torch.Tensor, r: torch.Tensor, target: float, budget: int,
         y = apply(v)
         if it >= 2:
             y = y - (beta / oldb) * r1
-        alfa = _dot(v, y)
+        alfa = space.dot(v, y)
         y = y - (alfa / beta) * r2
         r1, r2 = r2, y
-        oldb, beta = beta, _norm(y)
+        oldb, beta = beta, space.norm(y)
         tnorm2 += alfa**2 + oldb**2 + beta**2
         oldeps = epsln
         delta = cs * dbar + sn * alfa
@@ -221,6 +234,12 @@ def solve(
     rule). Otherwise ``converged=False``, ``status``/``reason`` say why, and a
     :class:`~hessianflow.linalg.eigen.ConvergenceWarning` built from those fields is emitted.
 
+    Vectors: every dot product and norm goes through the operator's vector space
+    (:func:`~hessianflow.linalg.vectors.space_of`; float64 reductions on the flat default), so a sharded
+    operator's solve keeps this rank's slice of ``b`` and ``x`` and all-reduces only scalars, and under a
+    weighted inner product :math:`\\langle x, y \\rangle_W` an operator self-adjoint in it is solved (the
+    residual is then measured in its norm).
+
     Influence functions (Koh & Liang 2017) are the usual use:
     :math:`\\mathcal{I}(z, z_{\\mathrm{test}}) = -\\nabla L(z_{\\mathrm{test}})^\\top (H + \\delta I)^{-1}
     \\nabla L(z)`, one solve per test point (``examples/influence.py``).
@@ -228,7 +247,7 @@ def solve(
     Args:
         A: a symmetric :class:`~hessianflow.linalg.linop.LinearOperator` or a dense symmetric ``[n, n]`` tensor.
             A general operator (``A @ B``) is refused.
-        b: ``[n]`` right-hand side.
+        b: ``[n]`` right-hand side (this rank's slice of it for a sharded vector space).
         damping: :math:`\\delta`, added to the diagonal (any finite real; a shift in MINRES).
         method: ``"minres"`` (default) or ``"cg"``.
         tol: the relative residual to reach; default ``1e-6`` (scipy's ``cg``/``minres`` default to
@@ -271,20 +290,21 @@ def solve(
     damping = float(damping)
     n = op.size
     max_iter = min(10 * n, _MAX_ITER_CAP) if max_iter is None else check_int("max_iter", max_iter, minimum=1)
-    b = check_vector(b, n, op.dtype, op.device)
+    space = _space(op)
+    b = check_vector(b, space.local_size, op.dtype, op.device)
     start = op.num_matvecs
 
     def apply(v):
         out = op.matvec(v)
         return out.add_(v, alpha=damping) if damping else out
 
-    bnorm = _norm(b)
-    x = torch.zeros_like(b) if x0 is None else check_vector(x0, n, op.dtype, op.device).clone()
+    bnorm = space.norm(b)
+    x = torch.zeros_like(b) if x0 is None else check_vector(x0, space.local_size, op.dtype, op.device).clone()
     if bnorm == 0.0:
         x = torch.zeros_like(b)
         return SolveResult(x, True, 0.0, op.num_matvecs - start, 0, "converged", "", method, damping, tol)
     r = b.clone() if x0 is None else b - apply(x)
-    res = _norm(r) / bnorm
+    res = space.norm(r) / bnorm
     iterations, status, detail = 0, "max_iter", 0.0
     while True:
         if res <= tol:
@@ -294,13 +314,14 @@ def solve(
             status = "max_iter"
             break
         budget = max_iter - iterations
-        run = (
-            _cg(apply, x, r, tol * bnorm, budget) if method == "cg" else _minres(apply, x, r, tol * bnorm, budget, tol)
-        )
+        if method == "cg":
+            run = _cg(apply, space, x, r, tol * bnorm, budget)
+        else:
+            run = _minres(apply, space, x, r, tol * bnorm, budget, tol)
         iterations += run.iterations
         x = run.x
         r = b - apply(x)  # the true residual: the verdict, and the next run's start
-        new = _norm(r) / bnorm
+        new = space.norm(r) / bnorm
         if new <= tol:
             res, status = new, "converged"
             break
