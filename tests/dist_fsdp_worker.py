@@ -133,6 +133,7 @@ def references() -> dict:
             "top3": hf.lanczos(H, k=3, seed=0).eigenvalues,
             "trace": hf.trace(H, num_matvecs=30, seed=0, method="hutchinson").estimate,
             "density": hf.spectral_density(H, num_runs=2, num_steps=12, seed=0),
+            **more_solvers(H),
         }
         if name in GGN_CASES:
             out[name]["GV"] = operator(make(), batch, kw, hf.GGNOperator).matmat(V)
@@ -159,6 +160,18 @@ def failures(model_for, local, rank) -> dict:
         except Exception as exc:  # noqa: BLE001 - the error is the result
             out[what] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+def more_solvers(H) -> dict:
+    """Power iteration, Hutch++ and the CG solve of (H + 5 I) x = b, through the operator's vector space."""
+    b = torch.zeros(H.local_size, dtype=torch.float64) + 1.0
+    return {
+        "power": hf.power_iteration(H, k=1, max_iter=30, tol=1e-8, seed=0).eigenvalues,
+        "hutchpp": hf.trace(H, num_matvecs=12, seed=0, method="hutch++").estimate,
+        "solve_norm": float(H.vector_space.norm(hf.solve(H, b, damping=5.0, method="minres", tol=1e-10).x))
+        if hasattr(H, "vector_space")
+        else float(hf.solve(H, b, damping=5.0, method="minres", tol=1e-10).x.norm()),
+    }
 
 
 def main(out_dir: str, mode: str = "cases") -> None:
@@ -211,6 +224,7 @@ def main(out_dir: str, mode: str = "cases") -> None:
                 "trace": tr.estimate,
                 "nodes": dens.nodes,
                 "weights": dens.weights,
+                **more_solvers(H),
                 "params_are_dtensors": all(type(p).__name__ == "DTensor" for p in model.parameters()),
             }
             if name in GGN_CASES:

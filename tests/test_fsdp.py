@@ -83,6 +83,10 @@ def _check(results, refs, names):
             assert math.isclose(m["trace"], ref["trace"], rel_tol=tol / 100), (name, m["trace"], ref["trace"])
             assert torch.allclose(m["nodes"], ref["density"].nodes, rtol=tol, atol=1e-10), name
             assert torch.allclose(m["weights"], ref["density"].weights, rtol=tol, atol=1e-10), name
+            # power iteration, Hutch++ and MINRES go through the same vector space
+            assert torch.allclose(m["power"], ref["power"], rtol=tol / 100), (name, m["power"], ref["power"])
+            assert math.isclose(m["hutchpp"], ref["hutchpp"], rel_tol=tol / 100), (name, m["hutchpp"], ref["hutchpp"])
+            assert math.isclose(m["solve_norm"], ref["solve_norm"], rel_tol=tol / 100), name
         if ref["dense"] is not None:
             vecs = torch.zeros(size, 3, dtype=torch.float64)
             for m in mine:

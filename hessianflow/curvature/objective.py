@@ -90,6 +90,8 @@ class Objective:
         data: one batch (any nesting of dicts, lists, tuples and tensors).
         dataloader: an iterable of batches; the objective is the loss over all of their units.
         params: the parameters to differentiate w.r.t. (:func:`~hessianflow.curvature.params.resolve_params`).
+            FSDP2-sharded ones (``fully_shard``) make it a function of this rank's shards, each rank passing
+            its part of the global batch (:mod:`~hessianflow.curvature.sharded`).
         loss_fn: ``loss_fn(model, batch) -> scalar`` instead of a criterion (e.g.
             :func:`~hessianflow.curvature.losses.causal_lm_loss`); neither: the model output's ``.loss``.
         reduction: ``"mean"`` or ``"sum"``; read off a criterion, a loss helper or a HuggingFace model,

@@ -265,7 +265,7 @@ class CurvatureOperator(LinearOperator):
         pieces are summed inside the backward's reduce-scatters), then divided by the all-reduced units."""
         sharding, obj = self.objective.sharding, self.objective
         out, units = None, 0
-        for batch, single, weight in aligned_pieces(obj, self.progress):
+        for batch, single, weight in aligned_pieces(obj, self.progress and sharding.rank == 0):
             units += weight
             sharding.scale = (float(weight) if self.reduction == "mean" else float(weight > 0)) if weight else 0.0
             prod = [t.detach() for t in self._piece(batch, single, pieces, batched)]
