@@ -110,6 +110,7 @@ def operator(model, batch, kw, kind=None, **more):
 
 
 GGN_CASES = ("mlp_ce", "mlp_ignored", "mlp_mse_empty_shard", "gpt2")  # the GGN too (analytic CE, MSE, causal LM)
+FISHER_CASES = ("mlp_ignored", "mlp_loader", "gpt2")  # the empirical Fisher: one sample at a time over the ranks
 LAYER_CASES = ("mlp_ce", "mlp_sum_micro")  # per_layer: dense blocks and Lanczos blocks
 
 
@@ -137,6 +138,8 @@ def references() -> dict:
         }
         if name in GGN_CASES:
             out[name]["GV"] = operator(make(), batch, kw, hf.GGNOperator).matmat(V)
+        if name in FISHER_CASES:
+            out[name]["FV"] = operator(make(), batch, kw, hf.EmpiricalFisherOperator).matmat(V)
         if name in LAYER_CASES:
             out[name]["layers"] = per_layer(make(), batch, kw)
     return out
@@ -229,6 +232,8 @@ def main(out_dir: str, mode: str = "cases") -> None:
             }
             if name in GGN_CASES:
                 res["GV"] = operator(model, local, kw, hf.GGNOperator).matmat(V[rows].contiguous())
+            if name in FISHER_CASES:
+                res["FV"] = operator(model, local, kw, hf.EmpiricalFisherOperator).matmat(V[rows].contiguous())
             if name in LAYER_CASES:
                 res["layers"] = per_layer(model, local, kw)
             if name == "mlp_ce":  # finite differences of a float32 copy, with their error bar

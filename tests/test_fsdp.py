@@ -20,7 +20,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -65,11 +64,12 @@ def _check(results, refs, names):
             HV[m["rows"]] = m["HV"]
         # HuggingFace's own .loss takes its cross-entropy of float32 logits: float32 agreement there
         assert rel(HV, ref["HV"]) < (1e-5 if name.endswith("own_loss") else 1e-12), (name, rel(HV, ref["HV"]))
-        if "GV" in ref:  # the generalised Gauss-Newton matrix
-            GV = torch.zeros_like(ref["GV"])
-            for m in mine:
-                GV[m["rows"]] = m["GV"]
-            assert rel(GV, ref["GV"]) < 1e-12, (name, rel(GV, ref["GV"]))
+        for key in ("GV", "FV"):  # the generalised Gauss-Newton matrix, the empirical Fisher
+            if key in ref:
+                got = torch.zeros_like(ref[key])
+                for m in mine:
+                    got[m["rows"]] = m[key]
+                assert rel(got, ref[key]) < 1e-12, (name, key, rel(got, ref[key]))
         if "layers" in ref:  # per_layer: each block's top-2 and trace, dense blocks and Lanczos blocks alike
             for m in mine:
                 for (n1, e1, t1), (n2, e2, t2) in zip(m["layers"], ref["layers"], strict=True):
@@ -169,8 +169,10 @@ def test_one_rank_group_is_the_plain_operator(tmp_path):
         assert torch.allclose(out, make()(batch[0]))
         G, G_plain = (hf.GGNOperator(m, kw["criterion"], data=batch) for m in (model, make()))
         assert rel(G.matmat(V), G_plain.matmat(V)) < 1e-13
-        with pytest.raises(ValueError, match="EmpiricalFisher products of an FSDP2-sharded model are not supported"):
-            hf.EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), data=batch)
+        F, F_plain = (hf.EmpiricalFisherOperator(m, kw["criterion"], data=batch) for m in (model, make()))
+        assert rel(F.matmat(V), F_plain.matmat(V)) < 1e-13
+        with pytest.raises(ValueError, match="ForwardOverReverse products of an FSDP2-sharded model are not supported"):
+            hf.HessianOperator(model, kw["criterion"], data=batch, backend="forward_over_reverse")
     finally:
         if started:
             dist.destroy_process_group()

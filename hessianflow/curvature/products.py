@@ -385,7 +385,11 @@ class EmpiricalFisher(Product):
         super().__init__(objective, run)
         self.per_sample = per_sample
 
+    sharded = True
+
     def prepare(self, batch):
+        if self.obj.sharding is not None:
+            return self._prepare_sharded(batch)
         obj = self.obj
         samples = split_samples(batch)
         mean = obj.reduction == "mean"
@@ -439,9 +443,39 @@ class EmpiricalFisher(Product):
         grads = per_sample(detached, *[leaves[i] for i in idx])
         return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
 
+    def _prepare_sharded(self, batch):
+        """A sharded model's weighted per-sample gradients, this rank's columns of them: ``[N, local]`` over
+        the ``N`` samples of every rank's piece.
+
+        A backward through the gathered parameters sums every rank's loss, so the samples are differentiated
+        one at a time across the ranks: at the step of rank ``q``'s sample ``j``, rank ``q`` weights it by
+        its units and every other rank weights a sample of its own by 0. Every rank then holds its slice of
+        that one sample's gradient: ``N`` forward and backward passes per rank for ``N`` samples in all.
+        The division by the total units is the operator's (after the all-reduce of the units).
+        """
+        obj, sh = self.obj, self.obj.sharding
+        own = split_samples(batch) if sh.scale != 0 else []  # a rank's stand-in piece adds no samples
+        weights = [obj.units(x) for x in own] if obj.reduction == "mean" else [1.0] * len(own)
+        counts = sh.reduce(torch.zeros(sh.world_size, dtype=torch.float64).index_fill_(0, torch.tensor([sh.rank]), float(len(own))))
+        stand_in = own[0] if own else split_samples(batch)[0]
+        rows, piece_scale = [], sh.scale
+        try:
+            for q, n in enumerate(int(c) for c in counts.tolist()):
+                for j in range(n):
+                    mine = q == sh.rank
+                    sh.scale = float(weights[j]) if mine else 0.0
+                    g = torch.autograd.grad(self.loss(own[j] if mine else stand_in), obj.params, allow_unused=True)
+                    rows.append(flatten(_zeros_for_none(g, obj.params), like=obj.params))
+        finally:
+            sh.scale = piece_scale
+        return torch.stack(rows) if rows else torch.zeros(0, sum(p.numel() for p in obj.params)), 1.0
+
     def apply(self, state, pieces, batched, retain):
         G, scale = state
+        sh = self.obj.sharding
+        # G v sums over the entries: this rank's part, then (sharded) the sum over the ranks
+        gv = (lambda t: t) if sh is None else sh.reduce
         if batched:
             V = flatten_batched(pieces, pieces[0].shape[0])  # [size, k]
-            return unflatten((G.T @ (G @ V)) * scale, self.obj.params)
-        return unflatten((G.T @ (G @ flatten(pieces))) * scale, self.obj.params)
+            return unflatten((G.T @ gv(G @ V)) * scale, self.obj.params)
+        return unflatten((G.T @ gv(G @ flatten(pieces))) * scale, self.obj.params)

@@ -305,6 +305,12 @@ class ShardedParameters:
         finally:
             self.sources = saved
 
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (a new tensor, on ``t``'s device)."""
+        out = t.detach().to(_collective_device(t.device)).clone()
+        dist.all_reduce(out, group=self.group)
+        return out.to(t.device)
+
     def sum(self, value: torch.Tensor) -> float:
         """A local partial sum (e.g. of squares) added up over the ranks."""
         return self.total(float(value))
