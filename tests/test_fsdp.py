@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import dist_fsdp_worker as worker  # noqa: E402
+from dense_reference import need_transformers  # noqa: E402
 
 try:
     from test_distributed import torchrun
@@ -120,7 +121,7 @@ def test_sharded_equals_unsharded(world, tmp_path, references):
 @pytest.mark.slow
 def test_sharded_gpt2(tmp_path, monkeypatch):
     """A HuggingFace GPT-2 (default attention, tied embeddings, right-padded batches) sharded per block."""
-    pytest.importorskip("transformers") if not os.environ.get("CI") else None
+    need_transformers()
     monkeypatch.setenv("FSDP_TEST_GPT2", "1")
     names = ["gpt2", "gpt2_own_loss"]
     refs = {k: v for k, v in worker.references().items() if k in names}
@@ -181,6 +182,7 @@ def test_one_rank_group_is_the_plain_operator(tmp_path):
 @pytest.mark.slow
 def test_fsdp_example_two_ranks_match_one(tmp_path):
     """examples/fsdp_spectrum.py under torchrun: 2 ranks give 1 rank's spectrum, each holding half the entries."""
+    need_transformers()
     example = os.path.join(os.path.dirname(HERE), "examples", "fsdp_spectrum.py")
     runs = {}
     for n in (1, 2):
