@@ -12,10 +12,14 @@ DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))  # this checkout's hessianflow, and the examples' imports of utils/models
 sys.path.insert(0, str(DOCS / "_ext"))
+# the gallery scripts import the scripts beside them (as when run from their directory), and
+# docs/howto/huggingface.md renders examples/transformer_spectrum.py's flags
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "experiments")]
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import hessianflow  # noqa: E402
 from hf_docs import FigureScraper  # noqa: E402
+
+import hessianflow  # noqa: E402
 
 project = "hessianflow"
 author = "the hessianflow authors"
@@ -33,6 +37,8 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
+# benchmarks/README.md (included as is, edited by everyone) jumps heading levels in places
+suppress_warnings = ["myst.header"]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
@@ -44,6 +50,7 @@ autodoc_default_options = {"exclude-members": "__init__, __new__"}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # a dataclass's "Attributes:" as fields: :members: documents the attributes once
 
 # -- the gallery: examples/plot_*.py and experiments/plot_*.py, executed on small CPU settings ------------
 sphinx_gallery_conf = {
@@ -52,7 +59,7 @@ sphinx_gallery_conf = {
     # executed: plot_*.py, except FSDP2 examples (they need torchrun and several ranks)
     "filename_pattern": r"/plot_(?!fsdp_)",
     # listed: only plot_*.py; the other scripts are command lines (documented in their docstrings)
-    "ignore_pattern": r"(/(?!plot_)[^/]*\.py$)|fsdp_",
+    "ignore_pattern": r"^(?!plot_)|fsdp_",  # matched against the file name
     "image_scrapers": ("matplotlib", FigureScraper()),
     "within_subsection_order": "FileNameSortKey",
     "download_all_examples": False,

@@ -9,13 +9,13 @@ largest); the batch doubles (and the learning rate with it) when that eigenvalue
 reference, or after ``--duration`` epochs. Each epoch's record goes to
 ``OUT_DIR/train_log.jsonl``, which is what the figure below reads. The same run from a shell::
 
-    python train.py --name synthetic --synthetic-train 512 --synthetic-test 128 --arch c1 --epochs 5 \\
-        --batch-size 32 --large-ratio 8 --duration 1 --lr 0.02 --track-eigen --hessian-batch-size 64 \\
+    python train.py --name synthetic --synthetic-train 256 --synthetic-test 64 --arch c1 --epochs 4 \\
+        --batch-size 32 --large-ratio 4 --duration 1 --lr 0.02 --track-eigen --hessian-batch-size 32 \\
         --no-progress --out-dir runs/history --save runs/history/model_param.pkl
 """
 
 # %%
-# Train for five epochs
+# Train for four epochs
 # ---------------------
 import json
 import tempfile
@@ -26,9 +26,9 @@ from hessianflow.plotting import plot_eigen_history
 
 out = Path(tempfile.mkdtemp(prefix="hessianflow-gallery-"))
 argv = [
-    "--name", "synthetic", "--synthetic-train", "512", "--synthetic-test", "128", "--arch", "c1",
-    "--epochs", "5", "--batch-size", "32", "--large-ratio", "8", "--duration", "1", "--lr", "0.02", "--track-eigen",
-    "--hessian-batch-size", "64", "--no-progress", "--out-dir", str(out), "--save", str(out / "model_param.pkl"),
+    "--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "64", "--arch", "c1",
+    "--epochs", "4", "--batch-size", "32", "--large-ratio", "4", "--duration", "1", "--lr", "0.02", "--track-eigen",
+    "--hessian-batch-size", "32", "--no-progress", "--out-dir", str(out), "--save", str(out / "model_param.pkl"),
 ]  # fmt: skip
 metrics = train.main(train.parse_args(argv))
 print({k: metrics[k] for k in ("updates", "final_test_acc", "final_batch_size", "epochs")})

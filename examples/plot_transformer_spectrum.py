@@ -21,18 +21,17 @@ saying the accuracy reached (see :doc:`/concepts/accuracy`).
 # %%
 # Run the example's ``main`` with its own parser
 # ----------------------------------------------
-import sys
+import shlex
 import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import transformer_spectrum  # the script beside this one (its directory is on sys.path when run or built)
 
-here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here))
-import transformer_spectrum  # noqa: E402
-
-argv = ["--text", str(here.parent / "README.md"), "--seq-len", "32", "--batch-size", "4", "--trace-matvecs", "30",
-        "--density-runs", "2", "--density-steps", "30", "--tol", "1e-4", "--out", tempfile.mkdtemp(prefix="hessianflow-gallery-")]  # fmt: skip
+readme = Path(transformer_spectrum.__file__).parents[1] / "README.md"
+out_dir = tempfile.mkdtemp(prefix="hessianflow-gallery-")
+flags = "--seq-len 32 --batch-size 4 --trace-matvecs 30 --density-runs 2 --density-steps 30 --tol 1e-4"
+argv = ["--text", str(readme), *shlex.split(flags), "--out", out_dir]
 result = transformer_spectrum.main(transformer_spectrum.build_parser().parse_args(argv))
 
 # %%

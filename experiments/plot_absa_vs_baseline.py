@@ -16,18 +16,14 @@ what the experiment writes, not its finding; the finding, at the default setting
 # %%
 # The three runs and the driver on each final checkpoint
 # ------------------------------------------------------
-import sys
+import shlex
 import tempfile
-from pathlib import Path
 
+import absa_vs_baseline  # the script beside this one (its directory is on sys.path when run or built)
 import matplotlib.pyplot as plt
 
-here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here))
-import absa_vs_baseline  # noqa: E402
-
-argv = ["--epochs", "2", "--large-ratio", "4", "--duration", "1", "--hessian-batch-size", "32", "--eval-batch", "64",
-        "--final-num-batches", "1", "--target-acc", "0.0", "--out-dir", tempfile.mkdtemp(prefix="hessianflow-gallery-")]  # fmt: skip
+flags = "--epochs 2 --large-ratio 4 --duration 1 --hessian-batch-size 32 --eval-batch 64 --final-num-batches 1"
+argv = [*shlex.split(flags), "--target-acc", "0.0", "--out-dir", tempfile.mkdtemp(prefix="hessianflow-gallery-")]
 out = absa_vs_baseline.main(absa_vs_baseline.parse_args(argv))
 
 # %%
@@ -37,7 +33,8 @@ out = absa_vs_baseline.main(absa_vs_baseline.parse_args(argv))
 for run, row in out["table"].items():
     print(f"{run:6s} updates to target {row['updates_to_target']}, final batch {row['final_batch_size']}, "
           f"final top eigenvalue {row['final_top_eigenvalue']:.4g}")  # fmt: skip
-print("ABSA's batch changes:", [(c["after_epoch"], c["from"], c["to"], c["rule"]) for c in out["runs"]["absa"]["schedule"]])
+changes = [(c["after_epoch"], c["from"], c["to"], c["rule"]) for c in out["runs"]["absa"]["schedule"]]
+print("ABSA's batch changes (after epoch, from, to, rule):", changes)
 
 # %%
 # The figure the experiment wrote

@@ -15,19 +15,15 @@ and two epochs, so the page shows what the experiment writes; the finding at the
 # %%
 # Train both regimes for each seed
 # --------------------------------
-import sys
+import shlex
 import tempfile
-from pathlib import Path
 
+import large_batch_sharpness  # the script beside this one (its directory is on sys.path when run or built)
 import matplotlib.pyplot as plt
 
-here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here))
-import large_batch_sharpness  # noqa: E402
-
-argv = ["--num-train", "128", "--small-batch", "16", "--large-batch", "64", "--max-epochs", "2", "--seeds", "0", "1",
-        "--track-samples", "32", "--eval-batch", "64", "--eig-tol", "1e-3",
-        "--out-dir", tempfile.mkdtemp(prefix="hessianflow-gallery-")]  # fmt: skip
+flags = "--num-train 128 --small-batch 16 --large-batch 64 --max-epochs 2 --seeds 0 1 --track-samples 32"
+argv = [*shlex.split(flags), "--eval-batch", "64", "--eig-tol", "1e-3"]
+argv += ["--out-dir", tempfile.mkdtemp(prefix="hessianflow-gallery-")]
 out = large_batch_sharpness.main(large_batch_sharpness.parse_args(argv))
 
 # %%

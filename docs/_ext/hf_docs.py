@@ -147,6 +147,29 @@ class ArgparseFlags(SphinxDirective):
         return container.children
 
 
+# -- docstrings as napoleon reads them -----------------------------------------------------------------
+
+
+def join_section_headers(app, what, name, obj, options, lines) -> None:
+    """Make the library's docstrings readable by napoleon without changing them for ``help()``.
+
+    Two habits of the docstrings that napoleon does not parse: an ``Example (...):`` header whose
+    parenthesis runs over two lines (joined into one line here, so it is read as the section header it is),
+    and ``**options`` at the end of a parameter line that lists several names (escaped, so that it is not
+    read as the start of bold text).
+    """
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if re.match(r"\s*Examples? \(", line) and not line.rstrip().endswith(":"):
+            j = i + 1
+            while j < len(lines) and not lines[j - 1].rstrip().endswith("):"):
+                j += 1
+            lines[i : j] = [line.rstrip() + " " + " ".join(x.strip() for x in lines[i + 1 : j])]
+        lines[i] = re.sub(r"(?<=, )\*\*(\w+):", r"\\*\\*\1:", lines[i])
+        i += 1
+
+
 # -- figures made without pyplot -----------------------------------------------------------------------
 
 
@@ -175,6 +198,7 @@ class FigureScraper:
 
 def setup(app):
     app.connect("builder-inited", write_api_pages)
+    app.connect("autodoc-process-docstring", join_section_headers, priority=400)  # before napoleon (500)
     app.add_directive("hf-argparse", ArgparseFlags)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
