@@ -31,9 +31,7 @@ PAGES = {
     "index.html": (["hessianflow", "Concepts", "How-to", "Gallery", "Reference"], ["hf.HessianOperator"], 1),
     "api/hf.HessianOperator.html": (
         ["hf.HessianOperator"],
-        # the signature shows the real parameters, not **kwargs: the 11 explicit ones and **options
-        ["model", "criterion", "data", "dataloader", "params", "loss_fn", "reduction", "batch_weight",
-         "backend", "fd_step", "objective", "options", "Example"],  # fmt: skip
+        ["the finite-difference step relative to the parameters", ">>> H = HessianOperator(model, nn.MSELoss(), data=(X, y))"],
         0,
     ),
     "auto_examples/plot_quickstart.html": (
@@ -42,6 +40,14 @@ PAGES = {
         ["max |lanczos - eigvalsh|", "fc1", "fc2"],
         3,
     ),
+}
+
+# the signature a page must show, parameter by parameter (the class's first signature line): the real
+# parameters of HessianOperator, not **kwargs: the 11 explicit ones and **options
+SIGNATURES = {
+    "api/hf.HessianOperator.html": ["model=None", "criterion=None", "data=None", "dataloader", "params=None",
+                                    "loss_fn", "reduction", "batch_weight", "backend", "fd_step", "objective",
+                                    "**options"],  # fmt: skip
 }
 
 # every <img>: complete and decoded to a non-empty bitmap; figures are the gallery's and the page's own
@@ -91,6 +97,9 @@ def check_page(page, base: str, path: str, spec, shots: str) -> list[str]:
         problems.append(f"{path}: {len(figures)} figures rendered, expected at least {min_figures}")
     found = page.evaluate(HEADINGS_JS)
     problems += [f"{path}: no heading {h!r} (found {found[:12]})" for h in headings if h not in found]
+    if path in SIGNATURES:
+        signature = page.inner_text("dl.py > dt.sig")  # the first one: the page's class
+        problems += [f"{path}: signature without {p!r}: {signature!r}" for p in SIGNATURES[path] if p not in signature]
     body = page.inner_text("body")
     problems += [f"{path}: text {t!r} not on the page" for t in texts if t not in body]
     shot = os.path.join(shots, path.replace("/", "_").replace(".html", ".png"))

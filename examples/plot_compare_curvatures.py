@@ -49,7 +49,7 @@ print(res.table())
 # ----------
 # ``plot_comparison`` writes a PNG; shown here as written.
 png = plot_comparison(res, Path(tempfile.mkdtemp(prefix="hessianflow-gallery-")) / "compare.png",
-                      title="MLP on synthetic 8x8: approximations of the Hessian")  # fmt: skip
+                      title="MLP on synthetic 8x8: approximations of the Hessian")
 fig, ax = plt.subplots(figsize=(10, 4.5))
 ax.imshow(plt.imread(png))
 ax.set_axis_off()

@@ -70,7 +70,7 @@ print(f"exact trace {float(dense.trace()):.6g}")
 # Lanczos steps each, smoothed with Gaussians and drawn on a log axis.
 dens = hf.spectral_density(H, num_runs=5, num_steps=40, seed=0)
 _, density_figure = hf.plot_density(dens, out / "density.png", title="MLP on synthetic 8x8: Hessian density",
-                                    return_fig=True)  # fmt: skip
+                                    return_fig=True)
 
 # %%
 # Curvature per layer
@@ -84,7 +84,7 @@ for r in layers:
 _, per_layer_figure = plot_per_layer(
     [r.name for r in layers], [r.eigenvalue for r in layers], [r.trace for r in layers],
     out / "per_layer.png", title="MLP on synthetic 8x8: curvature per layer", return_fig=True,
-)  # fmt: skip
+)
 
 # %%
 # The loss along the top eigenvector

@@ -29,7 +29,7 @@ argv = [
     "--name", "synthetic", "--synthetic-train", "256", "--synthetic-test", "64", "--arch", "c1",
     "--epochs", "4", "--batch-size", "32", "--large-ratio", "4", "--duration", "1", "--lr", "0.02", "--track-eigen",
     "--hessian-batch-size", "32", "--no-progress", "--out-dir", str(out), "--save", str(out / "model_param.pkl"),
-]  # fmt: skip
+]
 metrics = train.main(train.parse_args(argv))
 print({k: metrics[k] for k in ("updates", "final_test_acc", "final_batch_size", "epochs")})
 
@@ -41,7 +41,7 @@ print({k: metrics[k] for k in ("updates", "final_test_acc", "final_batch_size", 
 history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 for r in history:
     print(f"epoch {r['epoch']}: eigenvalue {r['eigenvalue']:.4g}, batch {r['batch_size']} -> "
-          f"{r['next_batch_size']} ({r['decision']}), lr {r['lr']:.3g}, test acc {r['test_acc']:.3f}")  # fmt: skip
+          f"{r['next_batch_size']} ({r['decision']}), lr {r['lr']:.3g}, test acc {r['test_acc']:.3f}")
 
 # %%
 # The figure
@@ -51,4 +51,4 @@ for r in history:
 _, history_figure = plot_eigen_history(
     history, out / "eigen_history.png", title="C1 on synthetic data: top Hessian eigenvalue under ABSA",
     return_fig=True,
-)  # fmt: skip
+)

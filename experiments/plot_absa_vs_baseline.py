@@ -32,7 +32,7 @@ out = absa_vs_baseline.main(absa_vs_baseline.parse_args(argv))
 # Optimizer updates to the target accuracy, the final batch size and the final top eigenvalue of each run.
 for run, row in out["table"].items():
     print(f"{run:6s} updates to target {row['updates_to_target']}, final batch {row['final_batch_size']}, "
-          f"final top eigenvalue {row['final_top_eigenvalue']:.4g}")  # fmt: skip
+          f"final top eigenvalue {row['final_top_eigenvalue']:.4g}")
 changes = [(c["after_epoch"], c["from"], c["to"], c["rule"]) for c in out["runs"]["absa"]["schedule"]]
 print("ABSA's batch changes (after epoch, from, to, rule):", changes)
 

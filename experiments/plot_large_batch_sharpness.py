@@ -31,7 +31,7 @@ out = large_batch_sharpness.main(large_batch_sharpness.parse_args(argv))
 # -----------
 s = out["summary"]
 print(f"large/small top eigenvalue per seed: {[round(q, 3) for q in s['ratios']]}; "
-      f"mean {s['ratio_mean']:.3f} ± {s['ratio_std']:.3f}")  # fmt: skip
+      f"mean {s['ratio_mean']:.3f} ± {s['ratio_std']:.3f}")
 
 # %%
 # The figure the experiment wrote

@@ -83,7 +83,7 @@ def write_api_pages(app) -> None:
             else:
                 page += [f".. {_directive(obj)}:: {name}"]
                 if isinstance(obj, type) and not issubclass(obj, BaseException):
-                    page += ["   :members:", "   :show-inheritance:"]
+                    page += ["   :members:", "   :inherited-members:", "   :show-inheritance:"]
                 page.append("")
             write(out / f"hf.{name}.rst", "\n".join(page))
     write(out / "index.rst", "\n".join(lines))
