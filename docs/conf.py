@@ -69,6 +69,7 @@ sphinx_gallery_conf = {
 }
 
 # -- HTML -----------------------------------------------------------------------------------------------
+smartquotes = False  # flags stay --flag, not an en dash
 html_theme = "furo"
 html_title = f"hessianflow {release}"
 html_static_path = []

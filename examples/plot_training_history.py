@@ -39,15 +39,18 @@ print({k: metrics[k] for k in ("updates", "final_test_acc", "final_batch_size", 
 # One JSON record per epoch: the eigenvalue, whether its solve converged, the batch size and learning
 # rate used, and the controller's decision for the next epoch.
 history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+# the epoch log calls the solve's verdict "eig_converged"; plot_eigen_history reads "converged"
+history = [{**r, "converged": r["eig_converged"]} for r in history]
 for r in history:
-    print(f"epoch {r['epoch']}: eigenvalue {r['eigenvalue']:.4g}, batch {r['batch_size']} -> "
-          f"{r['next_batch_size']} ({r['decision']}), lr {r['lr']:.3g}, test acc {r['test_acc']:.3f}")
+    print(f"epoch {r['epoch']}: eigenvalue {r['eigenvalue']:.4g} (converged: {r['converged']}), "
+          f"batch {r['batch_size']} -> {r['next_batch_size']} ({r['decision']}), lr {r['lr']:.3g}")
 
 # %%
 # The figure
 # ----------
-# The top panel is the eigenvalue per epoch (red crosses would mark solves that did not converge); the
-# bottom panel is the batch-size and learning-rate schedule that ABSA chose from it.
+# The top panel is the eigenvalue per epoch (a red cross marks a solve that did not converge within
+# ``--eig-max-iter`` power iterations); the bottom panel is the batch-size and learning-rate schedule
+# that ABSA chose from it.
 _, history_figure = plot_eigen_history(
     history, out / "eigen_history.png", title="C1 on synthetic data: top Hessian eigenvalue under ABSA",
     return_fig=True,

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 from docutils import nodes
-from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 
 # -- the API pages -------------------------------------------------------------------------------------
@@ -111,40 +110,72 @@ def _default(action: argparse.Action) -> str:
     return str(d)
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", r"\|").replace("\n", " ").strip()
+def _paragraph(*parts) -> nodes.paragraph:
+    """A paragraph of plain strings and ``("code", text)`` literals."""
+    para = nodes.paragraph()
+    for part in parts:
+        para += nodes.literal(part[1], part[1]) if isinstance(part, tuple) else nodes.Text(part)
+    return para
+
+
+def flag_rows(parser: argparse.ArgumentParser) -> list[tuple]:
+    """``(flags, type, default, help)`` of every action but ``--help``, help strings %-formatted as argparse does."""
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        flags = action.option_strings or [action.dest]
+        help_text = " ".join((action.help or "").split())
+        if "%(" in help_text:
+            help_text = help_text % {**vars(action), "prog": parser.prog}
+        if action.choices is not None:
+            help_text += " (choices: " + ", ".join(str(c) for c in action.choices) + ")"
+        rows.append((flags, _type_name(action), _default(action), help_text))
+    return rows
+
+
+def flag_table(rows: list[tuple]) -> nodes.table:
+    """A four-column docutils table (flag, type, default, what it does): built as nodes, so that it renders
+    the same from a Markdown (myst) page and from an rst one."""
+    table = nodes.table(classes=["hf-flags"])
+    group = nodes.tgroup(cols=4)
+    table += group
+    for width in (22, 10, 14, 54):
+        group += nodes.colspec(colwidth=width)
+
+    def row(cells) -> nodes.row:
+        r = nodes.row()
+        for cell in cells:
+            entry = nodes.entry()
+            entry += cell
+            r += entry
+        return r
+
+    head = nodes.thead()
+    head += row([_paragraph(h) for h in ("flag", "type", "default", "what it does")])
+    body = nodes.tbody()
+    for flags, type_name, default, help_text in rows:
+        names = []
+        for k, flag in enumerate(flags):
+            names += ([", "] if k else []) + [("code", flag)]
+        body += row([_paragraph(*names), _paragraph(type_name), _paragraph(("code", default)) if default else
+                     _paragraph(""), _paragraph(help_text)])  # fmt: skip
+    group += head
+    group += body
+    return table
 
 
 class ArgparseFlags(SphinxDirective):
-    """``.. hf-argparse:: package.module:builder``: a table of every flag of ``builder()``'s parser."""
+    """``hf-argparse:: package.module:builder``: a table of every flag of ``builder()``'s parser."""
 
     required_arguments = 1
     has_content = False
 
     def run(self):
         module_name, func_name = self.arguments[0].split(":")
-        parser = getattr(importlib.import_module(module_name), func_name)()
-        self.env.note_dependency(importlib.import_module(module_name).__file__)
-        rows = []
-        for action in parser._actions:
-            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
-                continue
-            flags = ", ".join(f"``{s}``" for s in action.option_strings) or f"``{action.dest}``"
-            help_text = action.help or ""
-            if "%(" in help_text:
-                help_text = help_text % {**vars(action), "prog": parser.prog}
-            if action.choices is not None:
-                help_text += " (choices: " + ", ".join(f"``{c}``" for c in action.choices) + ")"
-            default = _default(action)
-            rows.append((flags, _type_name(action), f"``{default}``" if default else "", help_text))
-        text = [".. list-table::", "   :header-rows: 1", "   :widths: 22 10 14 54", "",
-                "   * - flag", "     - type", "     - default", "     - what it does"]  # fmt: skip
-        for row in rows:
-            text.append(f"   * - {_cell(row[0])}")
-            text += [f"     - {_cell(c)}" if c else "     -" for c in row[1:]]
-        container = nodes.container()
-        self.state.nested_parse(StringList(text, source=self.arguments[0]), self.content_offset, container)
-        return container.children
+        module = importlib.import_module(module_name)
+        self.env.note_dependency(module.__file__)
+        return [flag_table(flag_rows(getattr(module, func_name)()))]
 
 
 # -- docstrings as napoleon reads them -----------------------------------------------------------------
