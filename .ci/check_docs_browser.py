@@ -31,7 +31,9 @@ PAGES = {
     "index.html": (["hessianflow", "Concepts", "How-to", "Gallery", "Reference"], ["hf.HessianOperator"], 1),
     "api/hf.HessianOperator.html": (
         ["hf.HessianOperator"],
-        ["the finite-difference step relative to the parameters", ">>> H = HessianOperator(model, nn.MSELoss(), data=(X, y))"],
+        # its own parameters' descriptions and its doctest example
+        ["the finite-difference step relative to the parameters",
+         ">>> H = HessianOperator(model, nn.MSELoss(), data=(X, y))"],  # fmt: skip
         0,
     ),
     "auto_examples/plot_quickstart.html": (
