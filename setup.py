@@ -48,6 +48,19 @@ extras["test"] = [
     # the cross-library oracle (tests/test_curvlinops_oracle.py): never imported by the package
     "curvlinops-for-pytorch>=3.0",
 ]
+# The documentation site (bash .ci/build_docs): Sphinx with autodoc/napoleon, the executed gallery
+# (sphinx-gallery; its examples need the plot, transformers and data extras), Markdown pages (myst-parser),
+# the furo theme, and Playwright to drive the system's chromium for the browser check (no browser download).
+extras["docs"] = [
+    "sphinx>=8",
+    "sphinx-gallery>=0.17",
+    "myst-parser>=3",
+    "furo",
+    "playwright>=1.40",
+    *extras["plot"],
+    *extras["transformers"],
+    *extras["data"],
+]
 # Peer libraries, for benchmarks/ only: measured side by side, never imported by the package.
 extras["bench"] = ["hessian-eigenthings==1.0.0a5", "curvlinops-for-pytorch", "scipy", "matplotlib>=3.5"]
 

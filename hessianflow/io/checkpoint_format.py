@@ -115,7 +115,7 @@ def state_checksum(state: Mapping) -> str:
 
     Computed on the CPU, on the bytes ``torch.save`` writes, so a checkpoint written on a GPU verifies on a
     CPU. torch's archive does not check its entries when loading: a flipped byte among the weights loads
-    silently (issue 21: one weight -0.008 -> 130.6, the top eigenvalue 71 -> 2607); this is the check.
+    silently (one weight -0.008 -> 130.6, the top eigenvalue 71 -> 2607); this is the check.
 
     Example:
         >>> import torch

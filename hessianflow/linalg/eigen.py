@@ -129,9 +129,9 @@ def _work_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The dtype of the solvers' own arithmetic (basis, recurrence, Rayleigh quotients) for an operator's dtype.
 
     float64 on the CPU whatever the operator's dtype (float32 dot products of long vectors would count as
-    the products' noise: benchmarks/README.md, issue 21); on an accelerator float64 stays float64 and
+    the products' noise: benchmarks/README.md); on an accelerator float64 stays float64 and
     anything else becomes float32. In the operator's bfloat16 the orthogonalisation loses
-    the basis after a few steps (issue 21: a bf16 MLP gave 0.57 for a top eigenvalue of 0.84, which the
+    the basis after a few steps (a bf16 MLP gave 0.57 for a top eigenvalue of 0.84, which the
     bf16 operator's own dense matrix has too), an error of the solver, not of the products.
     """
     if dtype == torch.float64 or torch.device(device).type == "cpu":
@@ -800,7 +800,7 @@ def lanczos(
     vector; with the eigenvalue criterion a pass that rests on the Kato-Temple bound alone is accepted
     once the residual decides, or, 8 products later, once a second Gaussian vector certifies the
     complement as above (:func:`_gap_step`: two close extreme eigenvalues otherwise gave the second one,
-    marked converged; issue 21). Like every randomised eigensolver it can be fooled by a start vector with a negligible
+    marked converged). Like every randomised eigensolver it can be fooled by a start vector with a negligible
     component along a wanted eigenvector, with negligible probability for Gaussian start vectors.
     Property tests (hypothesis, degenerate random spectra) found no silent wrong answer: a wrong
     multiplicity comes back with ``converged=False`` if the budget runs out first.
@@ -832,7 +832,7 @@ def lanczos(
             eigenvector is out of reach. It is free on one batch (read off the reused graph); its effect
             on the product counts is measured in benchmarks/README.md. For ``k >= 2`` the block's second
             start vector is always Gaussian.
-        criterion: what ``tol`` bounds. ``"eigenvalue"`` (default since issue 13): the eigenvalues,
+        criterion: what ``tol`` bounds. ``"eigenvalue"`` (default): the eigenvalues,
             relative to each one (the residual rule pays for about ``tol**2``: benchmarks/README.md):
             stop when every wanted pair has :math:`\\min(r_i, r_i^2/\\delta_i) \\le \\mathrm{tol}\\cdot
             \\max(|\\theta_i|, \\mathrm{tol}\\max|\\theta|)`, where :math:`r^2/\\delta` is the Kato-Temple
@@ -1187,7 +1187,7 @@ def _gap_step(proc: _Krylov, chains: _Chains, theta, S, res, wanted, which, tol,
     The Kato-Temple bound :math:`r^2/\\delta` needs :math:`\\delta`, the distance from :math:`\\theta` to
     the rest of the spectrum, and one Krylov space cannot see an eigenvalue close to the wanted one before
     its polynomial separates the two: the Ritz value then sits between them, with the next Ritz value in
-    the bulk as the gap estimate, and stagnates (issue 21: eigenvalues -10, -9.97 and 20 values in
+    the bulk as the gap estimate, and stagnates (eigenvalues -10, -9.97 and 20 values in
     [-1, 1], ``which="SA"``, 30 of 80 solves returned a value up to 3e-3 off, marked converged at
     ``tol=1e-6``). So the pass is accepted when
 

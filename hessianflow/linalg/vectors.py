@@ -6,7 +6,7 @@ zeros, random vectors, dot products, norms, and a block's inner products with a 
 (:math:`Q^\\top x`, the one reduction of full reorthogonalisation). Linear combinations (``x - Q c``,
 ``a * x + y``) are local arithmetic on the stored pieces. The default, :class:`FlatVectors`, is a flat
 ``[n]`` tensor (a block ``[n, k]``) and reproduces the solvers' arithmetic exactly; a sharded model's
-space (issue "Spectra of models that do not fit on one GPU") keeps this rank's slice and all-reduces the
+space keeps this rank's slice and all-reduces the
 scalars of its dot products and inner products (its block QR a Cholesky QR of the all-reduced Gram
 matrix), and nothing else changes.
 

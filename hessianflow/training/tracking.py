@@ -103,8 +103,7 @@ def top_eigenvalue(
         max_iter: for power iteration the products per eigenpair, for Lanczos the total number of
             products. Default 100: PyHessian's ``maxIter`` (HessianFlow's ``get_eigen`` used 50).
         tol: for power iteration the relative change of the eigenvalue between iterations; for Lanczos
-            a bound on each eigenvalue's relative error (its default ``criterion="eigenvalue"``, issue 13;
-            before 0.3 it bounded the residual, i.e. the eigenvalues to about ``tol**2``). Default
+            a bound on each eigenvalue's relative error (its default ``criterion="eigenvalue"``). Default
             ``1e-3``: PyHessian's and HessianFlow's, which is what their users mean by it.
         seed: the seed of the start vector(s) (an int, a ``torch.Generator`` or ``None``); the default 0
             makes repeated calls reproducible.
