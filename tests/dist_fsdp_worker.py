@@ -171,9 +171,9 @@ def more_solvers(H) -> dict:
     return {
         "power": hf.power_iteration(H, k=1, max_iter=30, tol=1e-8, seed=0).eigenvalues,
         "hutchpp": hf.trace(H, num_matvecs=12, seed=0, method="hutch++").estimate,
-        "solve_norm": float(H.vector_space.norm(hf.solve(H, b, damping=5.0, method="minres", tol=1e-10).x))
+        "solve_norm": float(H.vector_space.norm(hf.solve(H, b, damping=5.0, method="minres", tol=1e-8).x))
         if hasattr(H, "vector_space")
-        else float(hf.solve(H, b, damping=5.0, method="minres", tol=1e-10).x.norm()),
+        else float(hf.solve(H, b, damping=5.0, method="minres", tol=1e-8).x.norm()),
     }
 
 
