@@ -441,6 +441,7 @@ class GGNOperator(CurvatureOperator):
 
     The sampled Fisher of the same loss: :math:`\\frac{2}{3} X^\\top \\operatorname{diag}(z_i^2) X`
     for standard normal :math:`z_i`, whose mean is the GGN:
+
         >>> F = GGNOperator(model, nn.MSELoss(), data=(X, y), mc_samples=20000, seed=0)
         >>> torch.allclose(F.to_dense(), 2 * X.T @ X / 3, rtol=0.05)
         True
