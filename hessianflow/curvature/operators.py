@@ -19,6 +19,7 @@ from ..distributed import FallbackOnAllRanks
 from ..linalg.linop import LinearOperator
 from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
+from .compiled import compile_product
 from .fast_paths import FastPaths
 from .hvp import flatten, flatten_batched, unflatten
 from .objective import OBJECTIVE_OPTIONS, Objective
@@ -27,7 +28,7 @@ from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "exact_hessian"]
 
 # how products run, as opposed to what they are (the objective's options)
-PRODUCT_OPTIONS = ("reuse_graph", "progress", "batched_matmat", "allow_tf32", "fast_paths")
+PRODUCT_OPTIONS = ("reuse_graph", "progress", "batched_matmat", "allow_tf32", "fast_paths", "compile")
 
 
 @contextlib.contextmanager
@@ -72,6 +73,10 @@ class CurvatureOperator(LinearOperator):
               default products are true float32 whatever the global ``torch.backends`` settings.
             - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.curvature.fast_paths`, the same
               products to rounding; ``False`` runs the model exactly as written.
+            - ``compile`` (``False``: measured slower on the CPU, benchmarks/README.md "Issue 24"): the
+              product as one ``torch.compile`` function (:mod:`hessianflow.curvature.compiled`), each new
+              graph checked against the eager product; a failure falls back to eager with a warning,
+              and :attr:`compile_status` says which.
 
     Attributes:
         objective: the :class:`~hessianflow.curvature.objective.Objective`.
@@ -90,8 +95,11 @@ class CurvatureOperator(LinearOperator):
             "batched_matmat": None,
             "allow_tf32": False,
             "fast_paths": True,
+            "compile": False,
             **options,
         }
+        if settings["compile"]:
+            product = compile_product(product)
         self.objective, self.product = objective, product
         super().__init__(objective.size, objective.dtype, objective.device)
         # a split batch holds one chunk's state at a time: nothing to reuse across products
@@ -154,6 +162,12 @@ class CurvatureOperator(LinearOperator):
     micro_batch_size = property(lambda self: self.objective.micro_batch_size)
     distributed = property(lambda self: self.objective.distributed)
     reduction = property(lambda self: self.objective.reduction)
+
+    @property
+    def compile_status(self):
+        """The :class:`~hessianflow.curvature.compiled.CompileStatus` of a ``compile=True`` operator, else
+        ``None``."""
+        return getattr(self.product, "status", None)
 
     @property
     def fast_paths(self) -> bool:
