@@ -30,6 +30,8 @@ Timings, warm-up cost and the measured default (``compile=False``): benchmarks/R
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 import types
 import warnings
@@ -51,7 +53,7 @@ from .products import (
     _softmax_ce_product,
 )
 
-__all__ = ["CHECK_RTOL", "CompileStatus", "CheckedCompile", "compile_product"]
+__all__ = ["CHECK_RTOL", "CompileStatus", "CheckedCompile", "compile_product", "fuse_cross_entropy"]
 
 #: the largest relative difference (2-norm over all pieces) between a compiled graph's first result and the
 #: eager product that is accepted: rounding of a reordered computation, with room for float32's ReLU kinks
@@ -321,3 +323,31 @@ def compile_product(product: Product) -> Product:
             raise ValueError("compile=True compiles the vmap per-sample gradients; per_sample='loop' has none")
         return _CompiledFisher(product)
     raise ValueError(f"compile=True: no compiled form of {type(product).__name__}")
+
+
+def fuse_cross_entropy(product: Product, fused, compile: bool):
+    """The operators' ``fused_cross_entropy=`` (``False``, ``True`` or ``"compiled"``) on ``product``: the
+    GGN's kernel is set on it; for the Hessian, a context (entered around every product) in which a plain
+    ``F.cross_entropy`` is :func:`~hessianflow.curvature.fused_ce.fused_cross_entropy`. Returns that
+    context's factory (a null context when off or for the GGN)."""
+    from .fused_ce import FusedCrossEntropyMode, FusedSoftmaxCE
+
+    if fused not in (False, True, "compiled"):
+        raise ValueError(f"fused_cross_entropy must be False, True or 'compiled', got {fused!r}")
+    if not fused:
+        return contextlib.nullcontext
+    if compile:
+        raise ValueError(
+            "fused_cross_entropy= is for the eager products; compile=True compiles the whole product "
+            "(its cross-entropy included) through torch.func, which the fused autograd.Function does not support"
+        )
+    kernel = FusedSoftmaxCE(compiled=fused == "compiled")
+    if isinstance(product, GaussNewton):
+        product.fused = kernel
+        return contextlib.nullcontext
+    if isinstance(product, (DoubleBackprop, FiniteDifference)):
+        return functools.partial(FusedCrossEntropyMode, kernel)
+    raise ValueError(
+        "fused_cross_entropy= applies to the GGN and to the Hessian's double_backprop and finite_difference "
+        f"backends, not to {type(product).__name__}"
+    )

@@ -19,7 +19,7 @@ from ..distributed import FallbackOnAllRanks
 from ..linalg.linop import LinearOperator
 from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
-from .compiled import compile_product
+from .compiled import compile_product, fuse_cross_entropy
 from .fast_paths import FastPaths
 from .hvp import flatten, flatten_batched, unflatten
 from .objective import OBJECTIVE_OPTIONS, Objective
@@ -28,7 +28,15 @@ from .products import HESSIAN_BACKENDS, EmpiricalFisher, GaussNewton
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "exact_hessian"]
 
 # how products run, as opposed to what they are (the objective's options)
-PRODUCT_OPTIONS = ("reuse_graph", "progress", "batched_matmat", "allow_tf32", "fast_paths", "compile")
+PRODUCT_OPTIONS = (
+    "reuse_graph",
+    "progress",
+    "batched_matmat",
+    "allow_tf32",
+    "fast_paths",
+    "compile",
+    "fused_cross_entropy",
+)
 
 
 @contextlib.contextmanager
@@ -77,6 +85,10 @@ class CurvatureOperator(LinearOperator):
               product as one ``torch.compile`` function (:mod:`hessianflow.curvature.compiled`), each new
               graph checked against the eager product; a failure falls back to eager with a warning,
               and :attr:`compile_status` says which.
+            - ``fused_cross_entropy`` (``False``): a softmax cross-entropy's curvature by the chunked kernel
+              of :mod:`hessianflow.curvature.fused_ce` (``"compiled"``: each chunk through ``torch.compile``),
+              never a logits-sized softmax kept or a log-softmax double backward: the GGN's output
+              Hessian, and the Hessian's loss part (``double_backprop``/``finite_difference``).
 
     Attributes:
         objective: the :class:`~hessianflow.curvature.objective.Objective`.
@@ -96,8 +108,10 @@ class CurvatureOperator(LinearOperator):
             "allow_tf32": False,
             "fast_paths": True,
             "compile": False,
+            "fused_cross_entropy": False,
             **options,
         }
+        self._fused_ce = fuse_cross_entropy(product, settings["fused_cross_entropy"], settings["compile"])
         if settings["compile"]:
             product = compile_product(product)
         self.objective, self.product = objective, product
@@ -167,7 +181,8 @@ class CurvatureOperator(LinearOperator):
     def compile_status(self):
         """The :class:`~hessianflow.curvature.compiled.CompileStatus` of a ``compile=True`` operator, else
         ``None``."""
-        return getattr(self.product, "status", None)
+        fused = (getattr(self._fused_ce, "args", None) or [None])[0] or getattr(self.product, "fused", None)
+        return getattr(self.product, "status", None) or getattr(fused, "status", None)
 
     @property
     def fast_paths(self) -> bool:
@@ -190,6 +205,7 @@ class CurvatureOperator(LinearOperator):
                 self.model, device=self.device, double_backprop=self.product.second_order, train_mode=self.train_mode
             ),
             product_kernels(self.device, self.product.kernels, self.model),
+            self._fused_ce(),
         ):
             yield
 

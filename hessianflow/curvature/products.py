@@ -272,6 +272,10 @@ class GaussNewton(Product):
     """:math:`J^\\top H_{\\mathrm{out}} J v` (Schraudolph 2002): :math:`Jv` by the double-vjp trick, the
     output Hessian analytically for a softmax cross-entropy or by a double backward otherwise."""
 
+    #: the chunked kernel of :mod:`~hessianflow.curvature.fused_ce` for the analytic cross-entropy (the
+    #: operators' ``fused_cross_entropy=``); ``None``: the softmax kept, :func:`_softmax_ce_product`
+    fused = None
+
     def __init__(self, objective, run=None, analytic_cross_entropy: bool | None = None):
         super().__init__(objective, run)
         if not objective.spec.has_output:
@@ -288,7 +292,7 @@ class GaussNewton(Product):
         if ce is not None:
             with torch.no_grad():
                 obj.spec.loss_of_output(out.detach(), batch)  # the checks (a scalar, finite) only
-            hout = _softmax_ce_curvature(out, ce)
+            hout = _softmax_ce_curvature(out, ce) if self.fused is None else self.fused.prepare(out, ce)
         else:
             loss = obj.spec.loss_of_output(out, batch)
             (g_out,) = torch.autograd.grad(_require_graph(loss), out, create_graph=True)
@@ -306,7 +310,9 @@ class GaussNewton(Product):
         if not live:
             return [torch.zeros_like(t) for t in pieces]
         (jv,) = torch.autograd.grad([jtu[i] for i in live], u, grad_outputs=[pieces[i] for i in live], **kw)
-        if hout is not None:
+        if hout is not None and self.fused is not None:
+            hjv = self.fused.apply(*hout, jv, out=jv)  # over J v's own storage
+        elif hout is not None:
             hjv = _softmax_ce_product(*hout, jv)
             del jv
         elif g_out.requires_grad:
