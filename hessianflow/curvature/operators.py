@@ -10,6 +10,7 @@ together and set the model up for products (mode, TF32, speed paths, attention k
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -76,7 +77,9 @@ class CurvatureOperator(LinearOperator):
             - ``progress`` (``False``): a tqdm bar over the batches of a loader.
             - ``batched_matmat`` (``None``: CUDA only, where it was measured faster): :meth:`matmat` as one
               batched backward (``is_grads_batched``); an operation without a batching rule falls back
-              to a loop.
+              to a loop. ``"measure"``: the first two ``matmat`` calls of two or more columns run one
+              way each, timed per vector (after the first-order graph is built), and the faster way is kept:
+              :attr:`matmat_timing` holds the seconds and the ``"choice"``.
             - ``allow_tf32`` (``False``): let CUDA float32 products run in TF32 (10-bit mantissa); by
               default products are true float32 whatever the global ``torch.backends`` settings.
             - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.curvature.fast_paths`, the same
@@ -126,7 +129,13 @@ class CurvatureOperator(LinearOperator):
         # matmat as one vmapped backward (is_grads_batched) or a loop of products: batched on GPUs only,
         # where it was measured faster (see benchmarks/README.md).
         batched = settings["batched_matmat"]
+        if batched not in (None, True, False, "measure"):
+            raise ValueError(f"batched_matmat must be None, True, False or 'measure', got {batched!r}")
+        if batched == "measure" and objective.distributed:
+            raise ValueError("batched_matmat='measure' times one process; over ranks pass True or False")
         self._batched_ok = (self.device.type == "cuda") if batched is None else bool(batched)
+        #: ``batched_matmat="measure"``: seconds per vector of each way, and the ``"choice"`` (else ``None``)
+        self.matmat_timing = {} if batched == "measure" else None
         self._state = None
         self._state_fast = None  # whether the reused state was built through the speed paths
         why, self.deterministic = objective.randomness(self.reuse_graph)
@@ -287,6 +296,29 @@ class CurvatureOperator(LinearOperator):
         return flatten(self._products(unflatten(v, self.params), batched=False), like=self.params)
 
     def _matmat(self, V):
+        t = self.matmat_timing
+        if t is None or "choice" in t or V.shape[1] < 2:
+            return self._matmat_now(V)
+        if self.reuse_graph and self._state is None:  # not timed: it builds the first-order graph too
+            self._products(None, batched=False)
+        way = "batched" if "batched" not in t else "loop"
+        self._batched_ok = way == "batched"
+        status = self.compile_status
+        graphs = status.graphs if status is not None else 0
+        start = time.perf_counter()
+        out = self._matmat_now(V)
+        if status is not None and status.graphs != graphs:  # it compiled a graph: time the next call instead
+            return out
+        if way == "batched" and not self._batched_ok:  # no batching rule: it fell back to the loop
+            t["choice"] = "loop"
+        else:
+            t[way] = (time.perf_counter() - start) / V.shape[1]
+            if way == "loop":
+                t["choice"] = "batched" if t["batched"] < t["loop"] else "loop"
+        self._batched_ok = t.get("choice", "loop") == "batched"
+        return out
+
+    def _matmat_now(self, V):
         k = V.shape[1]
         if self._batched_ok:
             # Distributed, only the all-reduced verdict counts: a communication error (a RuntimeError
