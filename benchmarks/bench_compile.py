@@ -6,13 +6,13 @@ Usage::
     python benchmarks/bench_compile.py --workload mlp --repeats 7       # the float64 MLP of bench_core.py
     python benchmarks/bench_compile.py --batch 16 --repeats 3 --json out.json
 
-Rows (seconds, median of ``--repeats`` interleaved runs after one untimed warm-up, in blocks of >= 0.2 s, per product, and as a
-multiple of a gradient): the gradient; the Hessian product eager (graph reused, fresh, forward-over-reverse)
-and compiled (``compile=True``); the GGN eager (reused) and compiled; ``matmat`` of ``k`` columns as a loop
-of products and as one batched pass (``is_grads_batched`` over the reused graph; ``vmap`` of
-forward-over-reverse, eager and compiled). The warm-up of each compiled operator (its first product:
-tracing, inductor and the eager cross-check) is reported apart, with the graphs it compiled and the check's
-relative difference. One torch thread (see benchmarks/README.md, "Threads").
+Rows (seconds, median of ``--repeats`` interleaved runs after one untimed warm-up, in blocks of >= 0.2 s,
+per product, and as a multiple of a gradient): the gradient; the Hessian product eager (graph reused,
+fresh, forward-over-reverse) and compiled (``compile=True``); the GGN eager (reused) and compiled;
+``matmat`` of ``k`` columns as a loop of products and as one batched pass (``is_grads_batched`` over the
+reused graph; ``vmap`` of forward-over-reverse, eager and compiled). The warm-up of each compiled operator
+(its first product: tracing, inductor and the eager cross-check) is reported apart, with the graphs it
+compiled and the check's relative difference. One torch thread (see benchmarks/README.md, "Threads").
 """
 
 from __future__ import annotations
