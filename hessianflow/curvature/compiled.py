@@ -128,6 +128,14 @@ class CheckedCompile:
 
     Attributes:
         status: the :class:`CompileStatus`.
+
+    Example (a compiled result that differs from its reference is not returned):
+        >>> import torch, warnings
+        >>> checked = CheckedCompile(lambda x: x * 2.0, lambda x: x * 2.0 + 1e-3, "an example")
+        >>> with warnings.catch_warnings(record=True):
+        ...     out = checked(torch.ones(3, dtype=torch.float64))
+        >>> out, checked.status.state
+        (tensor([2.0010, 2.0010, 2.0010], dtype=torch.float64), 'fallback')
     """
 
     def __init__(self, fn, reference, what: str, rtol: float | None = None):
@@ -311,6 +319,17 @@ def compile_product(product: Product) -> Product:
 
     Raises ``ValueError`` for a product with nothing to compile: finite differences (two gradients, no
     second-order function to trace) and the empirical Fisher with ``per_sample="loop"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import HessianOperator
+        >>> data = (torch.ones(2, 1), torch.zeros(2, 1))
+        >>> H = HessianOperator(nn.Linear(1, 1), nn.MSELoss(), data=data, backend="finite_difference")
+        >>> compile_product(H.product)
+        Traceback (most recent call last):
+        ...
+        ValueError: compile=True compiles a second-order product; backend='finite_difference' has none
     """
     if isinstance(product, FiniteDifference):
         raise ValueError("compile=True compiles a second-order product; backend='finite_difference' has none")
@@ -329,7 +348,17 @@ def fuse_cross_entropy(product: Product, fused, compile: bool):
     """The operators' ``fused_cross_entropy=`` (``False``, ``True`` or ``"compiled"``) on ``product``: the
     GGN's kernel is set on it; for the Hessian, a context (entered around every product) in which a plain
     ``F.cross_entropy`` is :func:`~hessianflow.curvature.fused_ce.fused_cross_entropy`. Returns that
-    context's factory (a null context when off or for the GGN)."""
+    context's factory (a null context when off or for the GGN).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessianflow import GGNOperator
+        >>> data = (torch.ones(2, 3), torch.tensor([0, 2]))
+        >>> G = GGNOperator(nn.Linear(3, 3), nn.CrossEntropyLoss(), data=data, fused_cross_entropy=True)
+        >>> type(G.product.fused).__name__  # the GGN's output Hessian by the chunked kernel
+        'FusedSoftmaxCE'
+    """
     from .fused_ce import FusedCrossEntropyMode, FusedSoftmaxCE
 
     if fused not in (False, True, "compiled"):

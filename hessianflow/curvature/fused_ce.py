@@ -54,6 +54,15 @@ class FusedSoftmaxCE:
         chunk_rows: rows per chunk; ``None``: :data:`DEFAULT_CHUNK_ELEMENTS` divided by the vocabulary.
         compiled: each chunk through ``torch.compile`` (checked against the eager kernel on every new graph;
             a failure falls back to eager with a warning, :attr:`status` says which).
+
+    Example (one position, :math:`p = (1/2, 1/2)`, weight 2, two vectors at once, chunks of one row):
+        >>> import torch
+        >>> kernel = FusedSoftmaxCE(chunk_rows=1)
+        >>> u = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]], dtype=torch.float64)  # [k=2, 1, V=2]
+        >>> kernel.apply(torch.zeros(1, 2, dtype=torch.float64), 2.0, -1, u)
+        tensor([[[ 0.5000, -0.5000]],
+        <BLANKLINE>
+                [[ 0.0000,  0.0000]]], dtype=torch.float64)
     """
 
     def __init__(self, chunk_rows: int | None = None, compiled: bool = False):
@@ -222,6 +231,15 @@ class FusedCrossEntropyMode(torch.overrides.TorchFunctionMode):
 
     Args:
         kernel: the :class:`FusedSoftmaxCE` to use.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> z = torch.zeros(1, 2, requires_grad=True)
+        >>> with FusedCrossEntropyMode(FusedSoftmaxCE()):
+        ...     loss = F.cross_entropy(z, torch.tensor([0]))
+        >>> type(loss.grad_fn).__name__
+        '_CrossEntropyBackward'
     """
 
     def __init__(self, kernel: FusedSoftmaxCE):
