@@ -6,6 +6,7 @@ Usage::
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bench_ggn_memory.py --vocab 50257 --batch 2 --seq 128
     python benchmarks/bench_ggn_memory.py --vocab 50257 --batch 4 --seq 512 \
         --modes analytic fused fused_compiled hessian hessian_fused      # issue 24: 2048 tokens, 50k vocabulary
+    python benchmarks/bench_ggn_memory.py --vocab 50257 --batch 4 --seq 512 --kernels   # the kernels alone, seconds
 
 The CPU has no allocator statistics, so each measurement runs in its own process and reads the peak
 resident set size (``VmHWM``): first after one gradient (forward and backward of the causal-LM loss),
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["analytic", "autograd", "hessian"], choices=MODES,
                    help="which products to measure (default: analytic autograd hessian)")  # fmt: skip
     p.add_argument("--products", type=int, default=3, help="products per mode (default 3; the first is timed apart)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="instead: time the output-Hessian kernels alone (analytic, fused, compiled)",
+    )
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
     return p
 
@@ -112,7 +118,40 @@ def _measure(args) -> dict:
     }
 
 
+def _kernels(args) -> dict:
+    """Seconds of one output-Hessian product on ``[batch * seq, vocab]`` float32 logits (best of 3 after a
+    warm-up, one thread): the analytic kernel with its softmax kept, the fused one eager and compiled."""
+    from hessianflow.curvature.fused_ce import FusedSoftmaxCE
+    from hessianflow.curvature.products import _softmax_ce_product
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    rows = args.batch * args.seq
+    logits, u = torch.randn(rows, args.vocab, generator=g), torch.randn(rows, args.vocab, generator=g)
+    w = torch.full((rows,), 1.0 / rows)
+    p = torch.softmax(logits, -1)
+    eager, compiled = FusedSoftmaxCE(), FusedSoftmaxCE(compiled=True)
+    calls = {
+        "analytic (softmax kept)": lambda: _softmax_ce_product(p, w[:, None], -1, u),
+        "fused, eager chunks": lambda: eager.apply(logits, w, -1, u),
+        "fused, compiled chunks": lambda: compiled.apply(logits, w, -1, u),
+    }
+    out = {}
+    for name, fn in calls.items():
+        fn()
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[name] = min(ts)
+    out["compile_status"] = compiled.status.to_dict()
+    return out
+
+
 def main(args) -> dict:
+    if args.kernels:
+        return _kernels(args)
     if args.mode is not None:
         return _measure(args)
     logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
