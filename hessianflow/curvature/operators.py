@@ -187,6 +187,13 @@ class CurvatureOperator(LinearOperator):
     reduction = property(lambda self: self.objective.reduction)
 
     @property
+    def prefers_matmat(self) -> bool:
+        """Whether :meth:`matmat` runs as one batched pass (``batched_matmat``; while ``"measure"`` has not
+        chosen yet too, so that the block Lanczos' products take part in the measurement)."""
+        measuring = self.matmat_timing is not None and "choice" not in self.matmat_timing
+        return bool(self._batched_ok or measuring)
+
+    @property
     def compile_status(self):
         """The :class:`~hessianflow.curvature.compiled.CompileStatus` of a ``compile=True`` operator, else
         ``None``."""
