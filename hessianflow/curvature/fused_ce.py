@@ -41,10 +41,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _rows(logits, u, weight):
     """``weight * (diag(p) - p p^T) u`` for ``[r, V]`` logits, ``[k, r, V]`` vectors, ``[r]`` weights."""
     work = _work_dtype(logits.dtype)
-    p = torch.softmax(logits.to(work), dim=-1)
+    p = torch.softmax(logits.to(work), dim=-1)  # [r, V]
     uw = u.to(work)
-    s = (p * uw).sum(dim=-1, keepdim=True)  # [k, r, 1]
-    return (p * (uw - s) * weight.to(work)[:, None]).to(u.dtype)
+    s = torch.linalg.vecdot(uw, p).unsqueeze(-1)  # [k, r, 1], without a [k, r, V] product
+    return (uw - s).mul_(p).mul_(weight.to(work)[:, None]).to(u.dtype)  # one chunk-sized temporary
 
 
 class FusedSoftmaxCE:
