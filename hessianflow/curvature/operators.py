@@ -75,11 +75,14 @@ class CurvatureOperator(LinearOperator):
               gradients) across products, so a product costs one backward pass; held until
               :meth:`release`.
             - ``progress`` (``False``): a tqdm bar over the batches of a loader.
-            - ``batched_matmat`` (``None``: CUDA only, where it was measured faster): :meth:`matmat` as one
-              batched backward (``is_grads_batched``); an operation without a batching rule falls back
+            - ``batched_matmat`` (``None``: CUDA only, where it was measured faster; on the CPU a loop
+              was faster for ResNet-20 and batched for a small MLP, benchmarks/README.md "Issue 24"):
+              :meth:`matmat` as one batched backward (``is_grads_batched``; ``vmap`` for
+              forward-over-reverse and ``compile=True``); an operation without a batching rule falls back
               to a loop. ``"measure"``: the first two ``matmat`` calls of two or more columns run one
               way each, timed per vector (after the first-order graph is built), and the faster way is kept:
-              :attr:`matmat_timing` holds the seconds and the ``"choice"``.
+              :attr:`matmat_timing` holds the seconds and the ``"choice"``. While batched
+              (:attr:`prefers_matmat`), the block Lanczos computes its pending vectors' products together.
             - ``allow_tf32`` (``False``): let CUDA float32 products run in TF32 (10-bit mantissa); by
               default products are true float32 whatever the global ``torch.backends`` settings.
             - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.curvature.fast_paths`, the same
