@@ -156,7 +156,8 @@ def main(args) -> dict:
         return _measure(args)
     logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
-    out = {"logits_mib": logits_mib, "config": {k: v for k, v in vars(args).items() if k not in ("mode", "modes")}}
+    config = {k: v for k, v in vars(args).items() if k not in ("mode", "modes", "kernels")}
+    out = {"logits_mib": logits_mib, "config": config}
     for mode in args.modes:
         argv = [sys.executable, __file__, "--mode", mode] + [
             f"--{k}={v}" for k, v in out["config"].items()
