@@ -513,8 +513,10 @@ class _Krylov:
             if torch.equal(q, p):
                 del self._ahead[c]
                 return aq
+        if not (getattr(self.op, "prefers_matmat", False) and self.op_space_is_flat):
+            return self.op.matvec(p)
         ahead = [c for c in range(self.P.shape[1]) if not any(torch.equal(q, self.P[:, c]) for q, _ in self._ahead)]
-        if ahead and getattr(self.op, "prefers_matmat", False) and self.op_space_is_flat:
+        if ahead:
             W = self.op.matmat(torch.cat([p[:, None], self.P[:, ahead]], dim=1))  # [n, 1 + len(ahead)]
             self._ahead += [(self.P[:, c].clone(), W[:, i + 1]) for i, c in enumerate(ahead)]
             return W[:, 0]
