@@ -111,10 +111,8 @@ def damaged(work: str, good: str, flips: int, rng: random.Random) -> dict:
         paths[f"truncated to {frac:.0%}"] = p
     outcome = {"files": len(paths), "runs": 0, "refused_one_line": 0, "usable": 0, "bad": []}
     for name, p in paths.items():
-        for prog, argv in (
-            ("train.py", ["--resume", p, "--save", p + ".out", "--no-progress"]),
-            ("hessian_eig_driver.py", ["--resume", p, "--hessian-batch-size", "16", "--no-progress"]),
-        ):
+        for prog, argv in (("train.py", ["--resume", p, "--save", p + ".out", "--no-progress"]),
+                           ("hessian_eig_driver.py", ["--resume", p, "--hessian-batch-size", "16", "--no-progress"])):
             proc = script(prog, *argv)
             outcome["runs"] += 1
             if proc.returncode == 0:
@@ -127,28 +125,15 @@ def damaged(work: str, good: str, flips: int, rng: random.Random) -> dict:
 
 
 BAD_FLAGS = [
-    ("train.py", ["--lr", "-1"]),
-    ("train.py", ["--lr", "nan"]),
-    ("train.py", ["--epochs", "0"]),
-    ("train.py", ["--batch-size", "x"]),
-    ("train.py", ["--arch", "vgg"]),
-    ("train.py", ["--depth", "21"]),
-    ("train.py", ["--name", "imagenet"]),
-    ("train.py", ["--lr-decay-epoch", "500"]),
-    ("train.py", ["--eps", "2"]),
-    ("train.py", ["--adv-ratio", "-0.1"]),
-    ("train.py", ["--device", "cuda:7"]),
-    ("train.py", ["--device", "tpu"]),
-    ("train.py", ["--name", "cifar10", "--synthetic-train", "10"]),
-    ("train.py", ["--method", "adam"]),
-    ("train.py", ["--resume", "/nonexistent.pkl"]),
-    ("train.py", ["--save", "/"]),
-    ("train.py", ["--nosuchflag"]),
+    ("train.py", ["--lr", "-1"]), ("train.py", ["--lr", "nan"]), ("train.py", ["--epochs", "0"]),
+    ("train.py", ["--batch-size", "x"]), ("train.py", ["--arch", "vgg"]), ("train.py", ["--depth", "21"]),
+    ("train.py", ["--name", "imagenet"]), ("train.py", ["--lr-decay-epoch", "500"]), ("train.py", ["--eps", "2"]),
+    ("train.py", ["--adv-ratio", "-0.1"]), ("train.py", ["--device", "cuda:7"]), ("train.py", ["--device", "tpu"]),
+    ("train.py", ["--name", "cifar10", "--synthetic-train", "10"]), ("train.py", ["--method", "adam"]),
+    ("train.py", ["--resume", "/nonexistent.pkl"]), ("train.py", ["--save", "/"]), ("train.py", ["--nosuchflag"]),
     ("train.py", ["--name", "cifar10", "--data-dir", "/nonexistent", "--epochs", "1"]),
-    ("train_resnet.py", ["--arch", "c1"]),
-    ("train_resnet.py", ["--depth", "7"]),
-    ("hessian_eig_driver.py", []),
-    ("hessian_eig_driver.py", ["--resume", "/nonexistent.pkl"]),
+    ("train_resnet.py", ["--arch", "c1"]), ("train_resnet.py", ["--depth", "7"]),
+    ("hessian_eig_driver.py", []), ("hessian_eig_driver.py", ["--resume", "/nonexistent.pkl"]),
     ("hessian_eig_driver.py", ["--resume", "x.pkl", "--top-k", "0"]),
     ("hessian_eig_driver.py", ["--resume", "x.pkl", "--method", "power", "--which", "SA"]),
     ("hessian_eig_driver.py", ["--resume", "x.pkl", "--landscape", "3"]),

@@ -134,7 +134,9 @@ def rows_for(w, peers: dict, repeats: int, compile_model: bool) -> dict:
     calls["hessianflow HVP, fresh"] = lambda: hf_operator(w, reuse=False) @ v
     calls["hessianflow top-1 (tol=1e-4)"] = lambda: hf.lanczos(hf_operator(w), k=1, tol=1e-4, seed=0)
     calls["hessianflow top-5 (tol=1e-4)"] = lambda: hf.lanczos(hf_operator(w), k=5, tol=1e-4, seed=0)
-    calls["hessianflow SLQ, 90 steps"] = lambda: hf.spectral_density(hf_operator(w), num_runs=1, num_steps=90, seed=0)
+    calls["hessianflow SLQ, 90 steps"] = lambda: hf.spectral_density(
+        hf_operator(w), num_runs=1, num_steps=90, seed=0
+    )
     if compile_model:
         compiled = torch.compile(model)
         Hc = hf_operator(w, model=compiled)

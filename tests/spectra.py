@@ -36,7 +36,9 @@ def spectrum(name: str, n: int) -> torch.Tensor:
         return torch.cat([bulk, torch.tensor([3.0, 4.0, 5.5, 7.0, 9.0, 12.0, 16.0, 20.0], dtype=torch.float64)])
     if name == "indefinite":  # outliers on both sides
         bulk = torch.linspace(-1.0, 1.0, n - 8, dtype=torch.float64)
-        return torch.cat([bulk, torch.tensor([-20.0, -12.0, -6.0, -3.0, 4.0, 8.0, 15.0, 25.0], dtype=torch.float64)])
+        return torch.cat(
+            [bulk, torch.tensor([-20.0, -12.0, -6.0, -3.0, 4.0, 8.0, 15.0, 25.0], dtype=torch.float64)]
+        )
     if name == "negative":  # negative semi-definite: the mirror image of "outliers"
         return -spectrum("outliers", n)
     if name == "rank_deficient":  # rank 10, the rest exactly 0

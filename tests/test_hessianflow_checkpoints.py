@@ -104,7 +104,9 @@ class OriginalResNet(nn.Module):
     def _make_layer(self, planes, blocks, stride=1):
         downsample = None
         if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
         layers = [OriginalBlock(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes
         layers += [OriginalBlock(planes, planes) for _ in range(1, blocks)]
