@@ -20,7 +20,9 @@ Rows per workload, each timed after a warm-up with ``torch.cuda.synchronize`` (m
 
 Targets (issue 13): a reused product at most 1.6x a gradient, peak memory at most 1.5x a gradient's,
 and every row ahead of every peer. ``--compile`` wraps the model in ``torch.compile`` for hessianflow's
-rows (double backward through compiled graphs may be unsupported: the error is recorded as the row).
+rows (double backward through compiled graphs may be unsupported: the error is recorded as the row), and
+adds issue 24's rows: ``compile=True`` products and ``matmat`` of k = 2, 4 batched vs a loop (the "whole
+matmat" rows: divide by k for a product).
 """
 
 from __future__ import annotations
@@ -104,13 +106,13 @@ def transformer_workload(device):
             "batch": {"input_ids": ids, "labels": ids}}  # fmt: skip
 
 
-def hf_operator(w, reuse=True, model=None):
+def hf_operator(w, reuse=True, model=None, **kw):
     from hessianflow.curvature.losses import causal_lm_loss
 
     model = model or w["model"]
     if "batch" in w:
-        return hf.HessianOperator(model, loss_fn=causal_lm_loss, data=w["batch"], reuse_graph=reuse)
-    return hf.HessianOperator(model, w["crit"], data=(w["x"], w["y"]), reuse_graph=reuse)
+        return hf.HessianOperator(model, loss_fn=causal_lm_loss, data=w["batch"], reuse_graph=reuse, **kw)
+    return hf.HessianOperator(model, w["crit"], data=(w["x"], w["y"]), reuse_graph=reuse, **kw)
 
 
 def rows_for(w, peers: dict, repeats: int, compile_model: bool) -> dict:
@@ -139,6 +141,18 @@ def rows_for(w, peers: dict, repeats: int, compile_model: bool) -> dict:
         compiled = torch.compile(model)
         Hc = hf_operator(w, model=compiled)
         calls["hessianflow HVP, graph reused, torch.compile"] = lambda: Hc @ v
+        # issue 24: the operator's own compile=True (forward-over-reverse through inductor, each graph checked
+        # against the eager product), and block products of k = 2, 4 as one batched pass vs a loop
+        Hcc = hf_operator(w, compile=True, batched_matmat=True)
+        calls["hessianflow HVP, compile=True"] = lambda: Hcc @ v
+        for k in (2, 4):
+            Vk = torch.randn(n, k, generator=torch.Generator().manual_seed(k)).to(params[0])
+            calls[f"hessianflow matmat k={k}, compile=True (vmap), whole matmat"] = lambda Vk=Vk: Hcc.matmat(Vk)
+            for name, b in (("batched", True), ("loop", False)):
+                Hk = hf_operator(w, batched_matmat=b)
+                calls[f"hessianflow matmat k={k}, graph reused ({name}), whole matmat"] = lambda Hk=Hk, Vk=Vk: (
+                    Hk.matmat(Vk)
+                )
     if image:
         x, y, crit = w["x"], w["y"], w["crit"]
         if peers["pyhessian"]:

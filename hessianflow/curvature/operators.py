@@ -10,6 +10,7 @@ together and set the model up for products (mode, TF32, speed paths, attention k
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -19,6 +20,7 @@ from ..distributed import FallbackOnAllRanks
 from ..linalg.linop import LinearOperator
 from .attention import product_kernels
 from .combine import WeightedSum, combine_over_ranks
+from .compiled import compile_product, fuse_cross_entropy
 from .fast_paths import FastPaths
 from .fisher import SampledFisher
 from .hvp import flatten, flatten_batched, unflatten
@@ -29,7 +31,15 @@ from .sharded import aligned_pieces
 __all__ = ["CurvatureOperator", "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "exact_hessian"]
 
 # how products run, as opposed to what they are (the objective's options)
-PRODUCT_OPTIONS = ("reuse_graph", "progress", "batched_matmat", "allow_tf32", "fast_paths")
+PRODUCT_OPTIONS = (
+    "reuse_graph",
+    "progress",
+    "batched_matmat",
+    "allow_tf32",
+    "fast_paths",
+    "compile",
+    "fused_cross_entropy",
+)
 
 
 @contextlib.contextmanager
@@ -67,13 +77,26 @@ class CurvatureOperator(LinearOperator):
               gradients) across products, so a product costs one backward pass; held until
               :meth:`release`.
             - ``progress`` (``False``): a tqdm bar over the batches of a loader.
-            - ``batched_matmat`` (``None``: CUDA only, where it was measured faster): :meth:`matmat` as one
-              batched backward (``is_grads_batched``); an operation without a batching rule falls back
-              to a loop.
+            - ``batched_matmat`` (``None``: CUDA only, where it was measured faster; on the CPU a loop
+              was faster for ResNet-20 and batched for a small MLP, benchmarks/README.md "Issue 24"):
+              :meth:`matmat` as one batched backward (``is_grads_batched``; ``vmap`` for
+              forward-over-reverse and ``compile=True``); an operation without a batching rule falls back
+              to a loop. ``"measure"``: the first two ``matmat`` calls of two or more columns run one
+              way each, timed per vector (after the first-order graph is built), and the faster way is kept:
+              :attr:`matmat_timing` holds the seconds and the ``"choice"``. While batched
+              (:attr:`prefers_matmat`), the block Lanczos computes its pending vectors' products together.
             - ``allow_tf32`` (``False``): let CUDA float32 products run in TF32 (10-bit mantissa); by
               default products are true float32 whatever the global ``torch.backends`` settings.
             - ``fast_paths`` (``True``): the speed paths of :mod:`hessianflow.curvature.fast_paths`, the same
               products to rounding; ``False`` runs the model exactly as written.
+            - ``compile`` (``False``: measured slower on the CPU, benchmarks/README.md "Issue 24"): the
+              product as one ``torch.compile`` function (:mod:`hessianflow.curvature.compiled`), each new
+              graph checked against the eager product; a failure falls back to eager with a warning,
+              and :attr:`compile_status` says which.
+            - ``fused_cross_entropy`` (``False``): a softmax cross-entropy's curvature by the chunked kernel
+              of :mod:`hessianflow.curvature.fused_ce` (``"compiled"``: each chunk through ``torch.compile``),
+              never a logits-sized softmax kept or a log-softmax double backward: the GGN's output
+              Hessian, and the Hessian's loss part (``double_backprop``/``finite_difference``).
 
     Attributes:
         objective: the :class:`~hessianflow.curvature.objective.Objective`.
@@ -92,8 +115,13 @@ class CurvatureOperator(LinearOperator):
             "batched_matmat": None,
             "allow_tf32": False,
             "fast_paths": True,
+            "compile": False,
+            "fused_cross_entropy": False,
             **options,
         }
+        self._fused_ce = fuse_cross_entropy(product, settings["fused_cross_entropy"], settings["compile"])
+        if settings["compile"]:
+            product = compile_product(product)
         self.objective, self.product = objective, product
         super().__init__(objective.size, objective.dtype, objective.device)
         # a split batch holds one chunk's state at a time: nothing to reuse across products
@@ -106,7 +134,13 @@ class CurvatureOperator(LinearOperator):
         # matmat as one vmapped backward (is_grads_batched) or a loop of products: batched on GPUs only,
         # where it was measured faster (see benchmarks/README.md).
         batched = settings["batched_matmat"]
+        if batched not in (None, True, False, "measure"):
+            raise ValueError(f"batched_matmat must be None, True, False or 'measure', got {batched!r}")
+        if batched == "measure" and objective.distributed:
+            raise ValueError("batched_matmat='measure' times one process; over ranks pass True or False")
         self._batched_ok = (self.device.type == "cuda") if batched is None else bool(batched)
+        #: ``batched_matmat="measure"``: seconds per vector of each way, and the ``"choice"`` (else ``None``)
+        self.matmat_timing = {} if batched == "measure" else None
         self._state = None
         self._state_fast = None  # whether the reused state was built through the speed paths
         why, self.deterministic = objective.randomness(self.reuse_graph)
@@ -121,8 +155,9 @@ class CurvatureOperator(LinearOperator):
         if objective.sharding is not None:
             if not product.sharded:
                 raise ValueError(
-                    f"{type(self).__name__}: {type(product).__name__} products of an FSDP2-sharded model are not "
-                    "supported; HessianOperator (backend='double_backprop' or 'finite_difference') and GGNOperator are"
+                    f"{type(self).__name__}: {type(product).__name__.lstrip('_')} products of an FSDP2-sharded model "
+                    "are not supported; the Hessian (backend='double_backprop' or 'finite_difference'), the GGN and "
+                    "the empirical Fisher are, without compile= or mc_samples="
                 )
             work = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
             #: this rank's slices of the operator's vectors (see hessianflow.linalg.sharded_vectors)
@@ -170,6 +205,20 @@ class CurvatureOperator(LinearOperator):
     reduction = property(lambda self: self.objective.reduction)
 
     @property
+    def prefers_matmat(self) -> bool:
+        """Whether :meth:`matmat` runs as one batched pass (``batched_matmat``; while ``"measure"`` has not
+        chosen yet too, so that the block Lanczos' products take part in the measurement)."""
+        measuring = self.matmat_timing is not None and "choice" not in self.matmat_timing
+        return bool(self._batched_ok or measuring)
+
+    @property
+    def compile_status(self):
+        """The :class:`~hessianflow.curvature.compiled.CompileStatus` of a ``compile=True`` operator, else
+        ``None``."""
+        fused = (getattr(self._fused_ce, "args", None) or [None])[0] or getattr(self.product, "fused", None)
+        return getattr(self.product, "status", None) or getattr(fused, "status", None)
+
+    @property
     def fast_paths(self) -> bool:
         """The operator's own switch of the speed paths (see :mod:`hessianflow.curvature.fast_paths`)."""
         return self._fast.on
@@ -192,6 +241,7 @@ class CurvatureOperator(LinearOperator):
                 self.model, device=self.device, double_backprop=self.product.second_order, train_mode=self.train_mode
             ),
             product_kernels(self.device, self.product.kernels, self.model),
+            self._fused_ce(),
         ):
             yield
 
@@ -288,6 +338,29 @@ class CurvatureOperator(LinearOperator):
         return flatten(self._products(unflatten(v, self.params), batched=False), like=self.params)
 
     def _matmat(self, V):
+        t = self.matmat_timing
+        if t is None or "choice" in t or V.shape[1] < 2:
+            return self._matmat_now(V)
+        if self.reuse_graph and self._state is None:  # not timed: it builds the first-order graph too
+            self._products(None, batched=False)
+        way = "batched" if "batched" not in t else "loop"
+        self._batched_ok = way == "batched"
+        status = self.compile_status
+        graphs = status.graphs if status is not None else 0
+        start = time.perf_counter()
+        out = self._matmat_now(V)
+        if status is not None and status.graphs != graphs:  # it compiled a graph: time the next call instead
+            return out
+        if way == "batched" and not self._batched_ok:  # no batching rule: it fell back to the loop
+            t["choice"] = "loop"
+        else:
+            t[way] = (time.perf_counter() - start) / V.shape[1]
+            if way == "loop":
+                t["choice"] = "batched" if t["batched"] < t["loop"] else "loop"
+        self._batched_ok = t.get("choice", "loop") == "batched"
+        return out
+
+    def _matmat_now(self, V):
         k = V.shape[1]
         if self._batched_ok:
             # Distributed, only the all-reduced verdict counts: a communication error (a RuntimeError

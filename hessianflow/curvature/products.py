@@ -305,6 +305,9 @@ class GaussNewton(Product):
     output Hessian analytically for a softmax cross-entropy or by a double backward otherwise."""
 
     sharded = True
+    #: the chunked kernel of :mod:`~hessianflow.curvature.fused_ce` for the analytic cross-entropy (the
+    #: operators' ``fused_cross_entropy=``); ``None``: the softmax kept, :func:`_softmax_ce_product`
+    fused = None
 
     def __init__(self, objective, run=None, analytic_cross_entropy: bool | None = None):
         super().__init__(objective, run)
@@ -326,10 +329,10 @@ class GaussNewton(Product):
                     obj.spec.loss_of_output(out.detach(), batch)
                 else:
                     obj.weighted(lambda finite: obj.spec.loss_of_output(out.detach(), batch, finite))
-            hout = _softmax_ce_curvature(out, ce)
+            hout = _softmax_ce_curvature(out, ce) if self.fused is None else self.fused.prepare(out, ce)
             if sharding is not None:  # weighted like the loss (a mean's 1/count becomes the piece's weight)
-                p, coef, dim = hout
-                hout = p, torch.nan_to_num(coef * sharding.scale), dim
+                first, coef, dim = hout
+                hout = first, torch.nan_to_num(coef * sharding.scale), dim
         else:
             if sharding is None:
                 loss = obj.spec.loss_of_output(out, batch)
@@ -345,9 +348,11 @@ class GaussNewton(Product):
         u = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
         return u, torch.autograd.grad(out, self.obj.params, grad_outputs=u, create_graph=True, allow_unused=True)
 
-    @staticmethod
-    def _output_product(hout, jv):
-        """The analytic output Hessian times ``J v`` (the sampled Fisher overrides it)."""
+    def _output_product(self, hout, jv):
+        """The analytic output Hessian times ``J v``: the fused kernel over ``J v``'s own storage, or
+        :func:`_softmax_ce_product` (the sampled Fisher overrides it)."""
+        if self.fused is not None:
+            return self.fused.apply(*hout, jv, out=jv)
         return _softmax_ce_product(*hout, jv)
 
     def apply(self, state, pieces, batched, retain):
@@ -456,7 +461,9 @@ class EmpiricalFisher(Product):
         obj, sh = self.obj, self.obj.sharding
         own = split_samples(batch) if sh.scale != 0 else []  # a rank's stand-in piece adds no samples
         weights = [obj.units(x) for x in own] if obj.reduction == "mean" else [1.0] * len(own)
-        counts = sh.reduce(torch.zeros(sh.world_size, dtype=torch.float64).index_fill_(0, torch.tensor([sh.rank]), float(len(own))))
+        count = torch.zeros(sh.world_size, dtype=torch.float64)
+        count[sh.rank] = len(own)
+        counts = sh.reduce(count)  # every rank's number of samples in this piece
         stand_in = own[0] if own else split_samples(batch)[0]
         rows, piece_scale = [], sh.scale
         try:

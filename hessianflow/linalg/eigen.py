@@ -375,6 +375,9 @@ class _Krylov:
         self.chain_steps: dict = {}
         self.broken: set = set()
         self.restarted = False
+        # products of pending vectors computed ahead in one block product (see _product)
+        self._ahead: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.op_space_is_flat = getattr(op, "vector_space", None) is None
 
     # -- storage -------------------------------------------------------------------------------
     @property
@@ -472,7 +475,7 @@ class _Krylov:
         rest = [c for c in range(self.P.shape[1]) if c != i]
         self.P = self.P[:, rest]
         self.C = self.C[:, rest]
-        w = self.op.matvec(p).to(self.dtype)  # a no-op unless the operator computes in lower precision
+        w = self._product(p).to(self.dtype)  # a no-op unless the operator computes in lower precision
         raw = self.space.norm(w)
         self.anorm = max(self.anorm, raw)
         self._append_B(p)
@@ -501,6 +504,23 @@ class _Krylov:
         col[j - 1, 0] = beta
         self.C = torch.cat([self.C, col], dim=1)
         return False
+
+    def _product(self, p: torch.Tensor) -> torch.Tensor:
+        """``A p``. With other vectors pending (a block start, an injected chain) and an operator whose block
+        products are cheaper (``op.prefers_matmat``), the products of all pending vectors in one ``matmat``;
+        the others are kept for their own steps (pending vectors do not change until stepped)."""
+        for c, (q, aq) in enumerate(self._ahead):
+            if torch.equal(q, p):
+                del self._ahead[c]
+                return aq
+        if not (getattr(self.op, "prefers_matmat", False) and self.op_space_is_flat):
+            return self.op.matvec(p)
+        ahead = [c for c in range(self.P.shape[1]) if not any(torch.equal(q, self.P[:, c]) for q, _ in self._ahead)]
+        if ahead:
+            W = self.op.matmat(torch.cat([p[:, None], self.P[:, ahead]], dim=1))  # [n, 1 + len(ahead)]
+            self._ahead += [(self.P[:, c].clone(), W[:, i + 1]) for i, c in enumerate(ahead)]
+            return W[:, 0]
+        return self.op.matvec(p)
 
     def ritz(self):
         """Ritz values (ascending), vectors of ``G`` (float64) and residuals on the compression."""

@@ -55,6 +55,9 @@ class LinearOperator:
     dtype: torch.dtype
     device: torch.device
     deterministic: bool = True
+    #: whether one :meth:`matmat` of ``k`` columns is cheaper than ``k`` :meth:`matvec` calls: the block
+    #: Lanczos then computes its pending vectors' products together (:func:`~hessianflow.linalg.eigen.lanczos`)
+    prefers_matmat: bool = False
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str):
         self.size = int(size)
