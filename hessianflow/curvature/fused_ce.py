@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .products import checked_class_dim
+
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "softmax_ce_hvp", "FusedSoftmaxCE", "fused_cross_entropy"]
 
 #: rows per chunk: as many as make ``2**22`` logits (16 MiB in float32, 32 MiB in float64): large enough
@@ -81,15 +83,7 @@ class FusedSoftmaxCE:
         """``(logits, weight, dim)`` for :meth:`apply` from a
         :class:`~hessianflow.curvature.losses.CrossEntropyTargets`: no softmax is kept, only the logits the
         graph holds anyway and a weight per position."""
-        dim = ce.class_dim if ce.class_dim < 0 else ce.class_dim - logits.dim()
-        expected = logits.shape[: logits.dim() + dim] + logits.shape[logits.dim() + dim + 1 :]
-        if tuple(ce.targets.shape) != tuple(expected):
-            raise ValueError(
-                f"cross-entropy targets of shape {tuple(ce.targets.shape)} do not fit logits of shape "
-                f"{tuple(logits.shape)} with classes along dim {ce.class_dim}"
-            )
-        if ce.reduction not in ("mean", "sum"):
-            raise ValueError(f"the cross-entropy's reduction must be 'mean' or 'sum', got {ce.reduction!r}")
+        dim = checked_class_dim(logits, ce)
         weight = (ce.targets != ce.ignore_index).to(_work_dtype(logits.dtype))
         if ce.reduction == "mean":
             weight = weight / weight.sum()

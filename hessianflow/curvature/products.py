@@ -267,13 +267,9 @@ HESSIAN_BACKENDS = {
 }
 
 
-def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(p, coef, dim)`` of the cross-entropy's output Hessian ``coef * (diag(p) - p p^T)`` per position.
-
-    ``p`` is the softmax of ``logits`` along the class dimension ``dim`` (negative, so the same ``dim``
-    serves a batched ``[k, *logits.shape]`` vector); ``coef`` is 0 at ignored positions and ``1/count``
-    (mean over the counted positions) or 1 (sum) elsewhere, broadcastable against ``p``.
-    """
+def checked_class_dim(logits: torch.Tensor, ce) -> int:
+    """The class dimension of a cross-entropy's ``logits`` as a negative index (so that it also serves a
+    batched ``[k, *logits.shape]`` vector), after checking the targets' shape and the reduction."""
     dim = ce.class_dim if ce.class_dim < 0 else ce.class_dim - logits.dim()
     expected = logits.shape[: logits.dim() + dim] + logits.shape[logits.dim() + dim + 1 :]
     if tuple(ce.targets.shape) != tuple(expected):
@@ -283,6 +279,17 @@ def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch
         )
     if ce.reduction not in ("mean", "sum"):
         raise ValueError(f"the cross-entropy's reduction must be 'mean' or 'sum', got {ce.reduction!r}")
+    return dim
+
+
+def _softmax_ce_curvature(logits: torch.Tensor, ce) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(p, coef, dim)`` of the cross-entropy's output Hessian ``coef * (diag(p) - p p^T)`` per position.
+
+    ``p`` is the softmax of ``logits`` along the class dimension ``dim`` (negative, so the same ``dim``
+    serves a batched ``[k, *logits.shape]`` vector); ``coef`` is 0 at ignored positions and ``1/count``
+    (mean over the counted positions) or 1 (sum) elsewhere, broadcastable against ``p``.
+    """
+    dim = checked_class_dim(logits, ce)
     work = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     p = torch.softmax(logits.detach().to(work), dim=dim)
     mask = (ce.targets != ce.ignore_index).to(work).unsqueeze(dim)
