@@ -20,6 +20,7 @@ from hessianflow.linalg.density import spectral_density
 from hessianflow.linalg.eigen import ConvergenceWarning, lanczos, power_iteration
 from hessianflow.linalg.linop import LinearOperator
 from hessianflow.linalg.trace import hutchinson_trace, hutchpp_trace, trace, xtrace
+from hessianflow.training.models import get_model
 from hessianflow.training.tracking import EigenTracker, top_eigenvalue
 
 try:
@@ -157,7 +158,7 @@ def test_no_convergence_claimed_below_the_products_noise():
 
 def _c1_float32_and_float64(batch=16, size=16):
     torch.manual_seed(0)
-    m32 = hf.training.models.get_model("c1", input_size=size)
+    m32 = get_model("c1", input_size=size)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     m32.train()
