@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import hessianflow as hf
 from hessianflow.curvature.losses import causal_lm_loss
-from hessianflow.distributed import init_distributed, shard
+from hessianflow.distributed import exit_process, init_distributed, shard
 
 
 def parse(argv=None):
@@ -144,4 +144,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    status = 0 if main() else 1
+    if "RANK" in os.environ:  # a torchrun worker: see hessianflow.distributed.exit_process
+        exit_process(status)
+    sys.exit(status)

@@ -24,7 +24,7 @@ for path in (os.path.dirname(HERE), HERE):
 
 import hessianflow as hf  # noqa: E402
 from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
-from hessianflow.distributed import init_distributed  # noqa: E402
+from hessianflow.distributed import exit_process, init_distributed  # noqa: E402
 
 N = 9  # global batch
 
@@ -256,3 +256,4 @@ def main(out_dir: str, mode: str = "cases") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)  # a torchrun worker: see hessianflow.distributed.exit_process

@@ -23,7 +23,7 @@ from test_loss_forms import TinyLM, counted, token_batches  # noqa: E402
 
 from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
 from hessianflow.curvature.losses import causal_lm_loss  # noqa: E402
-from hessianflow.distributed import init_distributed  # noqa: E402
+from hessianflow.distributed import exit_process, init_distributed  # noqa: E402
 
 
 def products(rank: int, world: int) -> dict:
@@ -54,3 +54,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)  # a torchrun worker: see hessianflow.distributed.exit_process

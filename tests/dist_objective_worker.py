@@ -23,7 +23,7 @@ for path in (os.path.dirname(HERE), HERE):
 import objective_cases as oc  # noqa: E402
 
 from hessianflow.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator  # noqa: E402
-from hessianflow.distributed import init_distributed  # noqa: E402
+from hessianflow.distributed import exit_process, init_distributed  # noqa: E402
 
 KINDS = {"H": HessianOperator, "G": GGNOperator, "F": EmpiricalFisherOperator}
 N = 9
@@ -79,3 +79,4 @@ def _save(rank: int, world: int, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)  # a torchrun worker: see hessianflow.distributed.exit_process

@@ -37,6 +37,7 @@ from hessianflow.curvature.analysis import loss_landscape  # noqa: E402
 from hessianflow.distributed import (  # noqa: E402
     assert_same_on_all_ranks,
     broadcast_buffers,
+    exit_process,
     init_distributed,
     shard,
 )
@@ -284,4 +285,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main() or 0)  # a torchrun worker: see hessianflow.distributed.exit_process

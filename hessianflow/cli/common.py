@@ -58,7 +58,12 @@ def entry_point(main, parse_args, interrupted: str = INTERRUPTED):
     """A console script: ``sys.exit`` of :func:`run` over the command line."""
 
     def cli(argv=None) -> int:
-        return run(main, parse_args, argv, interrupted=interrupted)
+        status = run(main, parse_args, argv, interrupted=interrupted)
+        if argv is None and "RANK" in os.environ:  # a torchrun worker's command line: see exit_process
+            from ..distributed import exit_process
+
+            exit_process(status)
+        return status
 
     return cli
 
