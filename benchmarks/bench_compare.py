@@ -81,17 +81,22 @@ def resnet_problem(args):
     x, y = d["train_images"].float(), d["train_targets"]
     torch.manual_seed(args.seed)
     model = get_model("resnet", depth=20, num_classes=10)
+    _train_briefly(model, x, y, args.train_steps)
+    batch = (x[: args.batch_size], y[: args.batch_size])
+    label = f"ResNet-20, synthetic {args.image_size}x{args.image_size}, batch {args.batch_size}, float32"
+    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
+
+
+def _train_briefly(model, x, y, steps: int) -> None:
+    """``steps`` SGD steps (lr 0.05, momentum 0.9) on consecutive batches of 32, then eval mode."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
-    for step in range(args.train_steps):
+    for step in range(steps):
         idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     model.eval()
-    batch = (x[: args.batch_size], y[: args.batch_size])
-    label = f"ResNet-20, synthetic {args.image_size}x{args.image_size}, batch {args.batch_size}, float32"
-    return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
 
 
 def digits_problem(args):
@@ -105,14 +110,7 @@ def digits_problem(args):
     y = d["train_targets"]
     torch.manual_seed(args.seed)
     model = get_model("resnet", depth=20, num_classes=10, in_channels=1, input_size=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for step in range(args.train_steps):
-        idx = torch.arange(step * 32, step * 32 + 32) % x.shape[0]
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    model.eval()
+    _train_briefly(model, x, y, args.train_steps)
     batch = (x[: args.batch_size], y[: args.batch_size])
     label = f"ResNet-20, digits 16x16, batch {args.batch_size}, float32"
     return model, {"criterion": nn.CrossEntropyLoss(), "data": batch}, label
